@@ -1,0 +1,118 @@
+"""weighttracker: canonical units, metrics, regularizers and pruning for PyTorch models.
+
+``from weighttracker_core import WeightTracker`` is the entry point; everything listed in
+``__all__`` is public API, the rest is internal.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from .consumers import ConsumerContext, RegularizerHandle, TrackerHandle, flatten_metrics, to_python
+from .dag import CalculationGraph, Evaluation
+from .errors import (
+    CalculationCycleError,
+    ConfigError,
+    CouplingError,
+    DuplicateNameError,
+    PlanError,
+    PluginError,
+    PruningError,
+    StaleConsumerError,
+    UnitIndexError,
+    UnknownNameError,
+    UnsupportedModuleError,
+    WeightTrackerError,
+)
+from .hookspecs import hookimpl, hookspec
+from .manager import PluginInfo, PluginManager, create_plugin_manager, default_plugin_manager
+from .plans import ReductionPlan, effective_parameter, safe_sqrt
+from .registry import describe_plugins
+from .specs import (
+    CalculationSpec,
+    ImportanceSpec,
+    IntegrationSpec,
+    LayerCategory,
+    LayerPruner,
+    Lifetime,
+    ModelSourceSpec,
+    PrunerSpec,
+    RegularizerSpec,
+    RegularizerType,
+    TrackerSpec,
+    TrackerType,
+    UnitRule,
+    UnwrappedParameter,
+)
+from .structure import Selection, Structure
+from .surgery import PruneReport
+from .tracker import WeightTracker, check_bitwidth
+from .units import (
+    CanonicalMember,
+    CanonicalUnitGroup,
+    MemberSlice,
+    ParamRole,
+    ParamSlice,
+    PruneAxis,
+    UnitKind,
+)
+
+__all__ = [
+    "CalculationCycleError",
+    "CalculationGraph",
+    "CalculationSpec",
+    "CanonicalMember",
+    "CanonicalUnitGroup",
+    "ConfigError",
+    "ConsumerContext",
+    "CouplingError",
+    "DuplicateNameError",
+    "Evaluation",
+    "ImportanceSpec",
+    "IntegrationSpec",
+    "LayerCategory",
+    "LayerPruner",
+    "Lifetime",
+    "MemberSlice",
+    "ModelSourceSpec",
+    "ParamRole",
+    "ParamSlice",
+    "PlanError",
+    "PluginError",
+    "PluginInfo",
+    "PluginManager",
+    "PruneAxis",
+    "PruneReport",
+    "PrunerSpec",
+    "PruningError",
+    "ReductionPlan",
+    "RegularizerHandle",
+    "RegularizerSpec",
+    "RegularizerType",
+    "Selection",
+    "StaleConsumerError",
+    "Structure",
+    "TrackerHandle",
+    "TrackerSpec",
+    "TrackerType",
+    "UnitIndexError",
+    "UnitKind",
+    "UnitRule",
+    "UnknownNameError",
+    "UnsupportedModuleError",
+    "UnwrappedParameter",
+    "WeightTracker",
+    "WeightTrackerError",
+    "check_bitwidth",
+    "create_plugin_manager",
+    "default_plugin_manager",
+    "describe_plugins",
+    "effective_parameter",
+    "flatten_metrics",
+    "hookimpl",
+    "hookspec",
+    "safe_sqrt",
+    "to_python",
+]
+
+__version__ = importlib.metadata.version("weighttracker")

@@ -1,0 +1,382 @@
+"""Turn dependency groups into canonical unit groups (SPEC §3.2, §3.3).
+
+Unit rules (plugins) say which parameter slices a module loses with an input or output
+channel; this module applies them to Torch-Pruning's groups, replaces the groups of fused
+attention projections by head / head-dimension groups, and builds the table of layers
+that metrics count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from torch import nn
+
+from .errors import ConfigError, CouplingError, UnsupportedModuleError
+from .registry import UnitRuleRegistry
+from .specs import LayerCategory, UnitRule, UnwrappedParameter
+from .units import (
+    CanonicalMember,
+    CanonicalUnitGroup,
+    MemberSlice,
+    ParamRole,
+    ParamSlice,
+    PruneAxis,
+    UnitKind,
+)
+
+if TYPE_CHECKING:
+    from .graph import DependencyGraphHandle, RawGroup, RawItem
+
+
+@attrs.frozen(kw_only=True)
+class ModuleInfo:
+    """A layer that metrics count: a module covered by a unit rule.
+
+    ``weight_params`` are full parameter names (``"layer1.0.conv1.weight"``) of the
+    parameters the rule calls weights.
+    """
+
+    index: int
+    name: str
+    module_type: type
+    rule: str
+    category: LayerCategory
+    weight_params: tuple[str, ...]
+    param_names: tuple[str, ...]
+
+
+def get_param(module: Any, path: str) -> Any:
+    """``module.<path>`` for a dotted path (``None`` when an attribute is ``None``)."""
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def module_table(
+    model: nn.Module, rules: UnitRuleRegistry
+) -> tuple[tuple[ModuleInfo, ...], list[str]]:
+    """Covered layers in ``named_modules`` order, and names of uncovered layers.
+
+    A rule claims its module's whole subtree (``nn.MultiheadAttention`` owns
+    ``out_proj``), so submodules of a covered module are not listed again.
+    """
+    claimed: set[int] = set()
+    infos: list[ModuleInfo] = []
+    uncovered: list[str] = []
+    for name, module in model.named_modules():
+        if any(id(p) in claimed for p in module.parameters(recurse=False)):
+            continue
+        rule = rules.rule_for(type(module))
+        if rule is None or isinstance(module, nn.Parameter):
+            if any(id(p) not in claimed for p in module.parameters(recurse=False)):
+                uncovered.append(name)
+            continue
+        own = [(n, p) for n, p in module.named_parameters() if id(p) not in claimed]
+        if not own:
+            continue
+        claimed.update(id(p) for _, p in own)
+        prefix = f"{name}." if name else ""
+        weights = tuple(
+            prefix + w for w in rule.weight_params if get_param(module, w) is not None
+        )
+        infos.append(
+            ModuleInfo(
+                index=len(infos),
+                name=name,
+                module_type=type(module),
+                rule=rule.name,
+                category=rule.category,
+                weight_params=weights,
+                param_names=tuple(prefix + n for n, _ in own),
+            )
+        )
+    return tuple(infos), uncovered
+
+
+class GroupBuilder:
+    """Build canonical groups from a checked dependency graph.
+
+    Args:
+        handle: The traced graph.
+        rules: Unit-rule registry.
+        num_heads: ``{fused qkv Linear or nn.MultiheadAttention: heads}``.
+        prune_num_heads: Build a group whose units are whole heads.
+        prune_head_dims: Build a group whose units are one dimension of every head.
+    """
+
+    def __init__(
+        self,
+        handle: DependencyGraphHandle,
+        rules: UnitRuleRegistry,
+        *,
+        num_heads: Mapping[nn.Module, int] | None = None,
+        prune_num_heads: bool = False,
+        prune_head_dims: bool = True,
+    ) -> None:
+        self.handle = handle
+        self.rules = rules
+        self.model = handle.model
+        self.num_heads = dict(num_heads or {})
+        self.prune_num_heads = prune_num_heads
+        self.prune_head_dims = prune_head_dims
+        names = {m: n for n, m in self.model.named_modules()}
+        for module, heads in self.num_heads.items():
+            if module not in names:
+                raise ConfigError(
+                    f"num_heads names a {type(module).__name__} that is not part of the "
+                    "model; pass {model.<submodule>: heads}."
+                )
+            if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+                raise ConfigError(
+                    f"num_heads[{names[module]}] must be a whole number >= 1, got {heads!r}."
+                )
+        self._names = names
+        self.skipped: list[str] = []
+
+    # ------------------------------------------------------------------------------ build
+
+    def build(self) -> tuple[CanonicalUnitGroup, ...]:
+        drafts: list[tuple[str, str, str, str, int, list[CanonicalMember]]] = []
+        for raw in self.handle.groups(attention_roots=list(self.num_heads)):
+            if raw.root_module in self.num_heads and not isinstance(
+                raw.root_module, nn.MultiheadAttention
+            ):
+                drafts.extend(self._head_drafts(raw))
+                continue
+            members = self._members(raw)
+            if members is None:
+                continue
+            rule = self.rules.rule_for(type(raw.root_module))
+            kind = rule.unit_kind if rule is not None else str(UnitKind.FEATURE)
+            drafts.append(
+                (f"{raw.root_name}:{raw.pruning_fn}", kind, raw.root_name, raw.pruning_fn,
+                 raw.n_root, members)
+            )
+        for module, heads in self.num_heads.items():
+            if isinstance(module, nn.MultiheadAttention):
+                drafts.extend(self._mha_head_drafts(module, heads))
+        groups = []
+        offset = 0
+        for gid, (name, kind, root, fn, n_units, members) in enumerate(drafts):
+            groups.append(
+                CanonicalUnitGroup(
+                    id=gid, name=name, kind=kind, n_units=n_units, offset=offset,
+                    root_module=root, pruning_fn=fn, members=tuple(members),
+                )
+            )
+            offset += n_units
+        return tuple(groups)
+
+    # ---------------------------------------------------------------------------- members
+
+    def _rule(self, item: RawItem) -> UnitRule | None:
+        if item.param_name is not None:
+            return self.rules.rule_for(UnwrappedParameter)
+        return self.rules.rule_for(type(item.module))
+
+    def _members(self, raw: RawGroup) -> list[CanonicalMember] | None:
+        members = []
+        for item in raw.items:
+            rule = self._rule(item)
+            if rule is None:
+                if item.param_name is None and not any(True for _ in item.module.parameters()):
+                    continue  # a weightless layer loses nothing
+                what = item.param_name or type(item.module).__name__
+                self.skipped.append(
+                    f"{raw.root_name}:{raw.pruning_fn} (no unit rule for {what} at "
+                    f"{item.module_name or '<model>'})"
+                )
+                return None
+            members.append(self._member(item, rule))
+        return members
+
+    def _member(self, item: RawItem, rule: UnitRule) -> CanonicalMember:
+        if item.param_name is not None:
+            target: Any = UnwrappedParameter(
+                owner=item.module, name=item.param_name, dim=int(item.pruning_dim or 0)
+            )
+            module: Any = item.module
+        else:
+            target = module = item.module
+        slices = []
+        size = (
+            getattr(module, item.param_name).shape[item.pruning_dim or 0]
+            if item.param_name is not None
+            else self.handle.channels(module, item.axis)
+        )
+        for spec in rule.slices_for(target, item.axis):
+            param = get_param(module, spec.param)
+            if param is None:
+                continue
+            piece = _member_slice(spec, item.idxs, item.root_idxs)
+            length = piece.axis_length(tuple(param.shape))
+            if size is not None and length != size:
+                raise UnsupportedModuleError(
+                    f"Unit rule {rule.name!r} slices {item.module_name}.{spec.param} "
+                    f"(shape {tuple(param.shape)}) into {length} positions for "
+                    f"{item.axis}, but the layer has {size}. Fix the rule's dim/view."
+                )
+            slices.append(piece)
+        return CanonicalMember(
+            module_name=item.module_name,
+            module_type=type(item.module),
+            axis=item.axis,
+            pruning_fn=item.pruning_fn,
+            slices=tuple(slices),
+            tp_indices=item.idxs,
+            tp_units=item.root_idxs,
+        )
+
+    # ------------------------------------------------------------------------------ heads
+
+    def _head_drafts(self, raw: RawGroup) -> list[Any]:
+        """Replace a fused qkv projection's group by head and head-dim groups."""
+        qkv = raw.root_module
+        name = raw.root_name
+        heads = self.num_heads[qkv]
+        if not isinstance(qkv, nn.Linear):
+            raise ConfigError(
+                f"num_heads[{name}] is set, but {type(qkv).__name__} is neither a fused qkv "
+                "nn.Linear nor an nn.MultiheadAttention."
+            )
+        if qkv.out_features % (3 * heads):
+            raise ConfigError(
+                f"num_heads[{name}]={heads} does not divide {name}.out_features="
+                f"{qkv.out_features} into q, k and v heads (need a multiple of {3 * heads})."
+            )
+        dim = qkv.out_features // (3 * heads)
+        width = heads * dim
+        consumers = []
+        for item in raw.items:
+            if item.module is qkv:
+                continue
+            if item.axis is not PruneAxis.IN_CHANNEL or any(
+                r < 2 * width for r in item.root_idxs
+            ):
+                raise CouplingError(
+                    f"The fused qkv projection {name} is coupled to {item.module_name} "
+                    f"({item.axis}) in a way head units cannot describe; only output "
+                    "projections reading the value rows are supported."
+                )
+            consumers.append(item)
+        rule = self.rules.rule_for(type(qkv))
+        if rule is None:
+            return []
+        drafts = []
+        rows = tuple(range(3 * width))
+        for enabled, kind, fn_label, view_dim, unit_of in (
+            (self.prune_num_heads, UnitKind.HEAD, "prune_num_heads", 1, lambda r: (r % width) // dim),
+            (self.prune_head_dims, UnitKind.HEAD_DIM, "prune_head_dims", 2, lambda r: r % dim),
+        ):
+            if not enabled:
+                continue
+            n_units = heads if kind is UnitKind.HEAD else dim
+            qkv_slices = [
+                MemberSlice(param="weight", dims=(view_dim,), view=(3, heads, dim, -1),
+                            role=ParamRole.WEIGHT, positions=tuple(range(n_units)),
+                            units=tuple(range(n_units))),
+            ]
+            if qkv.bias is not None:
+                qkv_slices.append(
+                    MemberSlice(param="bias", dims=(view_dim,), view=(3, heads, dim),
+                                role=ParamRole.BIAS, positions=tuple(range(n_units)),
+                                units=tuple(range(n_units)))
+                )
+            members = [
+                CanonicalMember(
+                    module_name=name, module_type=type(qkv), axis=PruneAxis.OUT_CHANNEL,
+                    pruning_fn=raw.pruning_fn, slices=tuple(qkv_slices),
+                    tp_indices=rows, tp_units=tuple(unit_of(r) for r in rows),
+                )
+            ]
+            for item in consumers:
+                units = tuple(unit_of(r - 2 * width) for r in item.root_idxs)
+                consumer_rule = self._rule(item)
+                if consumer_rule is None:
+                    return []
+                remapped = attrs.evolve(item, root_idxs=units)
+                members.append(self._member(remapped, consumer_rule))
+            drafts.append((f"{name}:{fn_label}", str(kind), name, raw.pruning_fn, n_units, members))
+        return drafts
+
+    def _mha_head_drafts(self, mha: nn.MultiheadAttention, heads: int) -> list[Any]:
+        """Head / head-dim groups inside one ``nn.MultiheadAttention``."""
+        name = self._names[mha]
+        if heads != mha.num_heads:
+            raise ConfigError(
+                f"num_heads[{name}]={heads} but the nn.MultiheadAttention has "
+                f"num_heads={mha.num_heads}."
+            )
+        if not mha._qkv_same_embed_dim:
+            raise UnsupportedModuleError(
+                f"{name}: nn.MultiheadAttention with kdim/vdim different from embed_dim has "
+                "separate q/k/v projections; head units support the fused in_proj_weight only."
+            )
+        dim = mha.head_dim
+        drafts = []
+        for enabled, kind, fn_label, view_dim in (
+            (self.prune_num_heads, UnitKind.HEAD, "prune_num_heads", 1),
+            (self.prune_head_dims, UnitKind.HEAD_DIM, "prune_head_dims", 2),
+        ):
+            if not enabled:
+                continue
+            n_units = heads if kind is UnitKind.HEAD else dim
+            units = tuple(range(n_units))
+            slices = [
+                MemberSlice(param="in_proj_weight", dims=(view_dim,), view=(3, heads, dim, -1),
+                            role=ParamRole.WEIGHT, positions=units, units=units),
+                MemberSlice(param="out_proj.weight", dims=(view_dim,), view=(-1, heads, dim),
+                            role=ParamRole.WEIGHT, positions=units, units=units),
+            ]
+            if mha.in_proj_bias is not None:
+                slices.append(
+                    MemberSlice(param="in_proj_bias", dims=(view_dim,), view=(3, heads, dim),
+                                role=ParamRole.BIAS, positions=units, units=units)
+                )
+            width = heads * dim
+            rows = tuple(range(width))
+            unit_of = (lambda r: r // dim) if kind is UnitKind.HEAD else (lambda r: r % dim)
+            member = CanonicalMember(
+                module_name=name, module_type=type(mha), axis=PruneAxis.OUT_CHANNEL,
+                pruning_fn=fn_label, slices=tuple(slices),
+                tp_indices=rows, tp_units=tuple(unit_of(r) for r in rows),
+            )
+            drafts.append((f"{name}:{fn_label}", str(kind), name, fn_label, n_units, [member]))
+        return drafts
+
+
+def _member_slice(spec: ParamSlice, idxs: Sequence[int], units: Sequence[int]) -> MemberSlice:
+    return MemberSlice(
+        param=spec.param,
+        dims=spec.dim,
+        view=spec.view,
+        role=spec.role,
+        positions=tuple(idxs),
+        units=tuple(units),
+    )
+
+
+def warn_uncovered(uncovered: Sequence[str], skipped: Sequence[str]) -> None:
+    """One warning listing layers no rule covers and the groups left out because of them."""
+    if not uncovered and not skipped:
+        return
+    lines = []
+    if uncovered:
+        lines.append("no unit rule covers these layers: " + ", ".join(uncovered))
+    if skipped:
+        lines.append("groups left out because they cut such layers: " + "; ".join(skipped))
+    warnings.warn(
+        "weighttracker: "
+        + ". ".join(lines)
+        + ". Their parameters belong to no unit: metrics do not count them and pruning "
+        "never cuts them. Register a unit-rule plugin for their type to include them.",
+        UserWarning,
+        stacklevel=3,
+    )

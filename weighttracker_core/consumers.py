@@ -1,0 +1,203 @@
+"""Handles around plugin-built trackers, regularizers and pruners.
+
+A handle remembers the structure version it was built for: after a physical prune the
+structure is rebuilt and every older handle raises :class:`StaleConsumerError` instead of
+computing numbers for a model that no longer exists (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from .dag import CalculationGraph, Evaluation
+from .errors import ConfigError, StaleConsumerError
+from .structure import Selection, Structure
+
+
+@attrs.define(kw_only=True)
+class ConsumerContext:
+    """What a plugin's ``build(ctx)`` receives.
+
+    Attributes:
+        name: The registered name being built.
+        tracker: The ``WeightTracker`` (for pruners that prune, and for bit-widths).
+        structure: Groups, layer table and reduction plans.
+        graph: The calculation DAG (``ctx.graph.evaluation()`` for a fresh evaluation).
+        options: Instance of the spec's options/config class (or ``None``).
+        selection: The ``include`` / ``ignore`` filter.
+    """
+
+    name: str
+    tracker: Any
+    structure: Structure
+    graph: CalculationGraph
+    options: Any
+    selection: Selection
+
+
+def build_options(kind: str, name: str, options_cls: type | None, values: Mapping[str, Any]) -> Any:
+    """Instantiate an attrs options class, turning its validation errors into ConfigError."""
+    if options_cls is None:
+        if values:
+            raise ConfigError(f"The {kind} {name!r} takes no options; got {sorted(values)}.")
+        return None
+    try:
+        return options_cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"Invalid options for {kind} {name!r}: {err}") from err
+
+
+def accepted_options(options_cls: type | None) -> set[str]:
+    if options_cls is None:
+        return set()
+    if attrs.has(options_cls):
+        return {f.alias or f.name for f in attrs.fields(options_cls)}
+    return set()
+
+
+def to_python(value: Any) -> Any:
+    """Tensors become Python numbers or lists, recursively."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 else value.tolist()
+    if isinstance(value, Mapping):
+        return {k: to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_python(v) for v in value)
+    return value
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` becomes ``{"a/b": 1}`` (Weights & Biases style keys)."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        full = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, full))
+        else:
+            flat[full] = value
+    return flat
+
+
+class _Handle:
+    _kind = "consumer"
+
+    def __init__(self, owner: Any, version: int, names: Sequence[str]) -> None:
+        self._owner = owner
+        self._version = version
+        self._names = tuple(names)
+
+    @property
+    def stale(self) -> bool:
+        return self._owner.structure.version != self._version
+
+    def _check(self) -> None:
+        if self.stale:
+            what = ", ".join(repr(n) for n in self._names)
+            raise StaleConsumerError(
+                f"This {self._kind} ({what}) was created before a physical prune changed the "
+                f"model; its numbers would be wrong. Create it again with "
+                f"tracker.create_{self._kind}(...) on the pruned model."
+            )
+
+
+class TrackerHandle(_Handle):
+    """One or more trackers created together; ``track()`` returns their merged metrics."""
+
+    _kind = "tracker"
+
+    def __init__(
+        self,
+        owner: Any,
+        version: int,
+        built: Sequence[tuple[str, Any]],
+        *,
+        convert_tensors: bool = True,
+        wandb_format: bool = False,
+    ) -> None:
+        super().__init__(owner, version, [name for name, _ in built])
+        self._built = list(built)
+        self.convert_tensors = convert_tensors
+        self.wandb_format = wandb_format
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._names
+
+    def compute(self, evaluation: Evaluation) -> dict[str, Any]:
+        """Metrics of every tracker in this handle, using a shared evaluation."""
+        self._check()
+        out: dict[str, Any] = {}
+        for name, impl in self._built:
+            out[name] = impl.track(evaluation)
+        if self.convert_tensors:
+            out = to_python(out)
+        if self.wandb_format:
+            out = flatten_metrics(out)
+        return out
+
+    def track(self) -> dict[str, Any]:
+        """Compute this handle's metrics now."""
+        self._check()
+        return self.compute(self._owner.graph.evaluation())
+
+
+class RegularizerHandle(_Handle):
+    """A regularizer: call it for a scalar loss tensor; other attributes are forwarded."""
+
+    _kind = "regularizer"
+
+    def __init__(self, owner: Any, version: int, name: str, impl: Any) -> None:
+        super().__init__(owner, version, [name])
+        self._impl = impl
+
+    def __call__(self) -> torch.Tensor:
+        self._check()
+        return self._impl(self._owner.graph.evaluation(differentiable=True))
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        value = getattr(self._impl, attr)
+        if callable(value):
+            def checked(*args: Any, **kwargs: Any) -> Any:
+                self._check()
+                return value(*args, **kwargs)
+
+            checked.__doc__ = getattr(value, "__doc__", None)
+            return checked
+        return value
+
+
+class PrunerHandle(RegularizerHandle):
+    """A pruner; its methods are forwarded after a staleness check.
+
+    Pruners that prune physically rebuild the structure themselves and stay valid.
+    """
+
+    _kind = "pruner"
+
+    def __call__(self) -> Any:  # type: ignore[override]
+        raise TypeError("Pruners are not callable; use step(), prepare(), finalize().")
+
+    @property
+    def stale(self) -> bool:
+        survives = getattr(self._impl, "survives_physical_prune", False)
+        return False if survives else super().stale
+
+
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is a whole number: int, integral float or scalar tensor."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return False
+        value = value.item()
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and math.isfinite(value) and value.is_integer()

@@ -1,0 +1,236 @@
+"""Plugin managers: entry-point loading, blocking and the process-wide default (SPEC §8).
+
+Plugins are discovered through the ``weighttracker`` entry-point group with our own loop
+(not ``pluggy.PluginManager.load_setuptools_entrypoints``) so that a duplicate entry-point
+name and a failing import are errors that name the distributions involved, instead of
+being skipped silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import types
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import DuplicateNameError, PluginError
+
+ENTRY_POINT_GROUP = "weighttracker"
+DISABLE_ENV_VAR = "WEIGHTTRACKER_DISABLE_PLUGINS"
+
+
+@attrs.frozen(kw_only=True)
+class PluginInfo:
+    """Where a registered plugin came from.
+
+    ``distribution`` and ``version`` are ``None`` for plugins registered at run time
+    (``WeightTracker(plugins=[...])``); ``source`` is the entry point's value or the
+    plugin's module name.
+    """
+
+    name: str
+    distribution: str | None
+    version: str | None
+    source: str
+
+
+class PluginManager(pluggy.PluginManager):
+    """A ``pluggy.PluginManager`` for project ``weighttracker`` that remembers origins."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        self._wt_info: dict[str, PluginInfo] = {}
+        self._wt_registries: Any = None
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        registered = super().register(plugin, name)
+        self._wt_registries = None
+        return registered
+
+    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
+        removed = super().unregister(plugin, name)
+        self._wt_registries = None
+        return removed
+
+    def plugin_info(self, name: str) -> PluginInfo:
+        """Origin of the plugin registered as ``name``."""
+        if name in self._wt_info:
+            return self._wt_info[name]
+        plugin = self.get_plugin(name)
+        return PluginInfo(name=name, distribution=None, version=None, source=_source_of(plugin))
+
+    def describe(self, name: str) -> str:
+        """``"name (distribution version)"``, for error messages."""
+        info = self.plugin_info(name)
+        if info.distribution is None:
+            return f"{name!r} (registered at run time from {info.source})"
+        return f"{name!r} (distribution {info.distribution} {info.version})"
+
+    def registered_names(self) -> list[str]:
+        """Names of the registered (not blocked) plugins, in registration order."""
+        return [name for name, plugin in self.list_name_plugin() if plugin is not None]
+
+
+def _source_of(plugin: Any) -> str:
+    if isinstance(plugin, types.ModuleType):
+        return plugin.__name__
+    return f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+
+
+def plugin_name_of(plugin: Any) -> str:
+    """The name a run-time plugin is registered under: its module or class name."""
+    if isinstance(plugin, types.ModuleType):
+        return plugin.__name__
+    explicit = getattr(plugin, "wt_plugin_name", None)
+    if isinstance(explicit, str):
+        return explicit
+    return f"{_source_of(plugin)}@{id(plugin):x}"
+
+
+def blocked_from_env(environ: dict[str, str] | None = None) -> set[str]:
+    """Plugin names listed (comma-separated) in ``WEIGHTTRACKER_DISABLE_PLUGINS``."""
+    value = (os.environ if environ is None else environ).get(DISABLE_ENV_VAR, "")
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _distribution(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    return dist.metadata["Name"], dist.version
+
+
+def discover_entry_points(
+    group: str = ENTRY_POINT_GROUP,
+) -> list[importlib.metadata.EntryPoint]:
+    """Entry points of ``group``, one per name; a name claimed twice raises.
+
+    The same distribution seen twice on ``sys.path`` (an editable install next to a
+    regular one, say) is not a conflict; two different distributions or targets are.
+    """
+    by_name: dict[str, importlib.metadata.EntryPoint] = {}
+    for ep in importlib.metadata.entry_points(group=group):
+        previous = by_name.get(ep.name)
+        if previous is None:
+            by_name[ep.name] = ep
+            continue
+        if (_distribution(previous)[0], previous.value) == (_distribution(ep)[0], ep.value):
+            continue
+        first, second = _distribution(previous), _distribution(ep)
+        raise DuplicateNameError(
+            f"Two plugins claim the entry-point name {ep.name!r} in group {group!r}: "
+            f"{previous.value!r} from distribution {first[0]} {first[1]} and "
+            f"{ep.value!r} from distribution {second[0]} {second[1]}. "
+            "Uninstall one of them, or rename one entry point."
+        )
+    return sorted(by_name.values(), key=lambda ep: ep.name)
+
+
+def create_plugin_manager(
+    *plugins: Any,
+    entry_points: bool = True,
+    blocked: Iterable[str] = (),
+    builtins_only: bool = False,
+    use_env: bool = True,
+) -> PluginManager:
+    """Build a plugin manager.
+
+    Args:
+        *plugins: Extra plugin objects or modules, registered after the entry points.
+        entry_points: Load every entry point of group ``weighttracker``.
+        blocked: Plugin names not to load (added to ``WEIGHTTRACKER_DISABLE_PLUGINS``).
+        builtins_only: Load only entry points of the ``weighttracker`` distribution itself.
+        use_env: Honour ``WEIGHTTRACKER_DISABLE_PLUGINS``.
+
+    Raises:
+        DuplicateNameError: Two distributions declare the same entry-point name.
+        PluginError: An entry point fails to import, or a plugin implements an unknown hook.
+    """
+    pm = PluginManager()
+    block = set(blocked) | (blocked_from_env() if use_env else set())
+    for name in sorted(block):
+        pm.set_blocked(name)
+    if entry_points:
+        for ep in discover_entry_points():
+            dist_name, version = _distribution(ep)
+            if builtins_only and dist_name != "weighttracker":
+                continue
+            if pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as err:
+                raise PluginError(
+                    f"Plugin entry point {ep.name!r} = {ep.value!r} of distribution "
+                    f"{dist_name} {version} failed to import: {type(err).__name__}: {err}. "
+                    f"Fix or reinstall that distribution, or set {DISABLE_ENV_VAR}={ep.name} "
+                    "to skip it."
+                ) from err
+            pm.register(plugin, name=ep.name)
+            pm._wt_info[ep.name] = PluginInfo(
+                name=ep.name, distribution=dist_name, version=version, source=ep.value
+            )
+    for plugin in plugins:
+        add_plugin(pm, plugin)
+    check(pm)
+    return pm
+
+
+def add_plugin(pm: PluginManager, plugin: Any, name: str | None = None) -> str:
+    """Register ``plugin`` on ``pm`` unless that very object is already registered."""
+    if pm.is_registered(plugin):
+        return pm.get_name(plugin) or ""
+    name = name or plugin_name_of(plugin)
+    if pm.is_blocked(name):
+        return name
+    if pm.has_plugin(name):
+        raise DuplicateNameError(
+            f"A different plugin is already registered as {name!r}: "
+            f"{pm.describe(name)}. Give the new plugin a distinct name."
+        )
+    pm.register(plugin, name=name)
+    return name
+
+
+def derive_plugin_manager(base: PluginManager, extras: Iterable[Any]) -> PluginManager:
+    """A new manager holding ``base``'s plugins plus ``extras`` (``base`` is untouched)."""
+    pm = PluginManager()
+    for name, plugin in base.list_name_plugin():
+        if plugin is None:
+            pm.set_blocked(name)
+            continue
+        pm.register(plugin, name=name)
+        pm._wt_info[name] = base.plugin_info(name)
+    for plugin in extras:
+        add_plugin(pm, plugin)
+    check(pm)
+    return pm
+
+
+def check(pm: PluginManager) -> None:
+    """Raise ``PluginError`` if a plugin implements a hook that does not exist."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        name = err.plugin and pm.get_name(err.plugin)
+        where = pm.describe(name) if name else repr(err.plugin)
+        raise PluginError(
+            f"Plugin {where} implements an unknown hook: {err}. "
+            f"Known hooks: {', '.join(hookspecs.HOOK_NAMES)}."
+        ) from err
+
+
+@functools.cache
+def default_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager, built on first call from the entry points.
+
+    Call ``default_plugin_manager.cache_clear()`` to rebuild it (tests do).
+    """
+    return create_plugin_manager()

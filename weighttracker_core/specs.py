@@ -1,0 +1,280 @@
+"""Plugin-facing contracts: what each registration hook returns (SPEC §8).
+
+Every spec is an attrs frozen, keyword-only class built from this library's own types
+(never Torch-Pruning objects), so a field added later with a default never breaks a plugin.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import attrs
+
+from .units import ParamSlice, PruneAxis
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class TrackerType(str, enum.Enum):
+    """Names of the first-party trackers; plain strings work everywhere too."""
+
+    STRUCTURED_BOPS = "structured_bops"
+    UNSTRUCTURED_SPARSITY = "unstructured_sparsity"
+    UNSTRUCTURED_BOPS = "unstructured_bops"
+    NVIDIA_2_4_SPARSITY = "nvidia_2_4_sparsity"
+    GROUP_PRUNING_SUMMARY = "group_pruning_summary"
+    L2_NORM_DISTRIBUTION = "l2_norm_distribution"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class RegularizerType(str, enum.Enum):
+    """Names of the first-party regularizers; plain strings work everywhere too."""
+
+    GROUP_LASSO = "group_lasso"
+    BOPS_GROUP_LASSO = "bops_group_lasso"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Lifetime(str, enum.Enum):
+    """How long a calculation's value is kept (SPEC §3.5).
+
+    * ``static``: until the structure changes (a physical prune).
+    * ``per_evaluation``: computed at most once per ``track()`` and shared by every tracker.
+    * ``differentiable``: for the regularizer path; computed with autograd, never cached.
+    """
+
+    STATIC = "static"
+    PER_EVALUATION = "per_evaluation"
+    DIFFERENTIABLE = "differentiable"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class LayerCategory(str, enum.Enum):
+    """What a layer is, for trackers that count only some kinds (BOPs skip norms)."""
+
+    WEIGHTED = "weighted"
+    NORMALIZATION = "normalization"
+    OTHER = "other"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@runtime_checkable
+class LayerPruner(Protocol):
+    """How to remove channels of a custom layer physically.
+
+    Structurally the same as Torch-Pruning's ``BasePruningFunc``: implement the four
+    methods below (``prune_*`` change the layer in place and return it). If input and
+    output channels are one axis (like a norm layer), let ``prune_in_channels`` be the
+    same function as ``prune_out_channels``.
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module: ...
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module: ...
+
+    def get_out_channels(self, layer: nn.Module) -> int | None: ...
+
+    def get_in_channels(self, layer: nn.Module) -> int | None: ...
+
+
+SliceSource = tuple[ParamSlice, ...] | Callable[["nn.Module"], Sequence[ParamSlice]]
+
+
+def _slices(value: Any) -> Any:
+    return value if callable(value) else tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class UnitRule:
+    """How one module type maps to units (SPEC §3.3).
+
+    A rule covers ``module_types`` and their subclasses; when several rules match a module
+    the nearest registered ancestor in its MRO wins.
+
+    Args:
+        name: Unique rule name.
+        module_types: Types this rule covers.
+        out_slices: Parameter slices removed with an output channel (tuple, or a callable
+            ``module -> slices`` when they depend on the instance, e.g. grouped convs).
+        in_slices: Parameter slices removed with an input channel.
+        feature_slices: Slices for layers whose input and output channel are one axis
+            (norms, depthwise convs); defaults to ``out_slices``.
+        category: ``weighted`` layers count for BOPs; ``normalization`` layers are skipped
+            by BOPs trackers unless included explicitly.
+        weight_params: Parameters (dotted, relative to the module) whose elements count as
+            weights for unstructured metrics; they must be 2-D or more for 2:4 metrics.
+        cost_axes: Axes whose active fraction scales the module's MACs; ``None`` means
+            every axis the module is coupled on.
+        unit_kind: Kind of the units of groups rooted at this module type.
+        layer_pruner: Physical pruning for a custom type (see :class:`LayerPruner`).
+        validate_prune: Optional ``(module, axis, indices) -> reason | None``; a reason
+            refuses a physical prune before anything changes.
+        cost_fn: Optional ``(module, baseline_macs, ratios) -> active_macs`` for layers
+            whose cost is not a product of per-axis ratios (``ratios`` maps axis name to
+            the active fraction).
+    """
+
+    name: str
+    module_types: tuple[type, ...] = attrs.field(converter=tuple)
+    out_slices: SliceSource = attrs.field(default=(), converter=_slices)
+    in_slices: SliceSource = attrs.field(default=(), converter=_slices)
+    feature_slices: SliceSource | None = attrs.field(
+        default=None, converter=lambda v: None if v is None else _slices(v)
+    )
+    category: LayerCategory = attrs.field(default=LayerCategory.WEIGHTED, converter=LayerCategory)
+    weight_params: tuple[str, ...] = attrs.field(default=("weight",), converter=tuple)
+    cost_axes: tuple[str, ...] | None = attrs.field(
+        default=None, converter=lambda v: None if v is None else tuple(str(a) for a in v)
+    )
+    unit_kind: str = "feature"
+    layer_pruner: LayerPruner | None = None
+    validate_prune: Callable[..., str | None] | None = None
+    cost_fn: Callable[..., float] | None = None
+
+    def slices_for(self, module: nn.Module, axis: PruneAxis) -> tuple[ParamSlice, ...]:
+        """The concrete slices of ``module`` cut on ``axis``."""
+        if axis is PruneAxis.OUT_CHANNEL:
+            source = self.out_slices
+        elif axis is PruneAxis.IN_CHANNEL:
+            source = self.in_slices
+        else:
+            source = self.out_slices if self.feature_slices is None else self.feature_slices
+        return tuple(source(module)) if callable(source) else tuple(source)
+
+
+@attrs.frozen(kw_only=True)
+class CalculationSpec:
+    """A named calculation of the DAG (SPEC §3.5).
+
+    Args:
+        name: Unique name trackers and regularizers ask for.
+        compute: ``compute(ctx) -> value``; ``ctx[name]`` returns a required value,
+            ``ctx.structure`` the model's structure.
+        requires: Names of calculations ``compute`` reads.
+        lifetime: ``static``, ``per_evaluation`` or ``differentiable``.
+        summary: One line for ``weighttracker plugins``.
+    """
+
+    name: str
+    compute: Callable[[Any], Any]
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    lifetime: Lifetime = attrs.field(default=Lifetime.PER_EVALUATION, converter=Lifetime)
+    summary: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class TrackerSpec:
+    """A metric tracker (SPEC §5).
+
+    ``build(ctx)`` returns an object whose ``track(values) -> dict`` computes the
+    tracker's metrics; ``values[name]`` gives each calculation for the current
+    evaluation. ``ctx.options`` is an instance of ``options`` (an attrs class whose fields
+    are the tracker's keyword options, validated on creation).
+    """
+
+    name: str
+    build: Callable[[Any], Any]
+    options: type | None = None
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    summary: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class RegularizerSpec:
+    """A regularizer (SPEC §6): ``build(ctx)`` returns a callable giving a scalar tensor."""
+
+    name: str
+    build: Callable[[Any], Any]
+    options: type | None = None
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    summary: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class ImportanceSpec:
+    """An importance criterion for ranked pruning (SPEC §10.1).
+
+    ``build(ctx)`` returns a callable ``score(values) -> tensor[num_units]`` giving one
+    score per global unit (higher means more important); ``values`` resolves
+    calculations like a tracker's.
+    """
+
+    name: str
+    build: Callable[[Any], Any]
+    options: type | None = None
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    summary: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class PrunerSpec:
+    """A pruning algorithm (SPEC §10): ``build(ctx)`` returns the pruner object.
+
+    ``config`` is the attrs config class (with ``from_dict`` / ``from_yaml`` /
+    ``as_dict``) that ``create_pruner(name, config=..., **options)`` fills.
+    """
+
+    name: str
+    build: Callable[[Any], Any]
+    config: type | None = None
+    summary: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class IntegrationSpec:
+    """A model integration (SPEC §8, §9).
+
+    Args:
+        name: Unique name; ``WeightTracker(integrations=[name])`` selects it.
+        applies_to: ``model -> bool``; with ``integrations="auto"`` every integration that
+            applies is used.
+        tracker_options: ``model -> dict`` of ``WeightTracker`` options to fill in
+            (``num_heads``); options the user passed explicitly win.
+        after_prune: ``tracker -> None``, run after every physical prune, before the user's
+            ``post_prune_hooks``.
+        summary: One line for ``weighttracker plugins``.
+    """
+
+    name: str
+    applies_to: Callable[[Any], bool]
+    tracker_options: Callable[[Any], dict[str, Any]] = lambda model: {}
+    after_prune: Callable[[Any], None] | None = None
+    summary: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class ModelSourceSpec:
+    """Models for ``weighttracker inspect PREFIX:NAME`` (SPEC §11).
+
+    ``load(name)`` returns the model with random weights (nothing downloaded);
+    ``default_input_shape`` is used when the user gives no ``--input-shape``.
+    """
+
+    prefix: str
+    load: Callable[[str], Any]
+    default_input_shape: tuple[int, ...] = (1, 3, 224, 224)
+    summary: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class UnwrappedParameter:
+    """A parameter outside any covered layer (``cls_token``, ``pos_embed``, ...).
+
+    Torch-Pruning prunes such parameters along ``dim``; the unit rule registered for this
+    type receives one of these in place of a module.
+    """
+
+    owner: Any  # the module holding the parameter
+    name: str  # attribute name on ``owner``
+    dim: int

@@ -1,0 +1,239 @@
+"""The structure of one model state: graph, canonical groups, layer table and plans.
+
+A :class:`Structure` is what calculations, trackers and regularizers read (``ctx.structure``).
+It is rebuilt after every physical prune; consumers remember the ``version`` they were
+built for and refuse to run on a newer one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from .canonical import GroupBuilder, ModuleInfo, module_table, warn_uncovered
+from .errors import ConfigError, UnitIndexError
+from .graph import DependencyGraphHandle
+from .plans import ParamResolver, ReductionPlan
+from .registry import Registries
+from .specs import LayerCategory
+from .units import CanonicalUnitGroup
+
+
+@attrs.frozen(kw_only=True)
+class StructureOptions:
+    """The ``WeightTracker`` options that decide the structure."""
+
+    num_heads: Mapping[nn.Module, int] = attrs.field(factory=dict)
+    prune_num_heads: bool = False
+    prune_head_dims: bool = True
+    ignored_layers: tuple[nn.Module, ...] = ()
+    unwrapped_parameters: Any = None
+    root_module_types: tuple[type, ...] | None = None
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None
+    output_transform: Callable[[Any], Any] | None = None
+
+
+class Selection:
+    """Which layers an ``include`` / ``ignore`` pair selects.
+
+    Module instances select their whole subtree; module types select every instance.
+    """
+
+    def __init__(self, model: nn.Module, include: Sequence[Any] = (), ignore: Sequence[Any] = ()):
+        self.model = model
+        self.include = tuple(include or ())
+        self.ignore = tuple(ignore or ())
+        names = {id(m): n for n, m in model.named_modules()}
+        self._include_prefixes, self._include_types = self._split(self.include, names, "include")
+        self._ignore_prefixes, self._ignore_types = self._split(self.ignore, names, "ignore")
+
+    @staticmethod
+    def _split(items: Sequence[Any], names: dict[int, str], label: str) -> tuple[list[str], tuple[type, ...]]:
+        prefixes: list[str] = []
+        types: list[type] = []
+        for item in items:
+            if isinstance(item, type) and issubclass(item, nn.Module):
+                types.append(item)
+            elif isinstance(item, nn.Module):
+                if id(item) not in names:
+                    raise ConfigError(
+                        f"{label} lists a {type(item).__name__} that is not part of the model."
+                    )
+                prefixes.append(names[id(item)])
+            else:
+                raise ConfigError(
+                    f"{label} accepts module instances and nn.Module subclasses; got {item!r}."
+                )
+        return prefixes, tuple(types)
+
+    @staticmethod
+    def _under(name: str, prefixes: Sequence[str]) -> bool:
+        return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+    def selects(self, name: str, module: nn.Module | None = None) -> bool:
+        """Whether the layer ``name`` (optionally with its module) is selected."""
+        if module is None:
+            module = self.model.get_submodule(name) if name else self.model
+        if self.include and not (
+            self._under(name, self._include_prefixes) or isinstance(module, self._include_types)
+        ):
+            return False
+        if self._under(name, self._ignore_prefixes) or isinstance(module, self._ignore_types):
+            return False
+        return True
+
+    @property
+    def include_types(self) -> tuple[type, ...]:
+        return self._include_types
+
+    @property
+    def is_everything(self) -> bool:
+        return not self.include and not self.ignore
+
+
+class Structure:
+    """Groups, layer table and reduction plans of the model as it is now."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        registries: Registries,
+        options: StructureOptions,
+        version: int = 0,
+    ) -> None:
+        self.model = model
+        self.example_inputs = example_inputs
+        self.registries = registries
+        self.options = options
+        self.version = version
+        rules = registries.unit_rules
+        self.modules, uncovered = module_table(model, rules)
+        self.module_index = {m.name: m for m in self.modules}
+        roots = options.root_module_types
+        if roots is None:
+            roots = (nn.modules.conv._ConvNd, nn.Linear) + tuple(
+                t for t in rules.covered_types()
+                if rules.rule_for(t).layer_pruner is not None  # type: ignore[union-attr]
+            )
+        pruners = {}
+        for module in model.modules():
+            rule = rules.rule_for(type(module))
+            if rule is not None and rule.layer_pruner is not None:
+                pruners[type(module)] = rule.layer_pruner
+        self.handle = DependencyGraphHandle(
+            model,
+            example_inputs,
+            forward_fn=options.forward_fn,
+            output_transform=options.output_transform,
+            unwrapped_parameters=options.unwrapped_parameters,
+            ignored_layers=options.ignored_layers,
+            root_module_types=roots,
+            layer_pruners=pruners,
+        )
+        builder = GroupBuilder(
+            self.handle,
+            rules,
+            num_heads=options.num_heads,
+            prune_num_heads=options.prune_num_heads,
+            prune_head_dims=options.prune_head_dims,
+        )
+        self.groups: tuple[CanonicalUnitGroup, ...] = builder.build()
+        self.uncovered = tuple(uncovered)
+        self.skipped_groups = tuple(builder.skipped)
+        warn_uncovered(self.uncovered, self.skipped_groups)
+        self.num_units = sum(g.n_units for g in self.groups)
+        self.resolver = ParamResolver(model)
+        self._plans: dict[Any, ReductionPlan] = {}
+        self.group_of_unit = torch.repeat_interleave(
+            torch.arange(len(self.groups)), torch.tensor([g.n_units for g in self.groups], dtype=torch.long)
+        ) if self.groups else torch.zeros(0, dtype=torch.long)
+
+    # ---------------------------------------------------------------------------- lookups
+
+    def group(self, group_id: int) -> CanonicalUnitGroup:
+        if isinstance(group_id, bool) or not isinstance(group_id, int):
+            raise UnitIndexError(f"group_id must be an int, got {group_id!r}.")
+        if not 0 <= group_id < len(self.groups):
+            raise UnitIndexError(
+                f"group_id {group_id} is out of range: this model has {len(self.groups)} "
+                f"groups (ids 0..{len(self.groups) - 1}); see view_structures()."
+            )
+        return self.groups[group_id]
+
+    def check_unit(self, group: CanonicalUnitGroup, unit_id: int) -> int:
+        if isinstance(unit_id, bool) or not isinstance(unit_id, int):
+            raise UnitIndexError(f"unit_id must be an int, got {unit_id!r}.")
+        if not 0 <= unit_id < group.n_units:
+            raise UnitIndexError(
+                f"unit_id {unit_id} is out of range for group {group.id} ({group.name}), "
+                f"which has {group.n_units} units (ids 0..{group.n_units - 1})."
+            )
+        return unit_id
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name) if name else self.model
+
+    def selection(self, include: Sequence[Any] = (), ignore: Sequence[Any] = ()) -> Selection:
+        return Selection(self.model, include, ignore)
+
+    def selected_modules(
+        self,
+        selection: Selection,
+        categories: Sequence[LayerCategory] | None = None,
+        *,
+        require_any: bool = True,
+    ) -> tuple[ModuleInfo, ...]:
+        """Covered layers the selection picks (optionally only some categories).
+
+        Raises:
+            ConfigError: ``include`` selects no layer (with ``require_any``).
+        """
+        def wanted(info: ModuleInfo) -> bool:
+            if not selection.selects(info.name):
+                return False
+            if categories is None or info.category in categories:
+                return True
+            # naming a type in include= counts it even if the tracker skips its category
+            return any(issubclass(info.module_type, t) for t in selection.include_types)
+
+        chosen = tuple(m for m in self.modules if wanted(m))
+        if require_any and not chosen and (selection.include or selection.ignore):
+            raise ConfigError(
+                f"include={list(map(_label, selection.include))} / ignore="
+                f"{list(map(_label, selection.ignore))} selects no layer this tracker counts. "
+                "Pass modules of the model (their subtrees count) or nn.Module subclasses."
+            )
+        return chosen
+
+    # ------------------------------------------------------------------------------ plans
+
+    def plan(self, selection: Selection | None = None) -> ReductionPlan:
+        """The reduction plan over every member (or only the selected members)."""
+        if selection is None or selection.is_everything:
+            key: Any = None
+        else:
+            key = (selection.include, selection.ignore)
+            key = tuple(id(x) if isinstance(x, nn.Module) else x for x in key[0]), tuple(
+                id(x) if isinstance(x, nn.Module) else x for x in key[1]
+            )
+        if key not in self._plans:
+            keep = None
+            if key is not None:
+                assert selection is not None
+
+                def keep(group: CanonicalUnitGroup, name: str) -> bool:
+                    return selection.selects(name)
+
+            self._plans[key] = ReductionPlan(self.groups, self.resolver, keep)
+        return self._plans[key]
+
+
+def _label(item: Any) -> str:
+    if isinstance(item, type):
+        return item.__name__
+    return type(item).__name__

@@ -1,0 +1,1 @@
+"""Pytest fixtures for plugin authors (placeholder)."""

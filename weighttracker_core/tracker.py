@@ -1,0 +1,385 @@
+"""``WeightTracker``: the public façade (SPEC §4). Orchestration only; work is delegated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from . import masking, surgery
+from .consumers import (
+    ConsumerContext,
+    PrunerHandle,
+    RegularizerHandle,
+    TrackerHandle,
+    accepted_options,
+    build_options,
+    is_whole_number,
+)
+from .dag import CalculationGraph
+from .errors import ConfigError
+from .manager import PluginManager, default_plugin_manager, derive_plugin_manager
+from .registry import Registries, build_registries
+from .specs import IntegrationSpec, LayerCategory
+from .structure import Structure, StructureOptions
+from .units import CanonicalUnitGroup
+from .views import BitwidthView, StructureView, ZeroUnitsView
+
+BitwidthFn = Callable[[str, nn.Module], Any]
+
+
+def check_bitwidth(value: Any, layer: str, kind: str) -> int:
+    """``value`` as an int if it is a whole number >= 1, else ``ValueError`` (SPEC §5.7)."""
+    if not is_whole_number(value) or int(value.item() if isinstance(value, torch.Tensor) else value) < 1:
+        raise ConfigError(
+            f"{kind}_bitwidth_fn returned {value!r} for layer {layer!r}; bit-widths must be "
+            "whole numbers >= 1 (int, integral float or scalar tensor)."
+        )
+    return int(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+class WeightTracker:
+    """Canonical units of a model, and everything that measures or prunes them.
+
+    Args:
+        model: The model; it is traced once with ``example_inputs``.
+        example_inputs: A tensor, a tuple of positional inputs or a dict of keyword inputs.
+        num_heads: ``{fused qkv nn.Linear or nn.MultiheadAttention: heads}``; integrations
+            may fill it in.
+        prune_num_heads: Add groups whose units are whole attention heads.
+        prune_head_dims: Add groups whose units are one dimension of every head.
+        ignored_layers: Modules whose output channels are never units.
+        unwrapped_parameters: ``{parameter: dim}`` for parameters outside standard layers.
+        root_module_types: Layer types whose output channels start groups.
+        forward_fn: ``forward_fn(model, example_inputs)`` replaces ``model(example_inputs)``.
+        output_transform: Maps model outputs to the tensors to trace from.
+        post_prune_hooks: ``hook(tracker)`` callables run after every physical prune.
+        weight_bitwidth_fn: ``(name, module) -> bits`` for counted layers (default 32).
+        activation_bitwidth_fn: ``(name, module) -> bits`` (default 32).
+        plugins: Extra plugin modules or objects for this tracker only.
+        plugin_manager: An explicit plugin manager (default: the process-wide one).
+        integrations: ``"auto"`` (every installed integration that applies), a list of
+            integration names, or ``None``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        *,
+        num_heads: Mapping[nn.Module, int] | None = None,
+        prune_num_heads: bool = False,
+        prune_head_dims: bool = True,
+        ignored_layers: Sequence[nn.Module] | None = None,
+        unwrapped_parameters: Any = None,
+        root_module_types: Sequence[type] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        output_transform: Callable[[Any], Any] | None = None,
+        post_prune_hooks: Iterable[Callable[[WeightTracker], None]] = (),
+        weight_bitwidth_fn: BitwidthFn | None = None,
+        activation_bitwidth_fn: BitwidthFn | None = None,
+        plugins: Iterable[Any] = (),
+        plugin_manager: PluginManager | None = None,
+        integrations: str | Sequence[str] | None = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}.")
+        base = plugin_manager if plugin_manager is not None else default_plugin_manager()
+        extras = tuple(plugins)
+        self.plugin_manager = derive_plugin_manager(base, extras) if extras else base
+        self.registries: Registries = build_registries(self.plugin_manager)
+        self.model = model
+        self.example_inputs = example_inputs
+        self.post_prune_hooks = tuple(post_prune_hooks)
+        for hook in self.post_prune_hooks:
+            if not callable(hook):
+                raise ConfigError(f"post_prune_hooks must be callables, got {hook!r}.")
+        for label, fn in (("weight", weight_bitwidth_fn), ("activation", activation_bitwidth_fn)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"{label}_bitwidth_fn must be callable (name, module) -> int.")
+        self.weight_bitwidth_fn = weight_bitwidth_fn
+        self.activation_bitwidth_fn = activation_bitwidth_fn
+        self.integrations = self._select_integrations(integrations)
+        filled: dict[str, Any] = {}
+        for integration in self.integrations:
+            filled.update(integration.tracker_options(model) or {})
+        self._user_num_heads = dict(num_heads) if num_heads is not None else None
+        heads = self._user_num_heads if self._user_num_heads is not None else filled.get("num_heads")
+        self._options = StructureOptions(
+            num_heads=dict(heads or {}),
+            prune_num_heads=prune_num_heads,
+            prune_head_dims=prune_head_dims,
+            ignored_layers=tuple(ignored_layers or ()),
+            unwrapped_parameters=unwrapped_parameters,
+            root_module_types=None if root_module_types is None else tuple(root_module_types),
+            forward_fn=forward_fn,
+            output_transform=output_transform,
+        )
+        self._trackers: dict[str, TrackerHandle] = {}
+        self._build(version=0)
+
+    # ------------------------------------------------------------------------- structure
+
+    def _select_integrations(self, integrations: Any) -> tuple[IntegrationSpec, ...]:
+        registry = self.registries.integrations
+        if integrations is None:
+            return ()
+        if isinstance(integrations, str):
+            if integrations != "auto":
+                raise ConfigError(
+                    f"integrations must be 'auto', a list of names or None; got {integrations!r}."
+                )
+            return tuple(spec for spec in registry.specs() if spec.applies_to(self.model))
+        return tuple(registry.get(name) for name in integrations)
+
+    def _build(self, version: int) -> None:
+        if self.integrations and version > 0 and self._user_num_heads is None:
+            filled: dict[str, Any] = {}
+            for integration in self.integrations:
+                filled.update(integration.tracker_options(self.model) or {})
+            self._options = _evolve(self._options, num_heads=dict(filled.get("num_heads") or {}))
+        self.structure = Structure(
+            self.model, self.example_inputs, self.registries, self._options, version=version
+        )
+        self.structure.weight_bitwidth_fn = self.weight_bitwidth_fn  # type: ignore[attr-defined]
+        self.structure.activation_bitwidth_fn = self.activation_bitwidth_fn  # type: ignore[attr-defined]
+        self.graph = CalculationGraph(self.registries.calculations, self.structure)
+
+    @property
+    def groups(self) -> tuple[CanonicalUnitGroup, ...]:
+        """The canonical unit groups of the model as it is now."""
+        return self.structure.groups
+
+    @property
+    def num_units(self) -> int:
+        return self.structure.num_units
+
+    def view_structures(self) -> StructureView:
+        """Every group with its members and axes; ``str()`` it, or ``.to_dict()``."""
+        return StructureView(self.structure.groups)
+
+    # -------------------------------------------------------------------------- trackers
+
+    def _context(self, name: str, options: Any, include: Any, ignore: Any) -> ConsumerContext:
+        return ConsumerContext(
+            name=name, tracker=self, structure=self.structure, graph=self.graph,
+            options=options, selection=self.structure.selection(include, ignore),
+        )
+
+    def create_tracker(
+        self,
+        kind_or_kinds: Any,
+        *,
+        include: Sequence[Any] = (),
+        ignore: Sequence[Any] = (),
+        convert_tensors: bool = True,
+        wandb_format: bool = False,
+        **options: Any,
+    ) -> TrackerHandle:
+        """Create one tracker, or several from a list; ``tracker.track()`` includes them.
+
+        Options such as ``log_total_bops``, ``log_layerwise_stats`` and
+        ``normalization_macs_pr_module`` go to every listed tracker that accepts them; an
+        option none of them accepts is an error.
+        """
+        kinds = list(kind_or_kinds) if isinstance(kind_or_kinds, (list, tuple)) else [kind_or_kinds]
+        if not kinds:
+            raise ConfigError("create_tracker needs at least one tracker name.")
+        specs = [self.registries.trackers.get(k) for k in kinds]
+        for option in options:
+            if not any(option in accepted_options(s.options) for s in specs):
+                names = ", ".join(s.name for s in specs)
+                raise ConfigError(
+                    f"Option {option!r} is not accepted by tracker(s) {names}. Accepted: "
+                    + "; ".join(f"{s.name}: {sorted(accepted_options(s.options)) or 'none'}" for s in specs)
+                )
+        built = []
+        for spec in specs:
+            mine = {k: v for k, v in options.items() if k in accepted_options(spec.options)}
+            opts = build_options("tracker", spec.name, spec.options, mine)
+            self.graph.validate(spec.requires, consumer=f"tracker {spec.name}")
+            impl = spec.build(self._context(spec.name, opts, include, ignore))
+            built.append((spec.name, impl))
+        handle = TrackerHandle(self, self.structure.version, built,
+                               convert_tensors=convert_tensors, wandb_format=wandb_format)
+        for name, _ in built:
+            self._trackers[name] = handle
+        return handle
+
+    def track(self) -> dict[str, Any]:
+        """Metrics of every tracker created since the last physical prune, merged.
+
+        One evaluation is shared, so a calculation several trackers need runs once.
+        """
+        evaluation = self.graph.evaluation()
+        out: dict[str, Any] = {}
+        for handle in dict.fromkeys(self._trackers.values()):
+            result = handle.compute(evaluation)
+            for name in handle.names:
+                if self._trackers.get(name) is not handle:
+                    continue
+                if handle.wandb_format:
+                    out.update({k: v for k, v in result.items() if k.split("/")[0] == name})
+                else:
+                    out[name] = result[name]
+        return out
+
+    def create_regularizer(
+        self, kind: Any, *, include: Sequence[Any] = (), ignore: Sequence[Any] = (), **options: Any
+    ) -> RegularizerHandle:
+        """A callable returning a differentiable scalar (SPEC §6)."""
+        spec = self.registries.regularizers.get(kind)
+        opts = build_options("regularizer", spec.name, spec.options, options)
+        self.graph.validate(spec.requires, consumer=f"regularizer {spec.name}")
+        impl = spec.build(self._context(spec.name, opts, include, ignore))
+        return RegularizerHandle(self, self.structure.version, spec.name, impl)
+
+    def create_pruner(self, name: Any, *, config: Any = None, **options: Any) -> PrunerHandle:
+        """A pruning algorithm (SPEC §10); ``config`` is a dict or the pruner's config object."""
+        spec = self.registries.pruners.get(name)
+        if config is not None and options:
+            raise ConfigError("Pass either config= or keyword options to create_pruner, not both.")
+        if config is None:
+            opts = build_options("pruner", spec.name, spec.config, options)
+        elif isinstance(config, Mapping):
+            from_dict = getattr(spec.config, "from_dict", None)
+            try:
+                opts = from_dict(dict(config)) if from_dict else spec.config(**config)  # type: ignore[misc]
+            except (TypeError, ValueError, KeyError) as err:
+                raise ConfigError(f"Invalid config for pruner {spec.name!r}: {err}") from err
+        else:
+            if spec.config is not None and not isinstance(config, spec.config):
+                raise ConfigError(
+                    f"config for pruner {spec.name!r} must be a dict or {spec.config.__name__}, "
+                    f"got {type(config).__name__}."
+                )
+            opts = config
+        impl = spec.build(self._context(spec.name, opts, (), ()))
+        return PrunerHandle(self, self.structure.version, spec.name, impl)
+
+    # ---------------------------------------------------------------------------- pruning
+
+    def fake_prune_unit(self, group_id: int, unit_id: int) -> None:
+        """Zero every weight of one unit in every coupled layer (shapes unchanged)."""
+        masking.fake_prune_units_(self.structure, {group_id: [unit_id]})
+
+    def fake_prune_units(self, units: Mapping[int, Iterable[int]]) -> None:
+        """Zero several units: ``{group id: [unit ids]}``."""
+        masking.fake_prune_units_(self.structure, units)
+
+    def zero_units(self, ignore: Sequence[Any] = ()) -> dict[int, list[int]]:
+        """``{group id: zero unit ids}``; a unit is zero when all its weights are.
+
+        Weights of layers selected by ``ignore`` are not looked at.
+        """
+        selection = self.structure.selection((), ignore)
+        plan = self.structure.plan(selection)
+        with torch.no_grad():
+            peak = plan.unit_reduce("max_abs")
+        has_weights = plan.unit_numel().to(peak.device) > 0
+        zero = ((peak == 0) & has_weights).nonzero().flatten().tolist()
+        out: dict[int, list[int]] = {}
+        owners = self.structure.group_of_unit
+        for unit in zero:
+            group = self.structure.groups[int(owners[unit])]
+            out.setdefault(group.id, []).append(unit - group.offset)
+        return out
+
+    def view_zero_units(self, ignore: Sequence[Any] = ()) -> ZeroUnitsView:
+        """Zero units per group with the Torch-Pruning indices that would remove them."""
+        return ZeroUnitsView(self.structure.groups, self.zero_units(ignore))
+
+    view_zero_structures = view_zero_units
+
+    def prune_unit(self, group_id: int, unit_id: int) -> surgery.PruneReport:
+        """Physically remove one unit (and its coupled slices) from the model."""
+        return self._prune({group_id: [unit_id]}, dry_run=False)
+
+    def prune_zero_units(
+        self, ignore: Sequence[Any] = (), ignore_prune: Sequence[Any] = (), dry_run: bool = False
+    ) -> surgery.PruneReport:
+        """Physically remove every zero unit.
+
+        ``ignore`` only changes zero detection; ``ignore_prune`` skips every group that
+        touches one of those modules; ``dry_run`` reports without changing anything.
+        """
+        zero = self.zero_units(ignore)
+        if ignore_prune:
+            blocked = self.structure.selection(ignore_prune, ())
+            zero = {
+                gid: units for gid, units in zero.items()
+                if not any(blocked.selects(m.module_name) for m in self.groups[gid].members)
+            }
+        return self._prune(zero, dry_run=dry_run)
+
+    prune_zero_structures = prune_zero_units
+
+    def _prune(self, units: Mapping[int, Iterable[int]], dry_run: bool) -> surgery.PruneReport:
+        removed_heads = self._removed_heads(units)
+
+        def after() -> None:
+            for integration in self.integrations:
+                if integration.after_prune is not None:
+                    integration.after_prune(self)
+            for hook in self.post_prune_hooks:
+                hook(self)
+
+        old = (self.structure, self.graph, self._options, dict(self._trackers))
+
+        def rebuild() -> None:
+            if self._user_num_heads is not None and removed_heads:
+                for module, n in removed_heads.items():
+                    self._user_num_heads[module] -= n
+                self._options = _evolve(self._options, num_heads=dict(self._user_num_heads))
+            self._build(version=self.structure.version + 1)
+            self._trackers.clear()
+
+        try:
+            return surgery.prune_units(self.structure, units, dry_run=dry_run,
+                                       after_prune=after, rebuild=rebuild)
+        except BaseException:
+            self.structure, self.graph, self._options, self._trackers = old
+            if self._user_num_heads is not None:
+                self._user_num_heads = dict(old[2].num_heads)
+            if not dry_run:
+                # Torch-Pruning's graph bookkeeping may be half-updated: trace afresh
+                self._build(version=self.structure.version)
+            raise
+
+    def _removed_heads(self, units: Mapping[int, Iterable[int]]) -> dict[nn.Module, int]:
+        out: dict[nn.Module, int] = {}
+        for gid, local in units.items():
+            group = self.structure.group(gid)
+            if group.kind == "head":
+                module = self.structure.module(group.root_module)
+                out[module] = out.get(module, 0) + len(set(local))
+        return out
+
+    # ------------------------------------------------------------------------- bit-widths
+
+    def bitwidths(self, include: Sequence[Any] = (), ignore: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Weight and activation bit-widths of every counted (weighted) layer."""
+        selection = self.structure.selection(include, ignore)
+        rows = []
+        for info in self.structure.selected_modules(selection, (LayerCategory.WEIGHTED,)):
+            module = self.structure.module(info.name)
+            row: dict[str, Any] = {"layer": info.name}
+            for kind, fn in (("weight", self.weight_bitwidth_fn), ("activation", self.activation_bitwidth_fn)):
+                if fn is None:
+                    row[f"{kind}_bits"], row[f"{kind}_source"] = 32, "default"
+                else:
+                    row[f"{kind}_bits"] = check_bitwidth(fn(info.name, module), info.name, kind)
+                    row[f"{kind}_source"] = f"{kind}_bitwidth_fn"
+            rows.append(row)
+        return rows
+
+    def view_bitwidths(self, include: Sequence[Any] = (), ignore: Sequence[Any] = ()) -> BitwidthView:
+        """Per counted layer: both bit-widths and their source."""
+        return BitwidthView(self.bitwidths(include, ignore))
+
+
+def _evolve(options: StructureOptions, **changes: Any) -> StructureOptions:
+    return attrs.evolve(options, **changes)

@@ -1,0 +1,101 @@
+"""Readable views of structures, zero units and bit-widths: ``str()`` and ``to_dict()``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from .units import CanonicalUnitGroup
+
+
+@attrs.frozen
+class StructureView:
+    """What ``WeightTracker.view_structures()`` returns.
+
+    ``str(view)`` lists every group (id, name, kind, units) with its members and axes;
+    ``view.to_dict()`` / ``view.to_json()`` give the same as data.
+    """
+
+    groups: tuple[CanonicalUnitGroup, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_groups": len(self.groups),
+            "num_units": sum(g.n_units for g in self.groups),
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        total = sum(g.n_units for g in self.groups)
+        lines = [f"{len(self.groups)} groups, {total} units"]
+        for g in self.groups:
+            lines.append(f"[{g.id}] {g.name}  kind={g.kind}  units={g.n_units}")
+            for m in g.members:
+                params = ", ".join(
+                    f"{s.param}[dim {','.join(map(str, s.dims))}"
+                    + (f" of view {tuple(s.view)}" if s.view else "") + "]"
+                    for s in m.slices
+                )
+                lines.append(f"    {m.module_name or '<model>'} ({m.module_type.__name__}) "
+                             f"{m.axis}: {params}")
+        return "\n".join(lines)
+
+
+@attrs.frozen
+class ZeroUnitsView:
+    """Zero units per group, with the Torch-Pruning indices that would remove them."""
+
+    groups: tuple[CanonicalUnitGroup, ...]
+    zero_units: dict[int, list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for gid, units in self.zero_units.items():
+            group = self.groups[gid]
+            out[group.name] = {
+                "group_id": gid,
+                "kind": str(group.kind),
+                "n_units": group.n_units,
+                "zero_units": list(units),
+                "root_module": group.root_module,
+                "tp_indices": group.root_member.indices_of(set(units)),
+            }
+        return out
+
+    @property
+    def num_zero_units(self) -> int:
+        return sum(len(v) for v in self.zero_units.values())
+
+    def __str__(self) -> str:
+        if not self.zero_units:
+            return "No zero units."
+        lines = [f"{self.num_zero_units} zero units in {len(self.zero_units)} groups"]
+        for name, info in self.to_dict().items():
+            lines.append(f"[{info['group_id']}] {name}: {len(info['zero_units'])}/"
+                         f"{info['n_units']} zero: units {info['zero_units']}")
+        return "\n".join(lines)
+
+
+@attrs.frozen
+class BitwidthView:
+    """Per counted layer: weight and activation bit-width and where each came from."""
+
+    rows: Sequence[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {row["layer"]: {k: v for k, v in row.items() if k != "layer"} for row in self.rows}
+
+    def __str__(self) -> str:
+        lines = []
+        for row in self.rows:
+            lines.append(
+                f"{row['layer']}: weight {row['weight_bits']} ({row['weight_source']}), "
+                f"activation {row['activation_bits']} ({row['activation_source']})"
+            )
+        return "\n".join(lines) or "No counted layers."
