@@ -60,14 +60,19 @@ def get_param(module: Any, path: str) -> Any:
 
 
 def module_table(
-    model: nn.Module, rules: UnitRuleRegistry
+    model: nn.Module, rules: UnitRuleRegistry, unwrapped: Sequence[str] = ()
 ) -> tuple[tuple[ModuleInfo, ...], list[str]]:
     """Covered layers in ``named_modules`` order, and names of uncovered layers.
 
     A rule claims its module's whole subtree (``nn.MultiheadAttention`` owns
-    ``out_proj``), so submodules of a covered module are not listed again.
+    ``out_proj``), so submodules of a covered module are not listed again. Parameters
+    named in ``unwrapped`` (Torch-Pruning's unwrapped parameters) are covered by the
+    unwrapped-parameter rule when one is registered.
     """
     claimed: set[int] = set()
+    if rules.rule_for(UnwrappedParameter) is not None:
+        named = dict(model.named_parameters())
+        claimed.update(id(named[n]) for n in unwrapped if n in named)
     infos: list[ModuleInfo] = []
     uncovered: list[str] = []
     for name, module in model.named_modules():
@@ -76,7 +81,7 @@ def module_table(
         rule = rules.rule_for(type(module))
         if rule is None or isinstance(module, nn.Parameter):
             if any(id(p) not in claimed for p in module.parameters(recurse=False)):
-                uncovered.append(name)
+                uncovered.append(f"{name or '<model>'} ({type(module).__name__})")
             continue
         own = [(n, p) for n, p in module.named_parameters() if id(p) not in claimed]
         if not own:

@@ -402,7 +402,8 @@ class DependencyGraphHandle:
                 f"{raw.root_name} reach a consumer (channels {span} do not): Torch-Pruning "
                 "lost them in an operation it cannot follow (for a fused attention "
                 f"projection: unbind into q, k, v). If {raw.root_name} is a fused qkv "
-                f"projection pass num_heads={{model.{raw.root_name}: heads}}; otherwise add it "
+                f"projection pass num_heads={{model.get_submodule({raw.root_name!r}): heads}}; "
+                "otherwise add it "
                 "to ignored_layers."
             )
 
@@ -466,7 +467,10 @@ def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:
 
 
 def _split_axis(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, int] | None:
-    """If ``after`` only splits one axis of ``before``: the range of ``after`` axes it became."""
+    """If ``after`` only splits the channel axis of ``before``: the ``after`` axes it became.
+
+    The channel axis is dim 1 of 4-D and larger tensors (NCHW) and the last dim otherwise.
+    """
     if len(after) <= len(before):
         return None
     i = 0
@@ -476,6 +480,9 @@ def _split_axis(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, i
     while j < len(before) - i - 1 and before[-1 - j] == after[-1 - j]:
         j += 1
     if i + j != len(before) - 1:
+        return None
+    channel = 1 if len(before) >= 4 else len(before) - 1
+    if i != channel:
         return None
     start, stop = i, len(after) - j
     if math.prod(after[start:stop]) != before[i] or stop - start < 2:

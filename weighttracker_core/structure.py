@@ -112,8 +112,6 @@ class Structure:
         self.options = options
         self.version = version
         rules = registries.unit_rules
-        self.modules, uncovered = module_table(model, rules)
-        self.module_index = {m.name: m for m in self.modules}
         roots = options.root_module_types
         if roots is None:
             roots = (nn.modules.conv._ConvNd, nn.Linear) + tuple(
@@ -135,6 +133,10 @@ class Structure:
             root_module_types=roots,
             layer_pruners=pruners,
         )
+        self.modules, uncovered = module_table(
+            model, rules, [name for name, _ in self.handle.unwrapped()]
+        )
+        self.module_index = {m.name: m for m in self.modules}
         builder = GroupBuilder(
             self.handle,
             rules,

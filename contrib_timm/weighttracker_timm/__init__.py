@@ -1,0 +1,1 @@
+"""weighttracker-timm: timm integration for weighttracker (SPEC §9)."""

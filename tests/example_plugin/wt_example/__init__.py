@@ -1,0 +1,1 @@
+"""wt-example: a third-party weighttracker plugin package (test fixture)."""
