@@ -76,7 +76,9 @@ def module_table(
     infos: list[ModuleInfo] = []
     uncovered: list[str] = []
     for name, module in model.named_modules():
-        if any(id(p) in claimed for p in module.parameters(recurse=False)):
+        if any(id(p) in claimed for p in module.parameters(recurse=False)) and not any(
+            id(p) not in claimed for p in module.parameters(recurse=False)
+        ):
             continue
         rule = rules.rule_for(type(module))
         if rule is None or isinstance(module, nn.Parameter):
@@ -124,8 +126,10 @@ class GroupBuilder:
         num_heads: Mapping[nn.Module, int] | None = None,
         prune_num_heads: bool = False,
         prune_head_dims: bool = True,
+        untrusted_params: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self.handle = handle
+        self.untrusted_params = untrusted_params
         self.rules = rules
         self.model = handle.model
         self.num_heads = dict(num_heads or {})
@@ -190,14 +194,19 @@ class GroupBuilder:
         members = []
         for item in raw.items:
             rule = self._rule(item)
+            if item.param_name is not None:
+                full = f"{item.module_name}.{item.param_name}" if item.module_name else item.param_name
+                if full in self.untrusted_params:
+                    rule = None
             if rule is None:
                 if item.param_name is None and not any(True for _ in item.module.parameters()):
                     continue  # a weightless layer loses nothing
-                what = item.param_name or type(item.module).__name__
-                self.skipped.append(
-                    f"{raw.root_name}:{raw.pruning_fn} (no unit rule for {what} at "
-                    f"{item.module_name or '<model>'})"
+                where = item.module_name or "<model>"
+                what = (
+                    f"parameter {where}.{item.param_name}" if item.param_name is not None
+                    else f"{where} ({type(item.module).__name__})"
                 )
+                self.skipped.append(f"{raw.root_name}:{raw.pruning_fn} (cuts {what})")
                 return None
             members.append(self._member(item, rule))
         return members

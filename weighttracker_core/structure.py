@@ -133,9 +133,8 @@ class Structure:
             root_module_types=roots,
             layer_pruners=pruners,
         )
-        self.modules, uncovered = module_table(
-            model, rules, [name for name, _ in self.handle.unwrapped()]
-        )
+        trusted, untrusted = self._split_unwrapped()
+        self.modules, uncovered = module_table(model, rules, trusted)
         self.module_index = {m.name: m for m in self.modules}
         builder = GroupBuilder(
             self.handle,
@@ -143,6 +142,7 @@ class Structure:
             num_heads=options.num_heads,
             prune_num_heads=options.prune_num_heads,
             prune_head_dims=options.prune_head_dims,
+            untrusted_params=untrusted,
         )
         self.groups: tuple[CanonicalUnitGroup, ...] = builder.build()
         self.uncovered = tuple(uncovered)
@@ -154,6 +154,27 @@ class Structure:
         self.group_of_unit = torch.repeat_interleave(
             torch.arange(len(self.groups)), torch.tensor([g.n_units for g in self.groups], dtype=torch.long)
         ) if self.groups else torch.zeros(0, dtype=torch.long)
+
+    def _split_unwrapped(self) -> tuple[list[str], set[str]]:
+        """Unwrapped parameters we accept, and those Torch-Pruning only guessed for a layer.
+
+        Parameters the user listed, and parameters of containers (``cls_token`` on a
+        ViT), are accepted. A parameter Torch-Pruning found on its own inside a leaf module
+        (a custom layer using ``F.linear`` on its own weight, say) is a layer no rule covers:
+        Torch-Pruning would guess its pruning dim, so it is left out instead.
+        """
+        listed = {id(p) for p, _ in (_pairs(self.options.unwrapped_parameters))}
+        named = dict(self.model.named_parameters())
+        trusted, untrusted = [], set()
+        for name, _dim in self.handle.unwrapped():
+            owner_name = name.rpartition(".")[0]
+            owner = self.module(owner_name)
+            leaf = owner is not self.model and not any(True for _ in owner.children())
+            if leaf and id(named.get(name)) not in listed:
+                untrusted.add(name)
+            else:
+                trusted.append(name)
+        return trusted, untrusted
 
     # ---------------------------------------------------------------------------- lookups
 
@@ -233,6 +254,12 @@ class Structure:
 
             self._plans[key] = ReductionPlan(self.groups, self.resolver, keep)
         return self._plans[key]
+
+
+def _pairs(value: Any) -> list[tuple[Any, Any]]:
+    if value is None:
+        return []
+    return list(value.items()) if isinstance(value, Mapping) else [tuple(v) for v in value]
 
 
 def _label(item: Any) -> str:
