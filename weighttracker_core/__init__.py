@@ -26,6 +26,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl, hookspec
 from .manager import PluginInfo, PluginManager, create_plugin_manager, default_plugin_manager
+from .masking import stored_parameter
 from .plans import ReductionPlan, effective_parameter, safe_sqrt
 from .registry import describe_plugins
 from .specs import (
@@ -112,6 +113,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "safe_sqrt",
+    "stored_parameter",
     "to_python",
 ]
 
