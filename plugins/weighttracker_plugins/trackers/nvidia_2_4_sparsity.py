@@ -1,1 +1,227 @@
-"""Placeholder plugin module (no hooks yet); see the entry point of the same name."""
+"""``nvidia_2_4_sparsity`` tracker (SPEC §5.4): how close the weights are to 2:4 sparsity.
+
+Sparse tensor cores skip half of every block of 4 consecutive weights along a GEMM's
+reduction (input) axis. Blocks are cut along the input axis of each weight:
+
+* ``Linear`` / attention projections ``[out, in]``: 4 consecutive columns of one row;
+* convolutions ``[K, C/groups, *kernel]``: 4 consecutive input channels at one
+  (output channel, kernel position) -- the ``C`` axis of the ``[K, *kernel, C]`` layout;
+* transposed convolutions ``[C, K/groups, *kernel]``: 4 consecutive input channels along
+  dim 0.
+
+A block is *strict* with exactly 2 zeros and *eligible* with at least 2 (a block with 3 or
+4 zeros can still be stored 2:4). When the input axis length ``C`` is not a multiple of 4,
+the last ``C % 4`` elements of every row form an incomplete block: they are reported as
+``tail_elements``, belong to no block, and stop the layer counting as strict / eligible.
+
+Aggregation (global fractions): blocks are pooled over every counted weight, so
+``strict_block_fraction = sum_layers strict_blocks / sum_layers num_blocks`` (a layer weighs
+by its number of complete blocks, as element-weighted sparsity does; layers with a tail
+still contribute their complete blocks). A layer is strict (eligible) when it has no tail,
+at least one block, and every block is strict (eligible). With no complete block at all the
+fractions are 0.
+
+Worked example: a ``Linear(6, 1)`` row ``[0, 1, 0, 2, 0, 3]`` has one block
+``[0, 1, 0, 2]`` (2 zeros: strict and eligible) and a 2-element tail ``[0, 3]``:
+``strict_block_fraction = 1.0``, ``tail_elements = 2``, and the layer is neither strict nor
+eligible.
+
+Counted layers: ``weighted`` layers except ``nn.Embedding`` (a lookup, not a GEMM), plus
+any layer named in ``include=`` by instance or type; only weight parameters with 2 or more
+dimensions have an input axis (a 1-D weight contributes nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from weighttracker_core import TrackerSpec, hookimpl
+
+from ._layers import counted_layers, layer_label
+
+BLOCK = 4
+
+
+@attrs.frozen(kw_only=True)
+class Nvidia24Options:
+    """``log_layerwise_stats``: add ``layers[name]`` with each layer's own figures."""
+
+    log_layerwise_stats: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+
+def input_axis(module: nn.Module) -> int:
+    """The dim of a weight that a GEMM reduces over (1, or 0 for transposed convs)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        return 0
+    return 1
+
+
+@attrs.frozen
+class _Param:
+    name: str
+    layer: int  # position in the tracker's layer list
+    outer: int  # product of dims before the input axis
+    channels: int  # input axis length
+    inner: int  # product of dims after it
+
+    @property
+    def blocks(self) -> int:
+        return self.outer * (self.channels // BLOCK) * self.inner
+
+    @property
+    def tail(self) -> int:
+        return self.outer * (self.channels % BLOCK) * self.inner
+
+
+def block_nonzeros(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """Non-zeros of every complete block of 4 along ``axis`` (int64 ``[outer, C // 4, inner]``).
+
+    ``[[0., 1., 0., 2., 5.]]`` with ``axis=1`` gives ``tensor([[[2]]])`` (the 5 is a tail).
+    """
+    shape = weight.shape
+    outer = math.prod(shape[:axis])
+    channels = shape[axis]
+    inner = math.prod(shape[axis + 1 :])
+    full = channels // BLOCK * BLOCK
+    viewed = weight.reshape(outer, channels, inner)[:, :full]
+    return torch.count_nonzero(viewed.reshape(outer, full // BLOCK, BLOCK, inner), dim=2)
+
+
+class Nvidia24Sparsity:
+    """2:4 block statistics of the selected layers (see the module docstring).
+
+    Metrics: ``strict_block_fraction``, ``nvidia_eligible_block_fraction``,
+    ``tail_elements``, ``num_blocks``, ``num_strict_blocks``, ``num_eligible_blocks``,
+    ``num_layers``, ``num_strict_layers``, ``num_eligible_layers``,
+    ``num_layers_with_tail``; with ``log_layerwise_stats`` also ``layers[name]`` with
+    ``strict_block_fraction``, ``nvidia_eligible_block_fraction``, ``num_blocks``,
+    ``tail_elements``, ``strict`` and ``eligible``.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self.structure = ctx.structure
+        self.options: Nvidia24Options = ctx.options
+        layers = counted_layers(ctx.structure, ctx.selection, ctx.name, skip_types=(nn.Embedding,))
+        self.params: list[_Param] = []
+        self.axes: list[int] = []
+        self.labels: list[str] = []
+        for info in layers:
+            module = ctx.structure.module(info.name)
+            axis = input_axis(module)
+            shapes = [(n, tuple(ctx.structure.resolver(n).shape)) for n in info.weight_params]
+            shapes = [(n, s) for n, s in shapes if len(s) >= 2]
+            if not shapes:
+                continue
+            for name, shape in shapes:
+                self.params.append(
+                    _Param(name, len(self.labels), math.prod(shape[:axis]), shape[axis],
+                           math.prod(shape[axis + 1 :]))
+                )
+                self.axes.append(axis)
+            self.labels.append(layer_label(info.name))
+        num_layers = len(self.labels)
+        self._param_layer = torch.tensor([p.layer for p in self.params], dtype=torch.long)
+        blocks = torch.zeros(num_layers, dtype=torch.float64)
+        tails = torch.zeros(num_layers, dtype=torch.float64)
+        if self.params:
+            blocks.index_add_(0, self._param_layer, torch.tensor([float(p.blocks) for p in self.params], dtype=torch.float64))
+            tails.index_add_(0, self._param_layer, torch.tensor([float(p.tail) for p in self.params], dtype=torch.float64))
+        self._layer_blocks = blocks
+        ends = [0]
+        for p in self.params:
+            ends.append(ends[-1] + p.blocks)
+        self._block_ends = torch.tensor(ends, dtype=torch.long)
+        self._layer_tails = tails
+
+    def _counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Strict and eligible block counts per parameter (float64).
+
+        One ``count_nonzero`` per parameter, then a single pass over every block: the
+        flags are concatenated and summed per parameter through a cumulative sum read at
+        the parameters' boundaries (deterministic, no per-block index tensor).
+        """
+        with torch.no_grad():
+            parts = [
+                block_nonzeros(self.structure.resolver(p.name), axis).reshape(-1)
+                for p, axis in zip(self.params, self.axes)
+            ]
+            nonzeros = torch.cat(parts)
+            flags = torch.stack([nonzeros == 2, nonzeros <= 2]).to(torch.int64)
+            running = torch.nn.functional.pad(flags.cumsum(dim=1), (1, 0))
+            ends = self._block_ends.to(nonzeros.device)
+            at_ends = running.index_select(1, ends)
+            per_param = (at_ends[:, 1:] - at_ends[:, :-1]).to(torch.float64)
+        return per_param[0], per_param[1]
+
+    def track(self, values: Any) -> dict[str, Any]:
+        num_layers = len(self.labels)
+        if not self.params:
+            zero = torch.zeros((), dtype=torch.float64)
+            return {
+                "strict_block_fraction": zero, "nvidia_eligible_block_fraction": zero,
+                "tail_elements": 0, "num_blocks": 0, "num_strict_blocks": 0,
+                "num_eligible_blocks": 0, "num_layers": 0, "num_strict_layers": 0,
+                "num_eligible_layers": 0, "num_layers_with_tail": 0,
+            }
+        strict, eligible = self._counts()
+        device = strict.device
+        index = self._param_layer.to(device)
+        layer_strict = torch.zeros(num_layers, dtype=torch.float64, device=device).index_add_(0, index, strict)
+        layer_eligible = torch.zeros(num_layers, dtype=torch.float64, device=device).index_add_(0, index, eligible)
+        blocks = self._layer_blocks.to(device)
+        tails = self._layer_tails.to(device)
+        clean = (tails == 0) & (blocks > 0)
+        strict_layers = clean & (layer_strict == blocks)
+        eligible_layers = clean & (layer_eligible == blocks)
+        total = blocks.sum()
+        out: dict[str, Any] = {
+            "strict_block_fraction": layer_strict.sum() / total.clamp(min=1),
+            "nvidia_eligible_block_fraction": layer_eligible.sum() / total.clamp(min=1),
+            "tail_elements": tails.sum().to(torch.int64),
+            "num_blocks": total.to(torch.int64),
+            "num_strict_blocks": layer_strict.sum().to(torch.int64),
+            "num_eligible_blocks": layer_eligible.sum().to(torch.int64),
+            "num_layers": num_layers,
+            "num_strict_layers": strict_layers.sum(),
+            "num_eligible_layers": eligible_layers.sum(),
+            "num_layers_with_tail": (tails > 0).sum(),
+        }
+        if self.options.log_layerwise_stats:
+            rows = zip(
+                self.labels,
+                (layer_strict / blocks.clamp(min=1)).tolist(),
+                (layer_eligible / blocks.clamp(min=1)).tolist(),
+                blocks.tolist(),
+                tails.tolist(),
+                strict_layers.tolist(),
+                eligible_layers.tolist(),
+            )
+            out["layers"] = {
+                label: {
+                    "strict_block_fraction": s,
+                    "nvidia_eligible_block_fraction": e,
+                    "num_blocks": int(b),
+                    "tail_elements": int(t),
+                    "strict": bool(sl),
+                    "eligible": bool(el),
+                }
+                for label, s, e, b, t, sl, el in rows
+            }
+        return out
+
+
+@hookimpl
+def wt_register_trackers() -> tuple[TrackerSpec, ...]:
+    return (
+        TrackerSpec(
+            name="nvidia_2_4_sparsity",
+            build=Nvidia24Sparsity,
+            options=Nvidia24Options,
+            summary="Share of 4-weight blocks along the input axis that fit NVIDIA 2:4 sparsity.",
+        ),
+    )

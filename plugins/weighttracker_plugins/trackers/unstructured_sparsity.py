@@ -1,1 +1,129 @@
-"""Placeholder plugin module (no hooks yet); see the entry point of the same name."""
+"""``unstructured_sparsity`` tracker (SPEC §5.2) and the per-layer zero counts it shares.
+
+Sparsity is the exact fraction of zero weights, weighted by element count: layers with
+more weights weigh more (it is *not* the mean of per-layer fractions). Weights are the
+parameters the unit rules call weights (``ModuleInfo.weight_params``: ``weight`` of convs,
+linears, embeddings; ``in_proj_weight`` / ``out_proj.weight`` of attention), read as the
+layer really uses them: ``weight_orig * weight_mask`` under ``torch.nn.utils.prune``, the
+computed value under ``torch.nn.utils.parametrize`` (a fake quantizer's rounded zeros count).
+
+Worked example: a ``Linear(4, 2)`` with 3 zeros out of 8 and a ``Conv2d`` with 0 zeros out
+of 24 give ``sparsity = 3 / 32 = 0.09375`` (the mean of layer fractions would be 0.1875).
+
+Normalisation layers (their scales are weights of a different kind, and structured
+sparsity shows up in the layers they follow) are not counted unless named in
+``include=`` by type or instance; the same holds for ``other`` layers (PReLU slopes).
+
+Calculations registered here (other trackers may require them):
+
+* ``weight_param_table`` (static): the :class:`WeightParams` table (every weight parameter
+  of the layer table, its layer, size and storage identity).
+* ``weight_param_zeros`` (per evaluation): zeros of each of those parameters (float64),
+  all counted in one ``torch._foreach_norm(..., 0)`` call; ``table.per_layer(zeros)``
+  sums them per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from weighttracker_core import CalculationSpec, Lifetime, TrackerSpec, hookimpl
+
+from ._layers import WeightParams, count_nonzeros, counted_layers, layer_label
+
+# ---------------------------------------------------------------------------- calculations
+
+
+def weight_param_table(ctx: Any) -> WeightParams:
+    return WeightParams.build(ctx.structure)
+
+
+def weight_param_zeros(ctx: Any) -> torch.Tensor:
+    table: WeightParams = ctx["weight_param_table"]
+    with torch.no_grad():
+        tensors = ctx.structure.resolver.many(table.names)
+        nonzeros = count_nonzeros(tensors)
+    return table.numel.to(nonzeros.device) - nonzeros
+
+
+CALCULATIONS = (
+    CalculationSpec(name="weight_param_table", compute=weight_param_table, lifetime=Lifetime.STATIC,
+                    summary="Weight parameters of every counted layer (names, sizes, layer)."),
+    CalculationSpec(name="weight_param_zeros", compute=weight_param_zeros,
+                    requires=("weight_param_table",),
+                    summary="Zero elements of each effective weight parameter."),
+)
+
+# --------------------------------------------------------------------------------- tracker
+
+
+@attrs.frozen(kw_only=True)
+class UnstructuredSparsityOptions:
+    """``log_layerwise_stats``: report ``layers[name]`` (on by default)."""
+
+    log_layerwise_stats: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+
+class UnstructuredSparsity:
+    """Exact zero-weight fraction of the selected layers, and of each of them.
+
+    Metrics: ``sparsity`` (zeros / weights over every counted layer; shared storage of
+    tied weights counted once), ``num_zero_weights``, ``num_weights`` and, with
+    ``log_layerwise_stats``, ``layers[name]`` (each layer's own fraction).
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self.options: UnstructuredSparsityOptions = ctx.options
+        self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name)
+        table: WeightParams = ctx.graph.evaluation()["weight_param_table"]  # static: cached
+        self._keep = table.unique(info.index for info in self.layers)
+        self._rows = torch.tensor([info.index for info in self.layers], dtype=torch.long)
+        self._labels = [layer_label(info.name) for info in self.layers]
+
+    def track(self, values: Any) -> dict[str, Any]:
+        zeros = values["weight_param_zeros"]
+        table: WeightParams = values["weight_param_table"]
+        device = zeros.device
+        keep = self._keep.to(device)
+        num_zero = zeros[keep].sum()
+        num = table.numel.to(device)[keep].sum()
+        out: dict[str, Any] = {
+            "sparsity": num_zero / num.clamp(min=1),
+            "num_zero_weights": num_zero.to(torch.int64),
+            "num_weights": num.to(torch.int64),
+        }
+        if self.options.log_layerwise_stats:
+            rows = self._rows.to(device)
+            layer_zeros = table.per_layer(zeros)[rows]
+            layer_numel = table.per_layer(table.numel).to(device)[rows]
+            fractions = (layer_zeros / layer_numel.clamp(min=1)).tolist()
+            out["layers"] = {
+                label: fraction
+                for label, fraction, n in zip(self._labels, fractions, layer_numel.tolist())
+                if n > 0
+            }
+        return out
+
+
+TRACKERS = (
+    TrackerSpec(
+        name="unstructured_sparsity",
+        build=UnstructuredSparsity,
+        options=UnstructuredSparsityOptions,
+        requires=("weight_param_table", "weight_param_zeros"),
+        summary="Exact fraction of zero weights (element-weighted), total and per layer.",
+    ),
+)
+
+
+@hookimpl
+def wt_register_calculations() -> tuple[CalculationSpec, ...]:
+    return CALCULATIONS
+
+
+@hookimpl
+def wt_register_trackers() -> tuple[TrackerSpec, ...]:
+    return TRACKERS
