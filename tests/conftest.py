@@ -14,3 +14,12 @@ def _seed_and_threads():
     torch.manual_seed(0)
     random.seed(0)
     yield
+
+
+
+@pytest.fixture
+def core_pm():
+    """``core_pm(*extra)``: a plugin manager with the unit rules and structure calculations only."""
+    from plugin_managers import core_plugin_manager
+
+    return core_plugin_manager

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from models import MHANet, sequence_input
+from plugin_managers import core_plugin_manager as PM
 from weighttracker_core import PruneAxis, WeightTracker
 
 ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -44,7 +45,7 @@ def ours(tracker):
 
 def _assert_same(model, x, **kwargs):
     reference = tp_groups(model, x)
-    tracker = WeightTracker(model, x, integrations=None, **kwargs)
+    tracker = WeightTracker(model, x, plugin_manager=PM(), **kwargs)
     mine = ours(tracker)
     assert set(mine) == set(reference)
     for name, (n_units, coupled) in reference.items():
@@ -72,7 +73,7 @@ def test_multihead_attention_groups_match_torch_pruning():
 def test_multihead_attention_heads_are_extra_groups():
     model = MHANet(dim=16, heads=4)
     tracker = WeightTracker(model, sequence_input(), num_heads={model.attn: 4},
-                            prune_num_heads=True, prune_head_dims=True, integrations=None)
+                            prune_num_heads=True, prune_head_dims=True, plugin_manager=PM())
     by_name = {g.name: g for g in tracker.groups}
     assert by_name["attn:prune_num_heads"].n_units == 4
     assert by_name["attn:prune_head_dims"].n_units == 4
@@ -87,7 +88,7 @@ def test_vit_groups_match_torch_pruning_with_heads():
     reference = tp_groups(model, x)
     heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
     tracker = WeightTracker(model, x, num_heads=heads, prune_num_heads=True,
-                            prune_head_dims=True, integrations=None)
+                            prune_head_dims=True, plugin_manager=PM())
     mine = ours(tracker)
     qkv_roots = {f"blocks.{i}.attn.qkv:prune_out_channels" for i in range(len(model.blocks))}
     for name, (n_units, coupled) in reference.items():
@@ -107,7 +108,7 @@ def test_member_indices_match_torch_pruning_on_resnet18():
     x = torch.randn(1, 3, 32, 32)
     graph = tp.DependencyGraph().build_dependency(model, x, verbose=False)
     names = {m: n for n, m in model.named_modules()}
-    tracker = WeightTracker(model, x, integrations=None)
+    tracker = WeightTracker(model, x, plugin_manager=PM())
     by_name = {g.name: g for g in tracker.groups}
     for group in graph.get_all_groups(root_module_types=ROOTS):
         root = group[0].dep.target.module

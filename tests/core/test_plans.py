@@ -9,6 +9,7 @@ import torchvision
 
 from _oracles import unit_rows, unit_slices
 from models import MHANet, sequence_input
+from plugin_managers import core_plugin_manager as PM
 from weighttracker_core import PlanError, WeightTracker
 
 
@@ -67,7 +68,7 @@ def _reference(rows, num_units, op):
 @pytest.mark.parametrize("name,factory", CASES, ids=[c[0] for c in CASES])
 def test_unit_reductions_equal_brute_force(name, factory):
     model, x, kwargs = factory()
-    tracker = WeightTracker(model, x, integrations=None, **kwargs)
+    tracker = WeightTracker(model, x, plugin_manager=PM(), **kwargs)
     _sparsify_(model)
     tracker.fake_prune_unit(1, 0)
     plan = tracker.structure.plan()
@@ -85,7 +86,7 @@ def test_unit_reductions_equal_brute_force(name, factory):
 @pytest.mark.parametrize("name,factory", CASES, ids=[c[0] for c in CASES])
 def test_autograd_path_values_and_gradients_equal_brute_force(name, factory):
     model, x, kwargs = factory()
-    tracker = WeightTracker(model, x, integrations=None, **kwargs)
+    tracker = WeightTracker(model, x, plugin_manager=PM(), **kwargs)
     tracker.fake_prune_unit(1, 0)  # an exactly-zero unit: its gradient must be 0, not NaN
     weights = torch.rand(tracker.num_units, dtype=torch.float64)
 
@@ -119,7 +120,7 @@ def test_hand_worked_linear_rows():
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
         model[1].weight.copy_(torch.tensor([[0.0, 0.0]]))
-    tracker = WeightTracker(model, torch.zeros(1, 2), integrations=None)
+    tracker = WeightTracker(model, torch.zeros(1, 2), plugin_manager=PM())
     (group,) = [g for g in tracker.groups if g.root_module == "0"]
     plan = tracker.structure.plan()
     units = slice(group.offset, group.offset + 2)
@@ -135,7 +136,7 @@ def test_grouped_conv_slices_cover_blocks():
     # weight[g*2:(g+1)*2, c % 2]; brute force against explicit block sums
     conv = torch.nn.Conv2d(4, 4, 1, groups=2, bias=False)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), conv, torch.nn.Conv2d(4, 2, 1))
-    tracker = WeightTracker(model, torch.randn(1, 3, 4, 4), integrations=None)
+    tracker = WeightTracker(model, torch.randn(1, 3, 4, 4), plugin_manager=PM())
     (group,) = [g for g in tracker.groups if g.root_module == "0"]
     sq = tracker.structure.plan().unit_reduce("sum_sq")[group.offset : group.offset + 4]
     w0, w1, w2 = model[0], conv.weight.detach(), model[2].weight.detach()
@@ -147,14 +148,14 @@ def test_grouped_conv_slices_cover_blocks():
 
 
 def test_unknown_operation_is_refused():
-    tracker = WeightTracker(torch.nn.Linear(2, 2), torch.zeros(1, 2), integrations=None)
+    tracker = WeightTracker(torch.nn.Linear(2, 2), torch.zeros(1, 2), plugin_manager=PM())
     with pytest.raises(PlanError, match="median"):
         tracker.structure.plan().unit_reduce("median")
 
 
 def test_plans_read_pruning_masks():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    tracker = WeightTracker(model, torch.zeros(1, 3), integrations=None)
+    tracker = WeightTracker(model, torch.zeros(1, 3), plugin_manager=PM())
     prune.custom_from_mask(model[0], "weight", torch.zeros(4, 3))
     prune.custom_from_mask(model[0], "bias", torch.zeros(4))
     prune.custom_from_mask(model[1], "weight", torch.zeros(2, 4))
