@@ -1,0 +1,123 @@
+"""Scale every weight a canonical unit owns by a per-unit factor, in place.
+
+This is the write half of a proximal step: a regularizer computes one factor per global
+unit (from the reduction plan's per-unit norms) and :class:`UnitScaler` multiplies every
+slice each unit owns, in every coupled layer, by that factor. A factor of 0 makes the
+unit exactly zero everywhere, so ``tracker.prune_zero_units()`` can then remove it.
+
+The index bookkeeping is compiled once per structure; each call runs one gather and one
+in-place multiply per distinct parameter slice (never a loop over units).
+
+Example: a ``Linear(2, 2)`` whose rows are units 0 and 1 with
+``weight = [[3, 4], [1, 1]]`` and factors ``[0.5, 0.0]`` becomes
+``[[1.5, 2.0], [0.0, 0.0]]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from weighttracker_core import MemberSlice, Selection, Structure, stored_parameter
+
+
+class _SliceScaler:
+    """One distinct (module, parameter, dims, view) slice and the unit of each position."""
+
+    __slots__ = ("module", "piece", "positions", "units", "direct")
+
+    def __init__(self, module: Any, piece: MemberSlice, positions: list[int], units: list[int],
+                 length: int) -> None:
+        self.module = module
+        self.piece = piece
+        pos = torch.tensor(positions, dtype=torch.long)
+        unit = torch.tensor(units, dtype=torch.long)
+        order = torch.argsort(pos, stable=True)
+        # the common case: every position is owned by exactly one unit, so the factor of
+        # position p is simply factors[unit of p] (a gather, no scatter needed)
+        self.direct = bool(len(positions) == length and torch.equal(pos[order], torch.arange(length)))
+        self.positions = pos if not self.direct else None
+        self.units = unit[order] if self.direct else unit
+
+    def scale_(self, factors: torch.Tensor) -> None:
+        tensor = stored_parameter(self.module, self.piece.param)
+        if tensor is None:
+            return
+        shape = self.piece.viewed_shape(tuple(tensor.shape))
+        ndim = len(shape)
+        dims = tuple(d % ndim for d in self.piece.dims)
+        sizes = [shape[d] for d in dims]
+        length = math.prod(sizes)
+        if self.units.device != tensor.device:
+            self.units = self.units.to(tensor.device)
+            if self.positions is not None:
+                self.positions = self.positions.to(tensor.device)
+        owned = factors.to(tensor.device).index_select(0, self.units)
+        if self.direct:
+            per_position = owned
+        else:
+            # positions owned by several units get the product of their factors
+            per_position = torch.ones(length, device=tensor.device, dtype=owned.dtype)
+            per_position.scatter_reduce_(0, self.positions, owned, reduce="prod")
+        per_position = per_position.reshape(sizes)
+        if list(dims) != sorted(dims):
+            per_position = per_position.permute(*sorted(range(len(dims)), key=lambda i: dims[i]))
+        broadcast = [shape[d] if d in dims else 1 for d in range(ndim)]
+        per_position = per_position.reshape(broadcast).to(tensor.dtype)
+        viewed = tensor.view(shape) if self.piece.view is not None else tensor
+        viewed.mul_(per_position)
+
+
+class UnitScaler:
+    """Multiplies the slices of every unit by a per-unit factor (in place, no autograd).
+
+    Writes go to the tensor a layer stores: ``weight_orig`` under
+    ``torch.nn.utils.prune`` (so ``orig * mask`` is scaled too), the ``original`` of a
+    parametrization, else the parameter itself.
+
+    Args:
+        structure: The tracker's structure (``ctx.structure``).
+        selection: Only members in selected layers are scaled (``ctx.selection``).
+    """
+
+    def __init__(self, structure: Structure, selection: Selection | None = None) -> None:
+        self.num_units = structure.num_units
+        collected: dict[tuple[Any, ...], tuple[MemberSlice, list[int], list[int], int]] = {}
+        modules: dict[str, Any] = {}
+        everything = selection is None or selection.is_everything
+        for group in structure.groups:
+            for member, piece in group.iter_slices():
+                if not everything and not selection.selects(member.module_name):  # type: ignore[union-attr]
+                    continue
+                module = modules.setdefault(member.module_name, structure.module(member.module_name))
+                tensor = stored_parameter(module, piece.param)
+                if tensor is None:
+                    continue
+                key = (member.module_name, piece.param, piece.dims, piece.view)
+                if key not in collected:
+                    collected[key] = (piece, [], [], piece.axis_length(tuple(tensor.shape)))
+                _, positions, units, _ = collected[key]
+                positions.extend(piece.positions)
+                units.extend(group.offset + u for u in piece.units)
+        self._slices = [
+            _SliceScaler(modules[key[0]], piece, positions, units, length)
+            for key, (piece, positions, units, length) in collected.items()
+        ]
+
+    @property
+    def num_slices(self) -> int:
+        """Distinct parameter slices one call touches."""
+        return len(self._slices)
+
+    def scale_(self, factors: torch.Tensor) -> None:
+        """Multiply every slice of unit ``u`` by ``factors[u]`` (length ``num_units``)."""
+        if factors.shape != (self.num_units,):
+            raise ValueError(
+                f"factors must have one value per unit (shape ({self.num_units},)); "
+                f"got shape {tuple(factors.shape)}."
+            )
+        with torch.no_grad():
+            for piece in self._slices:
+                piece.scale_(factors)
