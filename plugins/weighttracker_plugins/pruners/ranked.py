@@ -1,1 +1,399 @@
-"""Placeholder plugin module (no hooks yet); see the entry point of the same name."""
+"""The ``ranked`` pruner: importance-ranked structural pruning over canonical units (SPEC §10.1).
+
+Torch-Pruning's ``BasePruner`` semantics over this library's groups. At every ``step()``:
+
+1. every group gets one score per unit from an importance plugin (``l1``, ``l2``,
+   ``bn_scale``, ``taylor``, or a third party's), normalized per group;
+2. groups go into ranking scopes: one per group (``local``), one for all
+   (``global``), one per member layout (``isomorphic``), or the scopes that
+   ``pruning_ratio_dict`` defines; attention-head groups rank in their own scopes with
+   ``head_pruning_ratio``;
+3. each scope removes its lowest-ranked slots until ``int(N0 * (1 - ratio))`` remain
+   (``N0``: its size at the first step; the ratio follows the scheduler);
+4. the chosen units are removed physically (one atomic prune per step, the structure is
+   rebuilt and the pruner keeps going) or masked with ``torch.nn.utils.prune`` masks.
+
+``step(interactive=True)`` returns an iterator of :class:`UnitSelection` objects to inspect
+and ``apply()`` one by one.
+
+Where this differs from Torch-Pruning: a step never empties a group (it keeps the best
+slot, or ``round_to`` of them) where Torch-Pruning would skip the group;
+``max_pruning_ratio`` also caps each group; head counts follow the channel formula so
+iterative head pruning lands on the target exactly. GQA (separate q/k/v projections with
+fewer key/value heads) is not supported: head units exist only for fused ``qkv``
+projections and ``nn.MultiheadAttention``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from weighttracker_core import (
+    CanonicalUnitGroup,
+    ConfigError,
+    ConsumerContext,
+    ImportanceSpec,
+    PluginError,
+    PrunerSpec,
+    PruneAxis,
+    PruningError,
+    Structure,
+    hookimpl,
+)
+
+from .ranked_config import RankedPrunerConfig, check_schedule, geometric_scheduler, linear_scheduler
+from .ranked_scopes import (
+    HEAD_FUNCTIONS,
+    Candidate,
+    channel_chunks,
+    choose,
+    isomorphic_key,
+    layer_sizes,
+    normalize,
+    slot_scores,
+)
+from .unit_masks import UnitMasks, has_prune_masks
+
+__all__ = ["RankedPruner", "RankedPrunerConfig", "UnitSelection", "geometric_scheduler", "linear_scheduler"]
+
+
+@attrs.define(kw_only=True, eq=False)
+class UnitSelection:
+    """Units of one group that a step chose to remove; ``apply()`` removes them.
+
+    Attributes:
+        step: The step that chose them.
+        scope: The ranking scope (``"local:<group>"``, ``"global"``, ``"heads"``, ...).
+        ratio: The scope's target ratio at that step.
+        group_name: Name of the group (stable across physical prunes).
+        group_id: Id of the group when chosen (ids change after physical prunes).
+        kind: Unit kind (``channel``, ``feature``, ``head``, ``head_dim``).
+        n_units: Units the group had when chosen.
+        units: Local unit ids to remove.
+        scores: Normalized scores of the removed units' slots.
+        tp_indices: Torch-Pruning indices on the group's root layer.
+        modules: Names of the coupled layers.
+        applied: Whether ``apply()`` ran.
+    """
+
+    step: int
+    scope: str
+    ratio: float
+    group_name: str
+    group_id: int
+    kind: str
+    n_units: int
+    units: tuple[int, ...]
+    scores: torch.Tensor = attrs.field(repr=False)
+    tp_indices: tuple[int, ...] = attrs.field(repr=False)
+    modules: tuple[str, ...] = attrs.field(repr=False)
+    applied: bool = False
+    _pruner: Any = attrs.field(default=None, repr=False, alias="pruner")
+
+    def apply(self) -> None:
+        """Remove (or mask) the units now; a second call does nothing."""
+        if not self.applied:
+            self._pruner._apply([self])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "scope": self.scope, "ratio": self.ratio,
+                "group": self.group_name, "kind": self.kind, "n_units": self.n_units,
+                "units": list(self.units), "applied": self.applied}
+
+
+class RankedPruner:
+    """Built by ``tracker.create_pruner("ranked", ...)``; see the module docstring."""
+
+    def __init__(self, ctx: ConsumerContext) -> None:
+        self.tracker = ctx.tracker
+        cfg = ctx.options if ctx.options is not None else RankedPrunerConfig()
+        self.config: RankedPrunerConfig = cfg
+        self.ranking = cfg.ranking
+        steps = cfg.iterative_steps
+        scheduler = cfg.iterative_pruning_ratio_scheduler
+        try:
+            self._channel_schedule = check_schedule(scheduler, cfg.pruning_ratio, steps)
+            self._head_schedule = check_schedule(scheduler, cfg.head_pruning_ratio, steps)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        structure = ctx.structure
+        self._build_scorer = self._importance_factory(cfg.importance, cfg.importance_options)
+        self._scorer: Any = None
+        self._scorer_for: Structure | None = None
+        self._user_scopes = self._ratio_dict(structure, cfg.pruning_ratio_dict, "pruning_ratio_dict")
+        self._head_ratios = self._ratio_dict(structure, cfg.head_pruning_ratio_dict, "head_pruning_ratio_dict")
+        self._masks = UnitMasks(structure.model) if cfg.apply == "mask" else None
+        self._removed: dict[str, set[int]] = {}
+        self._scope_initial: dict[str, int] = {}
+        self._group_initial: dict[str, int] = {}
+        self._layer_initial = layer_sizes(structure, self._removed_units)
+        self._warned = False
+        self.current_step = 0
+        self.history: list[UnitSelection] = []
+
+    # ---------------------------------------------------------------------------- public
+
+    @property
+    def survives_physical_prune(self) -> bool:
+        """Physical pruners re-read the structure every step; mask pruners hold unit ids."""
+        return self.config.apply == "physical"
+
+    def step(self, interactive: bool = False) -> Any:
+        """Run the next step of the schedule.
+
+        Returns the applied selections, or with ``interactive=True`` an iterator of
+        selections that are applied only when you call ``selection.apply()``.
+        """
+        self.current_step += 1
+        selections = self._select()
+        if interactive:
+            return iter(selections)
+        self._apply(selections)
+        return selections
+
+    def finalize(self) -> int:
+        """Bake masks into plain parameters (``apply="mask"``); returns how many."""
+        return self._masks.finalize() if self._masks is not None else 0
+
+    def reset(self) -> None:
+        """Start the schedule again from step 0 (ratios stay relative to the first sizes)."""
+        self.current_step = 0
+
+    def report(self) -> dict[str, Any]:
+        """Steps taken and what every applied selection removed."""
+        removed: dict[str, int] = {}
+        for sel in self.history:
+            removed[sel.group_name] = removed.get(sel.group_name, 0) + len(sel.units)
+        return {"step": self.current_step, "iterative_steps": self.config.iterative_steps,
+                "apply": self.config.apply, "ranking": self.ranking,
+                "importance": self.importance_name, "removed_units": removed,
+                "selections": [s.as_dict() for s in self.history]}
+
+    # ------------------------------------------------------------------------ importance
+
+    def _importance_factory(self, importance: Any, options: Mapping[str, Any]) -> Any:
+        tracker = self.tracker
+        if isinstance(importance, ImportanceSpec):
+            spec = importance
+        elif isinstance(importance, str):
+            spec = tracker.registries.importances.get(importance)
+        else:
+            if options:
+                raise ConfigError("importance_options only apply to registered importances; "
+                                  f"got {sorted(options)} with a callable importance.")
+            self.importance_name = getattr(importance, "__name__", type(importance).__name__)
+            return lambda structure: importance
+        self.importance_name = spec.name
+        if spec.options is None:
+            if options:
+                raise ConfigError(f"The importance {spec.name!r} takes no options; got {sorted(options)}.")
+            opts = None
+        else:
+            try:
+                opts = spec.options(**options)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"Invalid importance_options for importance {spec.name!r}: {err}") from err
+        tracker.graph.validate(spec.requires, consumer=f"importance {spec.name}")
+
+        def build(structure: Structure) -> Any:
+            return spec.build(ConsumerContext(
+                name=spec.name, tracker=tracker, structure=structure, graph=tracker.graph,
+                options=opts, selection=structure.selection()))
+
+        return build
+
+    def _scores(self, structure: Structure) -> torch.Tensor:
+        if self._scorer_for is not structure:
+            self._scorer = self._build_scorer(structure)
+            self._scorer_for = structure
+        scores = self._scorer(self.tracker.graph.evaluation())
+        if not isinstance(scores, torch.Tensor) or scores.numel() != structure.num_units:
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise PluginError(
+                f"The importance {self.importance_name!r} returned {got}; it must return one "
+                f"score per unit, a tensor of {structure.num_units} values."
+            )
+        return scores.detach().flatten().to("cpu", torch.float64)
+
+    # ---------------------------------------------------------------------------- scopes
+
+    def _ratio_dict(self, structure: Structure, mapping: Any, label: str) -> dict[str, tuple[str, list[float]]]:
+        """``{covered layer name: (scope name, schedule)}`` from a ``{module(s): ratio}`` dict."""
+        out: dict[str, tuple[str, list[float]]] = {}
+        if not mapping:
+            return out
+        names = {id(m): n for n, m in structure.model.named_modules()}
+        shared = self.ranking != "local"
+        for index, (key, ratio) in enumerate(mapping.items()):
+            schedule = check_schedule(self.config.iterative_pruning_ratio_scheduler, ratio,
+                                      self.config.iterative_steps)
+            position = 0
+            for module in key if isinstance(key, tuple) else (key,):
+                if id(module) not in names:
+                    raise ConfigError(f"{label} names a {type(module).__name__} that is not part of the model.")
+                prefix = names[id(module)]
+                for info in structure.modules:
+                    if prefix and info.name != prefix and not info.name.startswith(prefix + "."):
+                        continue
+                    scope = f"user:{index}" if shared else f"user:{index}:{position}"
+                    out.setdefault(info.name, (scope, schedule))
+                    position += 1
+        return out
+
+    def _removed_units(self, group: CanonicalUnitGroup) -> set[int]:
+        return self._removed.get(group.name, set())
+
+    def _eligible(self, group: CanonicalUnitGroup, structure: Structure, ignored: Any,
+                  sizes: Mapping[tuple[str, str], int], blocked: list[str]) -> bool:
+        if self.config.apply == "physical" and not self._removable(group):
+            blocked.append(group.name)
+            return False
+        limit = 1 - self.config.max_pruning_ratio
+        for member in group.members:
+            if member.module_name not in structure.module_index:
+                continue
+            out_side = member.axis is not PruneAxis.IN_CHANNEL
+            if out_side and ignored is not None and ignored.selects(member.module_name):
+                return False
+            key = (member.module_name, "out" if out_side else "in")
+            now, first = sizes.get(key), self._layer_initial.get(key)
+            if now is not None and first is not None and (now < first * limit or now == 1):
+                return False
+        return True
+
+    def _removable(self, group: CanonicalUnitGroup) -> bool:
+        """Whether physical pruning can remove units of ``group`` (asks the core, dry run)."""
+        fn = group.root_member.pruning_fn
+        if fn.startswith("prune_") and fn not in HEAD_FUNCTIONS:
+            return True
+        if group.n_units < 2:
+            return False
+        try:
+            self._physical_prune({group.id: [0]}, dry_run=True)
+        except PruningError:
+            return False
+        return True
+
+    def _physical_prune(self, request: Mapping[int, list[int]], dry_run: bool = False) -> Any:
+        prune_units = getattr(self.tracker, "prune_units", None)
+        if prune_units is not None:
+            return prune_units(request, dry_run=dry_run)
+        return self.tracker._prune(request, dry_run=dry_run)  # cores without prune_units
+
+    def _scope_of(self, group: CanonicalUnitGroup, chunks: int) -> tuple[str, float] | None:
+        step = self.current_step
+        if group.kind == "head":
+            schedule = self._head_schedule
+            for name, (_scope, sched) in self._head_ratios.items():
+                if name == group.root_module:
+                    schedule = sched
+            ratio = min(schedule[step], self.config.max_pruning_ratio)
+            if max(schedule) <= 0:
+                return None
+            return ("heads" if self.ranking != "local" else f"heads:{group.name}"), ratio
+        for member in group.members:
+            if member.axis is not PruneAxis.IN_CHANNEL and member.module_name in self._user_scopes:
+                scope, schedule = self._user_scopes[member.module_name]
+                return scope, min(schedule[step], self.config.max_pruning_ratio)
+        ratio = min(self._channel_schedule[step], self.config.max_pruning_ratio)
+        if self.ranking == "isomorphic":
+            return isomorphic_key(group, chunks), ratio
+        if self.ranking == "global":
+            return "global", ratio
+        return f"local:{group.name}", ratio
+
+    def _select(self) -> list[UnitSelection]:
+        cfg = self.config
+        if self.current_step > cfg.iterative_steps:
+            warnings.warn(f"The ranked pruner already took all {cfg.iterative_steps} steps; "
+                          "this step prunes nothing (call reset() to start over).", stacklevel=3)
+            return []
+        structure = self.tracker.structure
+        if cfg.apply == "physical":
+            masked = has_prune_masks(structure.model)
+            if masked:
+                raise PruningError(
+                    f"Physical pruning needs plain parameters, but {masked[:3]} carry "
+                    "torch.nn.utils.prune masks. Call finalize() on the mask pruner (or "
+                    "prune.remove) first."
+                )
+        scores = self._scores(structure)
+        ignored = structure.selection(cfg.ignored_layers, ()) if cfg.ignored_layers else None
+        sizes = layer_sizes(structure, self._removed_units)
+        scopes: dict[str, list[Candidate]] = {}
+        blocked: list[str] = []
+        for group in structure.groups:
+            if not self._eligible(group, structure, ignored, sizes, blocked):
+                continue
+            chunks = channel_chunks(structure, group)
+            placed = self._scope_of(group, chunks)
+            if placed is None:
+                continue
+            scope, ratio = placed
+            per_slot = slot_scores(scores[group.offset : group.offset + group.n_units], chunks)
+            removed = self._removed_units(group)
+            live = torch.tensor([s for s in range(len(per_slot)) if s not in removed], dtype=torch.long)
+            values = per_slot[live]
+            if live.numel() == 0 or bool(torch.isnan(values).all()):
+                continue
+            values = normalize(values, cfg.normalizer)
+            values = torch.where(torch.isfinite(values), values, torch.full_like(values, float("inf")))
+            initial = self._group_initial.setdefault(group.name, len(per_slot))
+            scopes.setdefault(scope, []).append(Candidate(
+                group=group, chunks=chunks, live=live, scores=values, ratio=ratio, initial_slots=initial))
+        if blocked and not self._warned:
+            self._warned = True
+            warnings.warn("apply='physical' cannot remove these groups (no layer pruner); they "
+                          f"are left out: {', '.join(blocked)}. Use apply='mask' for them.", stacklevel=3)
+        out = []
+        for scope, cands in scopes.items():
+            initial = self._scope_initial.setdefault(scope, sum(int(c.live.numel()) for c in cands))
+            for cand, slots in choose(cands, initial, cands[0].ratio, cfg.round_to, cfg.max_pruning_ratio):
+                units = cand.units_of(slots)
+                group = cand.group
+                position = {int(s): i for i, s in enumerate(cand.live)}
+                out.append(UnitSelection(
+                    step=self.current_step, scope=scope, ratio=cand.ratio, group_name=group.name,
+                    group_id=group.id, kind=str(group.kind), n_units=group.n_units, units=tuple(units),
+                    scores=cand.scores[[position[s] for s in slots]],
+                    tp_indices=tuple(group.root_member.indices_of(set(units))),
+                    modules=group.module_names(), pruner=self))
+        return out
+
+    # ----------------------------------------------------------------------------- apply
+
+    def _apply(self, selections: list[UnitSelection]) -> None:
+        todo = [s for s in selections if not s.applied]
+        if not todo:
+            return
+        groups = {g.name: g for g in self.tracker.groups}
+        request: dict[int, list[int]] = {}
+        for sel in todo:
+            group = groups.get(sel.group_name)
+            if group is None or group.n_units != sel.n_units:
+                raise PruningError(
+                    f"Group {sel.group_name} changed after step {sel.step} chose its units "
+                    f"({sel.n_units} units then, {group.n_units if group else 'none'} now). "
+                    "Apply the selections of a step before changing the model again."
+                )
+            request.setdefault(group.id, []).extend(sel.units)
+        if self._masks is not None:
+            self._masks.apply_(self.tracker.structure, request)
+            for sel in todo:
+                self._removed.setdefault(sel.group_name, set()).update(sel.units)
+        else:
+            self._physical_prune(request)
+        for sel in todo:
+            sel.applied = True
+            self.history.append(sel)
+
+
+@hookimpl
+def wt_register_pruners() -> tuple[PrunerSpec, ...]:
+    return (PrunerSpec(name="ranked", build=RankedPruner, config=RankedPrunerConfig,
+                       summary="Importance-ranked structural pruning (Torch-Pruning BasePruner semantics)."),)
