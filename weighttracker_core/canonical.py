@@ -271,13 +271,11 @@ class GroupBuilder:
         for item in raw.items:
             if item.module is qkv:
                 continue
-            if item.axis is not PruneAxis.IN_CHANNEL or any(
-                r < 2 * width for r in item.root_idxs
-            ):
+            if item.axis is not PruneAxis.IN_CHANNEL or not _reads_one_chunk(item, width):
                 raise CouplingError(
                     f"The fused qkv projection {name} is coupled to {item.module_name} "
                     f"({item.axis}) in a way head units cannot describe; only output "
-                    "projections reading the value rows are supported."
+                    "projections reading the concatenated heads are supported."
                 )
             consumers.append(item)
         rule = self.rules.rule_for(type(qkv))
@@ -311,7 +309,7 @@ class GroupBuilder:
                 )
             ]
             for item in consumers:
-                units = tuple(unit_of(r - 2 * width) for r in item.root_idxs)
+                units = tuple(unit_of(r % width) for r in item.root_idxs)
                 consumer_rule = self._rule(item)
                 if consumer_rule is None:
                     return []
@@ -364,6 +362,23 @@ class GroupBuilder:
             )
             drafts.append((f"{name}:{fn_label}", str(kind), name, fn_label, n_units, [member]))
         return drafts
+
+
+def _reads_one_chunk(item: RawItem, width: int) -> bool:
+    """Whether ``item`` is coupled one-to-one to one q/k/v chunk: its channel c <- row c.
+
+    On the explicit attention path (``q * scale @ k.T``, softmax, ``@ v``) Torch-Pruning
+    reaches the output projection through the query first and maps it onto the query
+    rows instead of the value rows. Head and head-dim units remove the same positions from
+    q, k and v, so projection column c belongs to the unit of chunk position c whichever
+    chunk was followed; what has to hold is the one-to-one map within a single chunk.
+    """
+    chunks = {r // width for r in item.root_idxs}
+    return (
+        len(chunks) == 1
+        and len(item.idxs) == width
+        and all(r % width == i for i, r in zip(item.idxs, item.root_idxs))
+    )
 
 
 def _member_slice(spec: ParamSlice, idxs: Sequence[int], units: Sequence[int]) -> MemberSlice:

@@ -57,6 +57,9 @@ class WeightTracker:
         forward_fn: ``forward_fn(model, example_inputs)`` replaces ``model(example_inputs)``.
         output_transform: Maps model outputs to the tensors to trace from.
         post_prune_hooks: ``hook(tracker)`` callables run after every physical prune.
+            While they run, ``tracker.pruned_units`` is ``{group name: local unit ids}``
+            of the units just removed and ``tracker.structure`` is still the structure
+            from before the prune (it is rebuilt after the hooks).
         weight_bitwidth_fn: ``(name, module) -> bits`` for counted layers (default 32).
         activation_bitwidth_fn: ``(name, module) -> bits`` (default 32).
         plugins: Extra plugin modules or objects for this tracker only.
@@ -119,6 +122,7 @@ class WeightTracker:
             output_transform=output_transform,
         )
         self._trackers: dict[str, TrackerHandle] = {}
+        self.pruned_units: dict[str, list[int]] | None = None
         self._build(version=0)
 
     # ------------------------------------------------------------------------- structure
@@ -318,14 +322,24 @@ class WeightTracker:
     prune_zero_structures = prune_zero_units
 
     def _prune(self, units: Mapping[int, Iterable[int]], dry_run: bool) -> surgery.PruneReport:
+        units = {gid: list(local) for gid, local in units.items()}  # iterables are read twice
         removed_heads = self._removed_heads(units)
 
         def after() -> None:
-            for integration in self.integrations:
-                if integration.after_prune is not None:
-                    integration.after_prune(self)
-            for hook in self.post_prune_hooks:
-                hook(self)
+            # hooks see what is being removed, numbered as in self.structure (still the
+            # structure from before the prune: it is rebuilt after the hooks)
+            self.pruned_units = {
+                self.structure.group(gid).name: sorted({int(u) for u in local})
+                for gid, local in units.items() if local
+            }
+            try:
+                for integration in self.integrations:
+                    if integration.after_prune is not None:
+                        integration.after_prune(self)
+                for hook in self.post_prune_hooks:
+                    hook(self)
+            finally:
+                self.pruned_units = None
 
         old = (self.structure, self.graph, self._options, dict(self._trackers))
 
