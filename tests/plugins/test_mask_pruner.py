@@ -277,3 +277,34 @@ def test_second_prepare_is_a_no_op_and_a_second_pruner_is_refused():
     assert torch.equal(model[0].weight_mask, mask)
     with pytest.raises(Exception, match="already masked by another magnitude pruner"):
         tracker.create_pruner("magnitude").prepare()
+
+
+def test_composes_with_the_ranked_pruners_unit_masks(net_and_tracker):
+    model, tracker = net_and_tracker
+    ranked = tracker.create_pruner("ranked", importance="l2", pruning_ratio=0.25, apply="mask")
+    ranked.step()
+    dead = (model.conv1.weight_mask.flatten(1) == 0).all(dim=1)
+    assert bool(dead.any())
+    pruner = tracker.create_pruner("magnitude", config={"global_config": {"target_sparsity": 0.5}})
+    pruner.prepare()
+    weight = _effective(model.conv1)
+    assert bool((weight[dead] == 0).all())
+    assert _count_zeros_by_loop(weight) == 108  # the masked channels count toward the 50 %
+    pruner.finalize()
+    assert bool((model.conv1.weight.detach()[dead] == 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_masks_on_cuda():
+    model = TwoFourNet().cuda()
+    pruner = WeightTracker(model, torch.randn(1, 3, 8, 8, device="cuda")).create_pruner(
+        "magnitude", config={"global_config": {"n_m_ratio": (2, 4)},
+                             "module_name_configs": {"stem": {"block_size": 2, "target_sparsity": 0.5}}})
+    pruner.prepare()
+    pruner.step()
+    assert model.fc1.weight_mask.device.type == "cuda"
+    for name in ("conv", "fc1"):
+        blocks = list(_blocks_along_input(_effective(getattr(model, name)).cpu()))
+        assert all(sum(v == 0.0 for v in block) >= 2 for block in blocks)
+    assert pruner.report()["stem"]["unstructured_sparsity"] == 0.5
