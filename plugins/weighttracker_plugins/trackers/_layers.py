@@ -23,6 +23,14 @@ def layer_label(name: str) -> str:
     return name or "<model>"
 
 
+def group_labels(groups: Sequence[Any]) -> list[str]:
+    """Group names as metric keys; a name that repeats gets ``#<id>`` appended."""
+    seen: dict[str, int] = {}
+    for group in groups:
+        seen[group.name] = seen.get(group.name, 0) + 1
+    return [g.name if seen[g.name] == 1 else f"{g.name}#{g.id}" for g in groups]
+
+
 def counted_layers(
     structure: Structure,
     selection: Selection,

@@ -1,0 +1,195 @@
+"""Count the parameter elements that physically removing some units would delete.
+
+Private helper of ``group_pruning_summary`` (no hooks). Physical pruning deletes, in every
+member of a group, the positions its removed units own (``MemberSlice``). One element can
+be deleted by several slices: a conv weight element by its output channel (one group) and
+its input channel (another group), or twice within one group when a layer's input and
+output channel are coupled. Each element is counted once and attributed to the **lowest
+group id** among the slices deleting it (within a group: its first slice, in member order).
+
+Per parameter:
+
+* no slice, or a single slice, with removed positions: ``positions * elements per
+  position`` (no tensor work beyond one gather over all slices);
+* several slices with removed positions: the slices' views are refined into one common
+  factorisation of the parameter (e.g. ``[3E, E]`` and ``(3, H, d, -1)`` both become
+  ``(3, H, d, E)``); each slice's removed positions become a boolean mask over the factors
+  it cuts, broadcast over the rest. An "owner" grid over the cut factors keeps the lowest
+  slice rank covering each cell; counting ranks times the uncut factors gives exact
+  per-slice counts. The grid is at most as large as the parameter (for a 3x3 conv cut on
+  both channels it is ``K x C``, a ninth of it).
+
+Worked example: ``Conv2d(4, 4, 3)`` weight ``[4, 4, 3, 3]``, output channel 0 removed by
+group 1, input channels 0 and 1 by group 2: group 1 gets ``1 * 4 * 9 = 36`` elements,
+group 2 gets ``3 * 2 * 9 = 54`` (its ``2 * 9`` elements in row 0 already went to group 1),
+90 in all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+import torch
+
+from weighttracker_core import ParamRole, Selection, Structure
+
+
+class _Slice:
+    __slots__ = ("group", "role", "dims", "view", "per_position", "length", "positions", "units", "_on")
+
+    def __init__(self, group: int, role: ParamRole, dims: tuple[int, ...], view: tuple[int, ...],
+                 positions: Sequence[int], units: Sequence[int]) -> None:
+        self.group = group
+        self.role = role
+        self.view = view
+        self.dims = tuple(d % len(view) for d in dims)
+        self.length = math.prod(view[d] for d in self.dims)
+        self.per_position = math.prod(view) // max(self.length, 1)
+        self.positions = torch.tensor(positions, dtype=torch.long)
+        self.units = torch.tensor(units, dtype=torch.long)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def removed(self, removed_units: torch.Tensor) -> torch.Tensor:
+        """Boolean mask over this slice's positions (row-major over ``dims`` as listed)."""
+        device = removed_units.device
+        if device not in self._on:
+            self._on[device] = (self.positions.to(device), self.units.to(device))
+        positions, units = self._on[device]
+        mask = torch.zeros(self.length, dtype=torch.bool, device=device)
+        return mask.index_put_((positions,), removed_units.index_select(0, units))
+
+
+def _boundaries(shape: Sequence[int]) -> set[int]:
+    """Suffix products of a shape: the strides at which its dims start, plus numel."""
+    out, acc = {1}, 1
+    for size in reversed(shape):
+        acc *= size
+        out.add(acc)
+    return out
+
+
+def refine(shapes: Iterable[Sequence[int]]) -> tuple[int, ...] | None:
+    """The coarsest shape every one of ``shapes`` (same numel) is a grouping of.
+
+    ``refine([(12, 4), (3, 2, 2, 4)]) == (3, 2, 2, 4)``; ``None`` when no common
+    factorisation exists (``(6, 2)`` and ``(4, 3)``).
+    """
+    cuts = sorted(set().union(*(_boundaries(s) for s in shapes)), reverse=True)
+    sizes = []
+    for big, small in zip(cuts, cuts[1:]):
+        if big % small:
+            return None
+        sizes.append(big // small)
+    return tuple(sizes)
+
+
+def _factor_mask(piece: _Slice, mask: torch.Tensor, cuts: list[int], grid: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """``mask`` over ``piece``'s positions as a tensor over refined factors it spans."""
+    view = piece.view
+    order = sorted(range(len(piece.dims)), key=lambda i: piece.dims[i])
+    tensor = mask.reshape([view[d] for d in piece.dims]).permute(order)
+    factors: list[int] = []
+    for d in sorted(piece.dims):
+        start = cuts.index(math.prod(view[d:]))
+        stop = cuts.index(math.prod(view[d + 1 :]))
+        factors.extend(range(start, stop))
+    return tensor.reshape([grid[f] for f in factors]), factors
+
+
+def owner_counts(pieces: Sequence[_Slice], masks: Sequence[torch.Tensor], numel: int) -> list[int]:
+    """Elements each piece deletes first (pieces in rank order; see the module docstring)."""
+    views = [p.view for p in pieces]
+    grid_shape = refine(views)
+    if grid_shape is None:  # no common factorisation: work on the flat elements
+        flat = []
+        for piece, mask in zip(pieces, masks):
+            shape = [piece.view[d] if d in piece.dims else 1 for d in range(len(piece.view))]
+            order = sorted(range(len(piece.dims)), key=lambda i: piece.dims[i])
+            full = mask.reshape([piece.view[d] for d in piece.dims]).permute(order)
+            flat.append((full.reshape(shape).expand(piece.view).reshape(-1), [0]))
+        grid, per_piece, factor = [numel], flat, 1
+    else:
+        grid = list(grid_shape)
+        cuts = sorted(set().union(*(_boundaries(v) for v in views)), reverse=True)
+        per_piece = [_factor_mask(p, m, cuts, grid) for p, m in zip(pieces, masks)]
+        touched = sorted({f for _, fs in per_piece for f in fs})
+        factor = math.prod(grid[f] for f in range(len(grid)) if f not in touched)
+        grid = [grid[f] for f in touched]
+        per_piece = [
+            (t.reshape([grid[touched.index(f)] if f in fs else 1 for f in touched]), [0])
+            for t, fs in per_piece
+        ]
+    device = masks[0].device
+    sentinel = len(pieces)
+    owner = torch.full(grid, sentinel, dtype=torch.int32, device=device)
+    for rank, (tensor, _) in enumerate(per_piece):
+        owner = torch.minimum(owner, torch.where(tensor, rank, sentinel).to(torch.int32))
+    counts = torch.stack([(owner == rank).sum() for rank in range(len(pieces))])
+    return [int(c) * factor for c in counts.tolist()]
+
+
+class RemovalCounter:
+    """Per-group element counts that removing units would delete, split by role.
+
+    Args:
+        structure: Groups and parameter shapes.
+        selection: Only members of selected layers are counted.
+    """
+
+    def __init__(self, structure: Structure, selection: Selection | None = None) -> None:
+        self.num_groups = len(structure.groups)
+        by_param: dict[str, list[_Slice]] = {}
+        numel: dict[str, int] = {}
+        for group in structure.groups:
+            for member, piece in group.iter_slices():
+                if selection is not None and not selection.selects(member.module_name):
+                    continue
+                name = f"{member.module_name}.{piece.param}" if member.module_name else piece.param
+                if name not in numel:
+                    numel[name] = structure.resolver(name).numel()
+                shape = tuple(structure.resolver(name).shape)
+                view = piece.viewed_shape(shape)
+                by_param.setdefault(name, []).append(
+                    _Slice(group.id, piece.role, piece.dims, view, piece.positions,
+                           [group.offset + u for u in piece.units])
+                )
+        # slices ordered by group id (stable: member order within a group) = attribution rank
+        self.params = [(name, sorted(pieces, key=lambda s: s.group)) for name, pieces in by_param.items()]
+        self.numel = numel
+        flat = [s for _, pieces in self.params for s in pieces]
+        self._slices = flat
+        self._entry_units = torch.cat([s.units for s in flat]) if flat else torch.zeros(0, dtype=torch.long)
+        self._entry_slice = torch.repeat_interleave(
+            torch.arange(len(flat)), torch.tensor([len(s.units) for s in flat], dtype=torch.long)
+        )
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def count(self, removed_units: torch.Tensor) -> dict[str, list[int]]:
+        """``{"weight": [per group], "bias": [per group]}`` elements deleted.
+
+        Args:
+            removed_units: Boolean ``[num_units]``: which global units are removed.
+        """
+        out = {"weight": [0] * self.num_groups, "bias": [0] * self.num_groups}
+        if not self._slices:
+            return out
+        device = removed_units.device
+        if device not in self._on:
+            self._on[device] = (self._entry_units.to(device), self._entry_slice.to(device))
+        units, slice_of = self._on[device]
+        hits = removed_units.index_select(0, units).to(torch.int64)
+        per_slice = torch.zeros(len(self._slices), dtype=torch.int64, device=device)
+        per_slice = per_slice.index_add(0, slice_of, hits).tolist()
+        index = 0
+        for name, pieces in self.params:
+            active = [(p, n) for p, n in zip(pieces, per_slice[index : index + len(pieces)]) if n]
+            index += len(pieces)
+            if len(active) == 1:
+                piece, n = active[0]
+                out[str(piece.role)][piece.group] += n * piece.per_position
+            elif active:
+                chosen = [p for p, _ in active]
+                masks = [p.removed(removed_units) for p in chosen]
+                for piece, n in zip(chosen, owner_counts(chosen, masks, self.numel[name])):
+                    out[str(piece.role)][piece.group] += n
+        return out
