@@ -150,11 +150,14 @@ class RankedPruner:
         selections that are applied only when you call ``selection.apply()``.
         """
         self.current_step += 1
-        selections = self._select()
-        if interactive:
-            return iter(selections)
-        self._apply(selections)
-        return selections
+        try:
+            selections = self._select()
+            if not interactive:
+                self._apply(selections)
+        except BaseException:
+            self.current_step -= 1  # nothing changed: the step can be taken again
+            raise
+        return iter(selections) if interactive else selections
 
     def finalize(self) -> int:
         """Bake masks into plain parameters (``apply="mask"``); returns how many."""
