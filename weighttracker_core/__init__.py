@@ -31,6 +31,7 @@ from .plans import ReductionPlan, effective_parameter, safe_sqrt
 from .registry import describe_plugins
 from .specs import (
     CalculationSpec,
+    HeadPruner,
     ImportanceSpec,
     IntegrationSpec,
     LayerCategory,
@@ -69,6 +70,7 @@ __all__ = [
     "CouplingError",
     "DuplicateNameError",
     "Evaluation",
+    "HeadPruner",
     "ImportanceSpec",
     "IntegrationSpec",
     "LayerCategory",

@@ -88,6 +88,26 @@ class LayerPruner(Protocol):
     def get_in_channels(self, layer: nn.Module) -> int | None: ...
 
 
+@runtime_checkable
+class HeadPruner(Protocol):
+    """How to remove attention heads and head dimensions of a layer physically.
+
+    Used for head / head-dim groups whose pruning function is not a Torch-Pruning one
+    (``"prune_num_heads"``, ``"prune_head_dims"``, as built for ``nn.MultiheadAttention``).
+    ``idxs`` are positions on the layer's attention width, ``head * head_dim + d``, in the
+    numbering before the prune; one call receives every position removed from the layer
+    (whole heads and head dimensions together).
+    """
+
+    def check_heads(self, layer: nn.Module, idxs: Sequence[int]) -> str | None:
+        """A reason to refuse removing ``idxs`` (nothing changed yet), or ``None``."""
+        ...
+
+    def prune_heads(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Remove ``idxs`` in place and return the layer."""
+        ...
+
+
 SliceSource = tuple[ParamSlice, ...] | Callable[["nn.Module"], Sequence[ParamSlice]]
 
 
@@ -123,6 +143,9 @@ class UnitRule:
         cost_fn: Optional ``(module, baseline_macs, ratios) -> active_macs`` for layers
             whose cost is not a product of per-axis ratios (``ratios`` maps axis name to
             the active fraction).
+        head_pruner: Physical removal of heads / head dimensions for groups whose pruning
+            function is ``"prune_num_heads"`` or ``"prune_head_dims"`` (see
+            :class:`HeadPruner`); without one such groups can only be fake-pruned.
     """
 
     name: str
@@ -141,6 +164,7 @@ class UnitRule:
     layer_pruner: LayerPruner | None = None
     validate_prune: Callable[..., str | None] | None = None
     cost_fn: Callable[..., float] | None = None
+    head_pruner: HeadPruner | None = None
 
     def slices_for(self, module: nn.Module, axis: PruneAxis) -> tuple[ParamSlice, ...]:
         """The concrete slices of ``module`` cut on ``axis``."""

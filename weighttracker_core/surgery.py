@@ -1,9 +1,16 @@
-"""Physical pruning through Torch-Pruning, all or nothing (SPEC §7).
+"""Physical pruning through Torch-Pruning and unit-rule head pruners, all or nothing (SPEC §7).
 
-Before anything changes, the request is checked (unit ids, never every unit of a group,
-the unit rules' own constraints). The model is then snapshotted: every module's attributes,
-parameter and buffer objects and their data. If pruning, a post-prune hook or the structure
-rebuild fails, the snapshot is put back exactly and the error re-raised.
+Before anything changes, the request is checked: unit ids, never every unit of a group,
+no layer under ``torch.nn.utils.prune`` / ``parametrize``, the unit rules' own constraints
+(grouped convolutions, GroupNorm, attention). The model is then snapshotted: every module's
+class and attributes, its parameter and buffer objects, their data, gradients and
+``requires_grad``. If pruning, a post-prune hook or the structure rebuild fails, the
+snapshot is put back exactly and the error re-raised.
+
+Channel groups are removed by Torch-Pruning (one call per root and pruning function).
+Head and head-dimension groups of layers whose rule has a ``head_pruner`` (``"prune_num_heads"``
+/ ``"prune_head_dims"``) are removed by that pruner, one call per layer with every removed
+attention position, so heads and head dimensions removed together stay consistent.
 """
 
 from __future__ import annotations
@@ -14,10 +21,14 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import PruningError
+from .specs import HeadPruner
 from .structure import Structure
 from .units import CanonicalUnitGroup
+
+HEAD_FNS = ("prune_num_heads", "prune_head_dims")
 
 
 @attrs.frozen(kw_only=True)
@@ -26,7 +37,8 @@ class PruneReport:
 
     Attributes:
         units: ``{group name: sorted local unit ids}``.
-        tp_indices: ``{group name: Torch-Pruning indices on the root module}``.
+        tp_indices: ``{group name: Torch-Pruning indices on the root module}`` (attention
+            positions ``head * head_dim + d`` for head and head-dim groups).
         params_before: Parameter elements in the model before.
         params_after: Parameter elements after (equal to ``params_before`` on a dry run).
         dry_run: Whether the model was left unchanged on purpose.
@@ -56,31 +68,80 @@ class PruneReport:
         return "\n".join(lines)
 
 
+def _copy_container(value: Any) -> Any:
+    if isinstance(value, (dict, set, list)):
+        return type(value)(value) if not isinstance(value, list) else list(value)
+    return value
+
+
+def _layout(t: torch.Tensor) -> tuple[Any, ...]:
+    return (tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().data_ptr(),
+            t.dtype, t.device)
+
+
+def _put_back(t: torch.Tensor, saved: torch.Tensor, layout: tuple[Any, ...], version: int) -> None:
+    """Give ``t`` its saved values: in place if it still has its storage, else re-point it."""
+    if _layout(t) == layout:
+        if t._version != version:
+            t.copy_(saved)
+    else:  # resized or re-pointed (``.data = ...``)
+        t.data = saved
+
+
+class _TensorState:
+    """One parameter or buffer: its data (cloned), layout, version, gradient, grad flag."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.saved = tensor.detach().clone()
+        self.layout = _layout(tensor)
+        self.version = tensor._version
+        self.requires_grad = tensor.requires_grad
+        self.grad = tensor.grad if isinstance(tensor, nn.Parameter) else None
+        if self.grad is not None:
+            self.grad_saved = self.grad.detach().clone()
+            self.grad_layout = _layout(self.grad)
+            self.grad_version = self.grad._version
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            _put_back(self.tensor, self.saved, self.layout, self.version)
+            if isinstance(self.tensor, nn.Parameter):
+                if self.grad is not None:
+                    _put_back(self.grad, self.grad_saved, self.grad_layout, self.grad_version)
+                self.tensor.grad = self.grad
+        if self.tensor.is_leaf:
+            self.tensor.requires_grad_(self.requires_grad)
+
+
 class ModelSnapshot:
-    """Everything physical pruning may change, kept so it can be put back exactly."""
+    """Everything physical pruning may change, kept so it can be put back exactly.
+
+    Per module: its class (layers may be converted in place, e.g. attention) and a copy of
+    its ``__dict__`` with the containers (``_parameters``, ``_buffers``, ``_modules``, hook
+    dicts, sets of buffer names) copied one level deep. Per parameter and buffer: the
+    object, a clone of its values, its layout, gradient and ``requires_grad``.
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        self.entries: list[tuple[nn.Module, dict[str, Any]]] = []
+        self.entries: list[tuple[nn.Module, type, dict[str, Any]]] = []
         tensors: dict[int, torch.Tensor] = {}
         for module in model.modules():
-            state = dict(module.__dict__)
-            for key in ("_parameters", "_buffers", "_modules"):
-                state[key] = dict(state[key])
-            self.entries.append((module, state))
+            state = {k: _copy_container(v) for k, v in module.__dict__.items()}
+            self.entries.append((module, type(module), state))
             for t in list(module._parameters.values()) + list(module._buffers.values()):
                 if t is not None:
                     tensors[id(t)] = t
-        with torch.no_grad():
-            self.data = [(t, t.detach().clone(), t._version) for t in tensors.values()]
+        self.tensors = [_TensorState(t) for t in tensors.values()]
 
     def restore(self) -> None:
-        for module, state in self.entries:
+        for state in self.tensors:
+            state.restore()
+        for module, cls, saved in self.entries:
+            if type(module) is not cls:
+                module.__class__ = cls
             module.__dict__.clear()
-            module.__dict__.update(state)
-        with torch.no_grad():
-            for tensor, saved, version in self.data:
-                if tensor._version != version:
-                    tensor.copy_(saved)
+            module.__dict__.update(saved)
 
 
 def count_params(model: nn.Module) -> int:
@@ -91,56 +152,118 @@ def resolve_request(
     structure: Structure, units: Mapping[int, Iterable[int]]
 ) -> dict[int, set[int]]:
     """Validated ``{group id: local unit ids}``; refuses removing every unit of a group."""
+    if not isinstance(units, Mapping):
+        raise TypeError(f"units must be a mapping {{group id: [unit ids]}}, got {type(units).__name__}.")
     request: dict[int, set[int]] = {}
     for group_id, local in units.items():
         group = structure.group(group_id)
-        chosen = {structure.check_unit(group, int(u)) for u in local}
+        chosen = {structure.check_unit(group, u) for u in local}
         if not chosen:
             continue
         if len(chosen) >= group.n_units:
             raise PruningError(
                 f"Refusing to remove all {group.n_units} units of group {group.id} "
                 f"({group.name}): the coupled layers would have no channels left. Keep at "
-                "least one unit, or exclude the group with ignore_prune=[...]."
+                f"least one unit, or exclude the group with ignore_prune=[model."
+                f"{group.root_module or '<root>'}]."
             )
         request[group.id] = chosen
     return request
 
 
-def _operations(
-    structure: Structure, request: Mapping[int, set[int]]
-) -> dict[tuple[str, str], tuple[list[CanonicalUnitGroup], set[int]]]:
-    """Torch-Pruning calls to make: ``(root, fn) -> (groups, root indices)``.
+@attrs.define
+class _Operation:
+    """One pruning call: Torch-Pruning on ``root`` with ``fn``, or a head pruner."""
 
-    Groups that share a root axis (heads and head dimensions of one projection) are merged
-    into one call with the union of their indices, all in the original numbering.
+    root: str
+    fn: str
+    groups: list[CanonicalUnitGroup] = attrs.field(factory=list)
+    idxs: set[int] = attrs.field(factory=set)
+    head_pruner: HeadPruner | None = None
+
+
+def _operations(structure: Structure, request: Mapping[int, set[int]]) -> list[_Operation]:
+    """The calls to make, all indices in the numbering before the prune.
+
+    Groups that share a root axis (heads and head dimensions of one projection or one
+    attention layer) are merged into one call with the union of their indices.
     """
-    ops: dict[tuple[str, str], tuple[list[CanonicalUnitGroup], set[int]]] = {}
+    ops: dict[tuple[str, str], _Operation] = {}
+    rules = structure.registries.unit_rules
     for group_id, units in request.items():
         group = structure.groups[group_id]
         root = group.root_member
-        key = (group.root_module, root.pruning_fn)
-        groups, idxs = ops.setdefault(key, ([], set()))
-        groups.append(group)
-        idxs.update(root.indices_of(units))
-    return ops
+        if root.pruning_fn in HEAD_FNS:
+            module = structure.module(group.root_module)
+            rule = rules.rule_for(type(module))
+            pruner = rule.head_pruner if rule is not None else None
+            if pruner is None:
+                raise PruningError(
+                    f"Group {group.id} ({group.name}) cannot be removed physically: the unit "
+                    f"rule for {type(module).__name__} has no head_pruner. Fake pruning and "
+                    "metrics still work; exclude it with ignore_prune=[...]."
+                )
+            op = ops.setdefault((group.root_module, "heads"),
+                                _Operation(group.root_module, "heads", head_pruner=pruner))
+        elif not root.pruning_fn.startswith("prune_"):
+            raise PruningError(
+                f"Group {group.id} ({group.name}) cannot be removed physically: no layer "
+                f"pruner handles {root.pruning_fn!r} on {group.root_module}. Fake pruning "
+                "and metrics still work."
+            )
+        else:
+            op = ops.setdefault((group.root_module, root.pruning_fn),
+                                _Operation(group.root_module, root.pruning_fn))
+        op.groups.append(group)
+        op.idxs.update(root.indices_of(units))
+    return list(ops.values())
 
 
-def _check_rules(structure: Structure, request: Mapping[int, set[int]]) -> None:
+def _reparametrized(module: nn.Module, param: str) -> str | None:
+    """How ``module.<param>`` is re-parametrised, if it is (pruning cannot resize it)."""
+    owner_name, _, attr = param.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if f"{attr}_orig" in owner._parameters:
+        return (f"torch.nn.utils.prune re-parametrises it; call torch.nn.utils.prune.remove("
+                f"layer, {attr!r}) first")
+    if parametrize.is_parametrized(owner, attr):
+        return ("it is parametrized; call torch.nn.utils.parametrize.remove_parametrizations("
+                f"layer, {attr!r}) first")
+    return None
+
+
+def _check(structure: Structure, request: Mapping[int, set[int]], ops: list[_Operation]) -> None:
+    """Refuse, before anything changes, what the layers cannot take."""
     rules = structure.registries.unit_rules
     for group_id, units in request.items():
         group = structure.groups[group_id]
         for member in group.members:
+            module = structure.module(member.module_name)
+            for piece in member.slices:
+                reason = _reparametrized(module, piece.param)
+                if reason:
+                    raise PruningError(
+                        f"Cannot remove units of group {group.id} ({group.name}): "
+                        f"{member.module_name}.{piece.param}: {reason}."
+                    )
+            if member.pruning_fn in HEAD_FNS:
+                continue  # checked per layer below, with every head position
             rule = rules.rule_for(member.module_type)
             if rule is None or rule.validate_prune is None:
                 continue
-            module = structure.module(member.module_name)
             reason = rule.validate_prune(module, member.axis, member.indices_of(units))
             if reason:
                 raise PruningError(
                     f"Cannot remove units {sorted(units)} of group {group.id} ({group.name}): "
-                    f"{member.module_name} ({rule.name}): {reason}"
+                    f"{member.module_name} ({rule.name}): {reason}."
                 )
+    for op in ops:
+        if op.head_pruner is None:
+            continue
+        reason = op.head_pruner.check_heads(structure.module(op.root), sorted(op.idxs))
+        if reason:
+            names = ", ".join(g.name for g in op.groups)
+            raise PruningError(f"Cannot remove heads of {op.root} ({names}): {reason}.")
 
 
 def prune_units(
@@ -165,15 +288,8 @@ def prune_units(
         UnitIndexError: An id is out of range; nothing changed.
     """
     request = resolve_request(structure, units)
-    _check_rules(structure, request)
     ops = _operations(structure, request)
-    for (root, fn), (groups, _idxs) in ops.items():
-        if not fn.startswith("prune_") or fn in ("prune_num_heads", "prune_head_dims"):
-            names = ", ".join(g.name for g in groups)
-            raise PruningError(
-                f"Group(s) {names} cannot be removed physically: no layer pruner handles "
-                f"{fn!r} on {root}. Fake pruning and metrics still work."
-            )
+    _check(structure, request, ops)
     report_units = {structure.groups[g].name: sorted(u) for g, u in request.items()}
     report_idxs = {
         structure.groups[g].name: structure.groups[g].root_member.indices_of(u)
@@ -185,8 +301,14 @@ def prune_units(
                            params_after=before, dry_run=dry_run)
     snapshot = ModelSnapshot(structure.model)
     try:
-        for (root, fn), (_groups, idxs) in ops.items():
-            structure.handle.prune(structure.module(root), fn, sorted(idxs))
+        # Torch-Pruning first: it maps indices through the traced graph, whose shapes the
+        # head pruners would otherwise have changed under it.
+        for op in sorted(ops, key=lambda o: o.head_pruner is not None):
+            module = structure.module(op.root)
+            if op.head_pruner is not None:
+                op.head_pruner.prune_heads(module, sorted(op.idxs))
+            else:
+                structure.handle.prune(module, op.fn, sorted(op.idxs))
         after_prune()
         rebuild()
     except BaseException:
