@@ -132,6 +132,11 @@ class RankedPruner:
         self._scope_initial: dict[str, int] = {}
         self._group_initial: dict[str, int] = {}
         self._layer_initial = layer_sizes(structure, self._removed_units)
+        if max(self._head_schedule) > 0 and not any(g.kind == "head" for g in structure.groups):
+            warnings.warn(
+                f"head_pruning_ratio={cfg.head_pruning_ratio} has no effect: the model has no "
+                "head groups. Create the WeightTracker with num_heads={qkv: heads} and "
+                "prune_num_heads=True.", UserWarning, stacklevel=3)
         self._warned = False
         self.current_step = 0
         self.history: list[UnitSelection] = []
@@ -233,8 +238,11 @@ class RankedPruner:
         names = {id(m): n for n, m in structure.model.named_modules()}
         shared = self.ranking != "local"
         for index, (key, ratio) in enumerate(mapping.items()):
-            schedule = check_schedule(self.config.iterative_pruning_ratio_scheduler, ratio,
-                                      self.config.iterative_steps)
+            try:
+                schedule = check_schedule(self.config.iterative_pruning_ratio_scheduler, ratio,
+                                          self.config.iterative_steps)
+            except ValueError as err:
+                raise ConfigError(f"{label}: {err}") from err
             position = 0
             for module in key if isinstance(key, tuple) else (key,):
                 if id(module) not in names:
