@@ -317,8 +317,9 @@ def test_bad_options_are_value_errors_naming_the_value(options, message):
 def test_unknown_importance_lists_the_installed_ones():
     model = TinyConvNet()
     tracker = WeightTracker(model, conv_input())
-    with pytest.raises(UnknownNameError, match=r"'l3'.*Installed importances: bn_scale, l1, l2, taylor"):
+    with pytest.raises(UnknownNameError, match=r"No importance named 'l3'.*Installed importances:") as info:
         tracker.create_pruner("ranked", importance="l3")
+    assert all(name in str(info.value) for name in ("bn_scale", "l1", "l2", "taylor"))
     with pytest.raises(ConfigError, match="config=.*or keyword"):
         tracker.create_pruner("ranked", config={"pruning_ratio": 0.2}, pruning_ratio=0.3)
     with pytest.raises(ConfigError, match="Unknown option.*'ratio'"):
