@@ -5,14 +5,15 @@ from __future__ import annotations
 import copy
 import warnings
 
+import attrs
 import pytest
 import torch
 import torch_pruning as tp
 import torchvision
 from _unit_oracle import unit_elements
-from models import QKVNet, TinyConvNet, conv_input, sequence_input
+from models import TinyConvNet, conv_input
 
-from weighttracker_core import ParamRole, StaleConsumerError, WeightTracker
+from weighttracker_core import ParamRole, ReductionPlan, WeightTracker
 
 X64 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
@@ -162,9 +163,6 @@ def _our_vit_widths(tracker, selections):
 def _layer_weights_only(tracker):
     """l2 ** 2 over conv/linear/norm weights only: what Torch-Pruning's importance reads
     (it skips cls_token / pos_embed, which are part of our embedding units)."""
-    from weighttracker_core import ReductionPlan
-    import attrs
-
     structure = tracker.structure
     groups = [
         attrs.evolve(g, members=tuple(

@@ -27,10 +27,9 @@ projections and ``nn.MultiheadAttention``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import attrs
 import torch
 
 from weighttracker_core import (
@@ -48,6 +47,7 @@ from weighttracker_core import (
 
 from .ranked_config import RankedPrunerConfig, check_schedule, geometric_scheduler, linear_scheduler
 from .ranked_scopes import (
+    UnitSelection,
     HEAD_FUNCTIONS,
     Candidate,
     channel_chunks,
@@ -60,50 +60,6 @@ from .ranked_scopes import (
 from .unit_masks import UnitMasks, has_prune_masks
 
 __all__ = ["RankedPruner", "RankedPrunerConfig", "UnitSelection", "geometric_scheduler", "linear_scheduler"]
-
-
-@attrs.define(kw_only=True, eq=False)
-class UnitSelection:
-    """Units of one group that a step chose to remove; ``apply()`` removes them.
-
-    Attributes:
-        step: The step that chose them.
-        scope: The ranking scope (``"local:<group>"``, ``"global"``, ``"heads"``, ...).
-        ratio: The scope's target ratio at that step.
-        group_name: Name of the group (stable across physical prunes).
-        group_id: Id of the group when chosen (ids change after physical prunes).
-        kind: Unit kind (``channel``, ``feature``, ``head``, ``head_dim``).
-        n_units: Units the group had when chosen.
-        units: Local unit ids to remove.
-        scores: Normalized scores of the removed units' slots.
-        tp_indices: Torch-Pruning indices on the group's root layer.
-        modules: Names of the coupled layers.
-        applied: Whether ``apply()`` ran.
-    """
-
-    step: int
-    scope: str
-    ratio: float
-    group_name: str
-    group_id: int
-    kind: str
-    n_units: int
-    units: tuple[int, ...]
-    scores: torch.Tensor = attrs.field(repr=False)
-    tp_indices: tuple[int, ...] = attrs.field(repr=False)
-    modules: tuple[str, ...] = attrs.field(repr=False)
-    applied: bool = False
-    _pruner: Any = attrs.field(default=None, repr=False, alias="pruner")
-
-    def apply(self) -> None:
-        """Remove (or mask) the units now; a second call does nothing."""
-        if not self.applied:
-            self._pruner._apply([self])
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "scope": self.scope, "ratio": self.ratio,
-                "group": self.group_name, "kind": self.kind, "n_units": self.n_units,
-                "units": list(self.units), "applied": self.applied}
 
 
 class RankedPruner:

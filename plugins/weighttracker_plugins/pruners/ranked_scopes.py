@@ -1,4 +1,4 @@
-"""Ranking math of the ``ranked`` pruner: scores per slot, normalization, thresholds.
+"""Ranking math of the ``ranked`` pruner: scores per slot, normalization, thresholds, selections.
 
 A *slot* is what one ranking decision removes. Usually a slot is a unit. In a group with
 channel grouping (grouped convolutions, GroupNorm) of ``G`` chunks, slot ``s`` is the units
@@ -187,3 +187,50 @@ def isomorphic_key(group: CanonicalUnitGroup, chunks: int) -> str:
     """Groups with the same member layout (types and axes in order) share this key."""
     parts = [f"{m.module_type.__qualname__}/{m.axis}" for m in group.members]
     return f"isomorphic:{group.kind}:{chunks}:" + ",".join(parts)
+
+
+# ------------------------------------------------------------------------------ selections
+
+
+@attrs.define(kw_only=True, eq=False)
+class UnitSelection:
+    """Units of one group that a step chose to remove; ``apply()`` removes them.
+
+    Attributes:
+        step: The step that chose them.
+        scope: The ranking scope (``"local:<group>"``, ``"global"``, ``"heads"``, ...).
+        ratio: The scope's target ratio at that step.
+        group_name: Name of the group (stable across physical prunes).
+        group_id: Id of the group when chosen (ids change after physical prunes).
+        kind: Unit kind (``channel``, ``feature``, ``head``, ``head_dim``).
+        n_units: Units the group had when chosen.
+        units: Local unit ids to remove.
+        scores: Normalized scores of the removed units' slots.
+        tp_indices: Torch-Pruning indices on the group's root layer.
+        modules: Names of the coupled layers.
+        applied: Whether ``apply()`` ran.
+    """
+
+    step: int
+    scope: str
+    ratio: float
+    group_name: str
+    group_id: int
+    kind: str
+    n_units: int
+    units: tuple[int, ...]
+    scores: torch.Tensor = attrs.field(repr=False)
+    tp_indices: tuple[int, ...] = attrs.field(repr=False)
+    modules: tuple[str, ...] = attrs.field(repr=False)
+    applied: bool = False
+    _pruner: Any = attrs.field(default=None, repr=False, alias="pruner")
+
+    def apply(self) -> None:
+        """Remove (or mask) the units now; a second call does nothing."""
+        if not self.applied:
+            self._pruner._apply([self])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "scope": self.scope, "ratio": self.ratio,
+                "group": self.group_name, "kind": self.kind, "n_units": self.n_units,
+                "units": list(self.units), "applied": self.applied}
