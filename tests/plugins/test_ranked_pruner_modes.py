@@ -327,3 +327,5 @@ def test_unknown_importance_lists_the_installed_ones():
     outsider = nn.Linear(2, 2)
     with pytest.raises(ConfigError, match="not part of the model"):
         tracker.create_pruner("ranked", pruning_ratio_dict={outsider: 0.5})
+    with pytest.raises(ConfigError, match="not part of the model"):
+        tracker.create_pruner("ranked", ignored_layers=[outsider])

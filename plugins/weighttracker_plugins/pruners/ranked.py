@@ -78,6 +78,8 @@ class RankedPruner:
         except ValueError as err:
             raise ConfigError(str(err)) from err
         structure = ctx.structure
+        if cfg.ignored_layers:
+            structure.selection(cfg.ignored_layers, ())  # modules outside the model: error now
         self._build_scorer = self._importance_factory(cfg.importance, cfg.importance_options)
         self._scorer: Any = None
         self._scorer_for: Structure | None = None
