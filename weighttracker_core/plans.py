@@ -98,42 +98,62 @@ class _Key:
             raise PlanError(f"Slice of {name!r} uses dims {self.dims} on shape {self.shape}.")
         self.dims = tuple(d % ndim for d in self.dims)
 
-    def others(self) -> tuple[int, ...]:
-        return tuple(d for d in range(len(self.shape)) if d not in self.dims)
+    @property
+    def leading_rows(self) -> bool:
+        """Whether the positions are the leading dims (rows of a contiguous 2-D view)."""
+        return self.dims == tuple(range(len(self.dims)))
 
-    def reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        """Reduce ``tensor`` over every dim but the sliced ones: one value per position.
+    def reduce(self, values: torch.Tensor, maximum: bool = False) -> torch.Tensor:
+        """Sum (or max) ``values`` (already element-wise transformed) over the other dims.
 
-        Reductions run on the (viewed) tensor in place, so no slice is ever copied.
+        Reductions run in contiguity-friendly stages on views: the dims before the first
+        sliced dim are reduced as columns of a 2-D view, then the dims after the last one as
+        rows, and anything in between on the (by then small) remainder. No slice is ever
+        copied. Returns one value per position, row-major over ``dims`` in their given order.
         """
-        t = tensor.reshape(self.shape) if self.view is not None else tensor
-        others = self.others()
-        if not others:  # a 1-D slice (bias, norm weight): element-wise
-            if op == "sum_sq":
-                out = t * t
-            elif op in ("l1", "max_abs"):
-                out = t.abs()
-            elif op == "sum":
-                out = t
-            else:
-                out = (t == 0).to(torch.float64)
-        elif op == "sum_sq":
-            out = (t * t).sum(dim=others) if t.requires_grad else (
-                torch.linalg.vector_norm(t, 2, dim=others).square()
-            )
-        elif op == "l1":
-            out = torch.linalg.vector_norm(t, 1, dim=others)
-        elif op == "sum":
-            out = t.sum(dim=others)
-        elif op == "max_abs":
-            out = torch.linalg.vector_norm(t, math.inf, dim=others)
-        else:
-            total = math.prod(self.shape[d] for d in others)
-            out = (total - torch.count_nonzero(t, dim=others)).to(torch.float64)
-        if list(self.dims) != sorted(self.dims):
+        t = values.reshape(self.shape)
+        kept = sorted(self.dims)
+        first, last = kept[0], kept[-1]
+        # leading dims first: a column reduction of the full tensor streams contiguously
+        # and leaves a much smaller tensor for the (short) trailing rows
+        if first > 0:
+            t = t.reshape(math.prod(self.shape[:first]), -1)
+            t = t.amax(0) if maximum else t.sum(0)
+        if last < len(self.shape) - 1:
+            t = t.reshape(math.prod(self.shape[first : last + 1]), -1)
+            t = t.amax(1) if maximum else t.sum(1)
+        t = t.reshape(self.shape[first : last + 1])
+        middle = [d - first for d in range(first, last + 1) if d not in kept]
+        if middle:
+            t = t.amax(dim=middle) if maximum else t.sum(dim=middle)
+        if list(self.dims) != kept:
             order = sorted(range(len(self.dims)), key=lambda i: self.dims[i])
-            out = out.permute(*[order.index(i) for i in range(len(self.dims))])
-        return out.reshape(-1)
+            t = t.permute(*[order.index(i) for i in range(len(self.dims))])
+        return t.reshape(-1)
+
+
+    def broadcast(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-position ``values`` spread over the viewed shape (an expanded view, no copy)."""
+        kept = sorted(self.dims)
+        if list(self.dims) != kept:
+            sizes = [self.shape[d] for d in self.dims]
+            order = [self.dims.index(d) for d in kept]
+            values = values.reshape(sizes).permute(*order)
+        shape = [self.shape[d] if d in kept else 1 for d in range(len(self.shape))]
+        return values.reshape(shape).expand(self.shape)
+
+
+def _elementwise(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    if op == "sum_sq":
+        return tensor * tensor
+    if op in ("l1", "max_abs"):
+        return tensor.abs()
+    if op == "zeros":
+        return tensor == 0
+    return tensor
+
+
+_ROW_NORMS = {"sum_sq": 2, "l1": 1, "max_abs": math.inf}
 
 
 class ReductionPlan:
@@ -187,7 +207,9 @@ class ReductionPlan:
         self._gather = torch.tensor(flat_gather, dtype=torch.long)
         self._units = torch.tensor(flat_units, dtype=torch.long)
         self._param_names = list(dict.fromkeys(k.name for k in self.keys))
-        self._key_param = [self._param_names.index(k.name) for k in self.keys]
+        self._keys_by_param: dict[int, list[int]] = {}
+        for k, key in enumerate(self.keys):
+            self._keys_by_param.setdefault(self._param_names.index(key.name), []).append(k)
         per_position = torch.tensor(
             [k.per_position for k, g in zip(self.keys, gather) for _ in g], dtype=torch.float64
         )
@@ -205,12 +227,30 @@ class ReductionPlan:
             self._device = device
         return self._gather, self._units
 
-    def _positions(self, op: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Per-position reductions of every key, concatenated."""
-        parts = [key.reduce(tensors[pi], op) for key, pi in zip(self.keys, self._key_param)]
+    def _positions(self, op: str, tensors: Sequence[torch.Tensor], fused: bool = True) -> torch.Tensor:
+        """Per-position reductions of every key, concatenated in key order.
+
+        Each parameter is transformed element-wise once (square, abs, ``== 0``) and every
+        key of it reduces that one tensor. With ``fused``, parameters whose keys are all
+        leading rows use one ``vector_norm`` per row and write nothing.
+        """
+        parts: list[torch.Tensor | None] = [None] * len(self.keys)
+        maximum = op == "max_abs"
+        for pi, key_ids in self._keys_by_param.items():
+            tensor = tensors[pi]
+            keys = [self.keys[k] for k in key_ids]
+            if fused and op in _ROW_NORMS and all(k.leading_rows for k in keys):
+                for k, key in zip(key_ids, keys):
+                    rows = tensor.reshape(key.length, -1)
+                    norm = torch.linalg.vector_norm(rows, _ROW_NORMS[op], dim=1)
+                    parts[k] = norm.square() if op == "sum_sq" else norm
+                continue
+            values = _elementwise(tensor, op)
+            for k, key in zip(key_ids, keys):
+                parts[k] = key.reduce(values, maximum)
         if op == "zeros":
-            parts = [p.to(torch.float64) for p in parts]
-        return torch.cat(parts)
+            return torch.cat([p.to(torch.float64) for p in parts])  # type: ignore[union-attr]
+        return torch.cat(parts)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------------------- public
 
@@ -253,8 +293,13 @@ class ReductionPlan:
         device, dtype = tensors[0].device, tensors[0].dtype
         gather, units = self._indices(device)
         inner = "sum_sq" if op == "l2" else op
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            values = self._positions(inner, tensors).index_select(0, gather)
+        grad = grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            if grad and inner in _ANALYTIC_GRADS:
+                positions = _PositionReduction.apply(self, inner, *tensors)
+            else:
+                positions = self._positions(inner, tensors, fused=not grad)
+            values = positions.index_select(0, gather)
             out = torch.zeros(self.num_units, device=device, dtype=values.dtype)
             if op == "max_abs":
                 out = out.scatter_reduce(0, units, values, reduce="amax", include_self=True)
@@ -267,6 +312,58 @@ class ReductionPlan:
     def group_values(self, values: torch.Tensor, group: CanonicalUnitGroup) -> torch.Tensor:
         """The slice of a per-unit tensor that belongs to ``group``."""
         return values[group.offset : group.offset + group.n_units]
+
+
+_ANALYTIC_GRADS = ("sum_sq", "l1", "sum")
+
+
+class _PositionReduction(torch.autograd.Function):
+    """Per-position sums with a hand-written backward (the regularizer hot path).
+
+    Forward reuses the fused no-grad reductions. Backward builds, per parameter, the sum
+    of every key's position gradients broadcast over the dims that key reduced, then
+    multiplies by the element-wise derivative (``2w`` for squares, ``sign(w)`` for |w|):
+    two passes over each parameter instead of autograd's chain of temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, plan: ReductionPlan, op: str, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.plan, ctx.op = plan, op
+        ctx.save_for_backward(*tensors)
+        return plan._positions(op, tensors, fused=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        plan: ReductionPlan = ctx.plan
+        tensors = ctx.saved_tensors
+        grads: list[torch.Tensor | None] = [None] * len(tensors)
+        for pi, key_ids in plan._keys_by_param.items():
+            if not ctx.needs_input_grad[2 + pi]:
+                continue
+            tensor = tensors[pi]
+            keys = [plan.keys[k] for k in key_ids]
+            spreads = [key.broadcast(grad[key.offset : key.offset + key.length]) for key in keys]
+            viewed = [i for i, key in enumerate(keys) if key.view is not None]
+            if not viewed and len(keys) <= 2:
+                # expanded views: one broadcasting add (or none) materialises the sum
+                total = spreads[0] if len(keys) == 1 else spreads[0] + spreads[1]
+                owned = len(keys) == 2
+            else:
+                # accumulate in place in one buffer, each key through its own view of it
+                first = viewed[0] if viewed else 0
+                total = spreads[first].contiguous().view(tensor.shape)
+                for i, (key, spread) in enumerate(zip(keys, spreads)):
+                    if i != first:
+                        total.view(key.shape).add_(spread)
+                owned = True
+            if ctx.op == "sum_sq":
+                out = total.mul_(tensor) if owned else torch.mul(total, tensor)
+                grads[pi] = out.mul_(2)
+            elif ctx.op == "l1":
+                grads[pi] = total.mul_(tensor.sign()) if owned else torch.mul(total, tensor.sign())
+            else:
+                grads[pi] = total if owned else total.contiguous()
+        return (None, None, *grads)
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
