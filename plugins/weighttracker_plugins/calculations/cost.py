@@ -1,1 +1,306 @@
-"""Placeholder plugin module (no hooks yet); see the entry point of the same name."""
+"""Cost calculations: baseline MACs (fvcore), bit-widths, cost axes and active MACs.
+
+The only module of the project that imports fvcore. Per-layer values are float64 vectors
+indexed like the layer table ``structure.modules`` (``ModuleInfo.index``), so a tracker
+picks its layers with one index tensor. The cost model itself (axes, terms, the rule that
+a position is active while every unit covering it is) is described in ``cost_model.py``:
+
+    ActiveMACs_m = BaselineMACs_m * prod_a active_a / size_a
+
+Registered calculations (name: lifetime, value):
+
+* ``layer_macs_by_operator``: static, ``list[dict[str, int]]`` fvcore MACs per layer and
+  operator.
+* ``cost_model``: static, :class:`CostModel` (axis and term index tensors).
+* ``layer_baseline_macs``: static, float64 ``[num_layers]``.
+* ``layer_weight_bits`` / ``layer_activation_bits``: per evaluation, float64
+  ``[num_layers]``; the bit-width functions are called for every weighted layer on every
+  evaluation (32 without a function, and for layers of other categories).
+* ``cost_axis_active``: per evaluation, float64 ``[num_axes]`` active positions per axis.
+* ``layer_active_macs``: per evaluation, float64 ``[num_layers]``.
+* ``layer_active_fraction``: per evaluation, active / baseline MACs per layer.
+
+Static work (once per structure): one fvcore pass and the index tensors. Per-evaluation
+work: a gather, two ``index_add``, one ``scatter_reduce`` over the axis positions and one
+over the terms, plus the user's bit-width functions (a Python call per weighted layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from weighttracker_core import (
+    CalculationSpec,
+    ConfigError,
+    LayerCategory,
+    Lifetime,
+    check_bitwidth,
+    hookimpl,
+)
+
+from .cost_model import CostModel
+
+DEFAULT_BITS = 32
+
+# ---------------------------------------------------------------------------- baseline MACs
+
+
+def _flatten(value: Any, leaves: list[torch.Tensor]) -> Any:
+    """Replace every tensor in a (nested) tuple / list / dict by its index in ``leaves``."""
+    if isinstance(value, torch.Tensor):
+        leaves.append(value)
+        return _Leaf(len(leaves) - 1)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_flatten(v, leaves) for v in value)
+    if isinstance(value, dict):
+        return {k: _flatten(v, leaves) for k, v in value.items()}
+    return value
+
+
+def _unflatten(template: Any, leaves: Sequence[torch.Tensor]) -> Any:
+    if isinstance(template, _Leaf):
+        return leaves[template.index]
+    if isinstance(template, (tuple, list)):
+        return type(template)(_unflatten(v, leaves) for v in template)
+    if isinstance(template, dict):
+        return {k: _unflatten(v, leaves) for k, v in template.items()}
+    return template
+
+
+class _Leaf:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _tensors_of(value: Any) -> tuple[torch.Tensor, ...]:
+    leaves: list[torch.Tensor] = []
+    _flatten(value, leaves)
+    return tuple(leaves)
+
+
+class _Traced(nn.Module):
+    """Calls the model the way the tracker does, with only tensors in and out (for tracing)."""
+
+    def __init__(self, model: nn.Module, template: Any, forward_fn: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._template = template
+        self._forward_fn = forward_fn
+
+    def forward(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = _unflatten(self._template, leaves)
+        if self._forward_fn is not None:
+            out = self._forward_fn(self.model, inputs)
+        elif isinstance(inputs, dict):
+            out = self.model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            out = self.model(*inputs)
+        else:
+            out = self.model(inputs)
+        return _tensors_of(out)
+
+
+@contextlib.contextmanager
+def _inference_mode_for_counting(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no grad, no ``nn.MultiheadAttention`` fast path; everything restored.
+
+    The fast path runs attention as one fused op that fvcore cannot count (0 MACs); the
+    regular path shows it the projections.
+    """
+    modes = {m: m.training for m in model.modules()}
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        model.eval()
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            yield
+    finally:
+        if mha is not None and fastpath is not None:
+            mha.set_fastpath_enabled(fastpath)
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def fvcore_macs_by_operator(
+    model: nn.Module, example_inputs: Any, forward_fn: Any = None
+) -> dict[str, dict[str, int]]:
+    """fvcore's MACs under every module, split by operator (``by_module_and_operator()``).
+
+    The model runs once in eval mode under ``no_grad`` (training flags restored; the
+    fused ``nn.MultiheadAttention`` fast path is switched off for the count, since fvcore
+    sees 0 MACs in it); tensor inputs are moved to the model's device. Counts include the
+    batch of ``example_inputs`` and every module of a subtree (``""`` is the whole model).
+    fvcore counts one multiply-add as one "flop", so these are MACs.
+
+    Raises:
+        ConfigError: fvcore could not trace the model.
+    """
+    from fvcore.nn import FlopCountAnalysis  # the project's only fvcore import
+
+    leaves: list[torch.Tensor] = []
+    template = _flatten(example_inputs, leaves)
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:
+        leaves = [t.to(device) if t.device != device else t for t in leaves]
+    wrapper = _Traced(model, template, forward_fn)
+    logger = logging.getLogger("fvcore")
+    level = logger.level
+    try:
+        with _inference_mode_for_counting(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logger.setLevel(logging.ERROR)
+            analysis = FlopCountAnalysis(wrapper, tuple(leaves))
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            analysis.tracer_warnings("none")
+            counts = analysis.by_module_and_operator()
+    except Exception as err:  # fvcore and the JIT tracer raise many kinds
+        raise ConfigError(
+            f"fvcore could not count the MACs of {type(model).__name__} with the tracker's "
+            f"example inputs ({type(err).__name__}: {err}). BOPs need a model that "
+            "torch.jit.trace can follow; pass forward_fn= to WeightTracker if the model "
+            "needs a special call."
+        ) from err
+    finally:
+        logger.setLevel(level)
+    out: dict[str, dict[str, int]] = {}
+    for name, ops in counts.items():
+        if name == "model":
+            out[""] = {op: int(v) for op, v in ops.items()}
+        elif name.startswith("model."):
+            out[name[len("model."):]] = {op: int(v) for op, v in ops.items()}
+    return out
+
+
+def layer_macs_by_operator(ctx: Any) -> list[dict[str, int]]:
+    """fvcore's baseline MACs of each layer of the table, by operator (static)."""
+    structure = ctx.structure
+    counts = fvcore_macs_by_operator(structure.model, structure.example_inputs, structure.options.forward_fn)
+    return [dict(counts.get(m.name, {})) for m in structure.modules]
+
+
+def layer_baseline_macs(ctx: Any) -> torch.Tensor:
+    """Dense MACs of every layer of the table (float64 ``[num_layers]``), from fvcore."""
+    return ctx["cost_model"].baseline.to(_device(ctx.structure))
+
+
+# ------------------------------------------------------------------------------ bit-widths
+
+
+def read_bitwidths(structure: Any, infos: Sequence[Any], kind: str) -> list[int]:
+    """``kind``-bit-widths (``"weight"`` / ``"activation"``) of ``infos``, checked (SPEC §5.7).
+
+    Calls the tracker's function once per layer; a missing function means 32.
+
+    Raises:
+        ValueError: A value is not a whole number >= 1 (names the layer and value).
+    """
+    fn = getattr(structure, f"{kind}_bitwidth_fn", None)
+    if fn is None:
+        return [DEFAULT_BITS] * len(infos)
+    return [check_bitwidth(fn(info.name, structure.module(info.name)), info.name, kind) for info in infos]
+
+
+def _device(structure: Any) -> torch.device:
+    return next((p.device for p in structure.model.parameters()), torch.device("cpu"))
+
+
+def _bits(ctx: Any, kind: str) -> torch.Tensor:
+    """Bit-widths of every layer of the table; the function is called for weighted layers."""
+    structure = ctx.structure
+    infos = structure.modules
+    weighted = [i for i in infos if i.category is LayerCategory.WEIGHTED]
+    values = [float(DEFAULT_BITS)] * len(infos)
+    for info, bits in zip(weighted, read_bitwidths(structure, weighted, kind)):
+        values[info.index] = float(bits)
+    return torch.tensor(values, dtype=torch.float64, device=_device(structure))
+
+
+def layer_weight_bits(ctx: Any) -> torch.Tensor:
+    """Weight bit-width of every layer (float64 ``[num_layers]``); 32 for non-weighted ones."""
+    return _bits(ctx, "weight")
+
+
+def layer_activation_bits(ctx: Any) -> torch.Tensor:
+    """Activation bit-width of every layer (float64 ``[num_layers]``); 32 for non-weighted ones."""
+    return _bits(ctx, "activation")
+
+
+# ------------------------------------------------------------------------------ cost model
+
+
+def cost_model(ctx: Any) -> CostModel:
+    """Index tensors of every layer's cost axes and terms (see ``cost_model.py``)."""
+    structure = ctx.structure
+    return CostModel(structure, [ctx["layer_macs_by_operator"][m.index] for m in structure.modules])
+
+
+def cost_axis_active(ctx: Any) -> torch.Tensor:
+    """Active positions per cost axis (float64 ``[num_axes]``, axes as in ``cost_model.axis_names``)."""
+    return ctx["cost_model"].axis_active(ctx["unit_active"])
+
+
+def layer_active_macs(ctx: Any) -> torch.Tensor:
+    """Structured active MACs per layer (float64 ``[num_layers]``).
+
+    Each cost term's baseline MACs times the active fractions of its axes; layers whose
+    rule has a ``cost_fn`` get ``cost_fn(module, baseline_macs, {axis: active fraction})``.
+    """
+    model: CostModel = ctx["cost_model"]
+    active = ctx["cost_axis_active"]
+    macs = model.layer_macs(active)
+    if model.custom:
+        ratios = model.axis_ratio(active).tolist()
+        baseline = model.baseline.tolist()
+        macs = macs.clone()
+        for index, fn, by_label in model.custom:
+            module = ctx.structure.module(ctx.structure.modules[index].name)
+            fractions = {label: ratios[j] for label, j in by_label.items()}
+            macs[index] = float(fn(module, baseline[index], fractions))
+    return macs
+
+
+def layer_active_fraction(ctx: Any) -> torch.Tensor:
+    """Active over baseline MACs per layer (float64 ``[num_layers]``; 1 where baseline is 0)."""
+    macs = ctx["layer_active_macs"]
+    baseline = ctx["layer_baseline_macs"].to(macs.device)
+    return torch.where(baseline > 0, macs / baseline.clamp(min=1e-300), torch.ones_like(macs))
+
+
+CALCULATIONS = (
+    CalculationSpec(name="layer_macs_by_operator", compute=layer_macs_by_operator, lifetime=Lifetime.STATIC,
+                    summary="fvcore's dense MACs per layer by operator (list of dicts)."),
+    CalculationSpec(name="cost_model", compute=cost_model, requires=("layer_macs_by_operator",),
+                    lifetime=Lifetime.STATIC,
+                    summary="Index tensors of every layer's structural cost axes and terms."),
+    CalculationSpec(name="layer_baseline_macs", compute=layer_baseline_macs, requires=("cost_model",),
+                    lifetime=Lifetime.STATIC, summary="Dense MACs per layer from fvcore (float64 [num_layers])."),
+    CalculationSpec(name="layer_weight_bits", compute=layer_weight_bits,
+                    summary="Weight bit-width per layer from weight_bitwidth_fn (default 32)."),
+    CalculationSpec(name="layer_activation_bits", compute=layer_activation_bits,
+                    summary="Activation bit-width per layer from activation_bitwidth_fn (default 32)."),
+    CalculationSpec(name="cost_axis_active", compute=cost_axis_active, requires=("cost_model", "unit_active"),
+                    summary="Active positions of every cost axis (float64 [num_axes])."),
+    CalculationSpec(name="layer_active_macs", compute=layer_active_macs,
+                    requires=("cost_model", "cost_axis_active"),
+                    summary="Structured active MACs per layer (float64 [num_layers])."),
+    CalculationSpec(name="layer_active_fraction", compute=layer_active_fraction,
+                    requires=("layer_active_macs", "layer_baseline_macs"),
+                    summary="Active over baseline MACs per layer (float64 [num_layers])."),
+)
+
+
+@hookimpl
+def wt_register_calculations() -> tuple[CalculationSpec, ...]:
+    return CALCULATIONS
