@@ -273,6 +273,7 @@ def prune_units(
     dry_run: bool = False,
     after_prune: Callable[[], None] = lambda: None,
     rebuild: Callable[[], None] = lambda: None,
+    on_failure: Callable[[], None] = lambda: None,
 ) -> PruneReport:
     """Remove ``units`` physically; atomic.
 
@@ -282,6 +283,8 @@ def prune_units(
         dry_run: Only check and report.
         after_prune: Integration and user hooks, run after the shapes changed.
         rebuild: Rebuilds the structure for the pruned model.
+        on_failure: Called after the model was restored, when a step after the snapshot
+            failed (the caller puts back its own state); the error is then re-raised.
 
     Raises:
         PruningError: The request is refused; nothing changed.
@@ -313,6 +316,7 @@ def prune_units(
         rebuild()
     except BaseException:
         snapshot.restore()
+        on_failure()
         raise
     return PruneReport(units=report_units, tp_indices=report_idxs, params_before=before,
                        params_after=count_params(structure.model), dry_run=False)

@@ -322,7 +322,7 @@ class WeightTracker:
     prune_zero_structures = prune_zero_units
 
     def _prune(self, units: Mapping[int, Iterable[int]], dry_run: bool) -> surgery.PruneReport:
-        units = {gid: list(local) for gid, local in units.items()}  # iterables are read twice
+        units = {gid: sorted(ids) for gid, ids in masking.check_units(self.structure, units).items()}
         removed_heads = self._removed_heads(units)
 
         def after() -> None:
@@ -351,17 +351,18 @@ class WeightTracker:
             self._build(version=self.structure.version + 1)
             self._trackers.clear()
 
-        try:
-            return surgery.prune_units(self.structure, units, dry_run=dry_run,
-                                       after_prune=after, rebuild=rebuild)
-        except BaseException:
+        def on_failure() -> None:  # the model is already restored
             self.structure, self.graph, self._options, self._trackers = old
             if self._user_num_heads is not None:
                 self._user_num_heads = dict(old[2].num_heads)
-            if not dry_run:
+            try:
                 # Torch-Pruning's graph bookkeeping may be half-updated: trace afresh
                 self._build(version=self.structure.version)
-            raise
+            except Exception:  # noqa: BLE001 - keep the old structure, raise the real error
+                self.structure, self.graph, self._options = old[0], old[1], old[2]
+
+        return surgery.prune_units(self.structure, units, dry_run=dry_run, after_prune=after,
+                                   rebuild=rebuild, on_failure=on_failure)
 
     def _removed_heads(self, units: Mapping[int, Iterable[int]]) -> dict[nn.Module, int]:
         out: dict[nn.Module, int] = {}
