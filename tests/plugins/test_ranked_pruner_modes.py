@@ -9,7 +9,7 @@ import torch
 import torchvision
 import wt_example.importance
 from _unit_oracle import unit_elements
-from models import FusedQKVAttention, QKVNet, TinyConvNet, conv_input, sequence_input
+from models import FusedQKVAttention, MHANet, QKVNet, TinyConvNet, conv_input, sequence_input
 from test_importances import GroupedNet
 from torch import nn
 
@@ -329,3 +329,20 @@ def test_unknown_importance_lists_the_installed_ones():
         tracker.create_pruner("ranked", pruning_ratio_dict={outsider: 0.5})
     with pytest.raises(ConfigError, match="not part of the model"):
         tracker.create_pruner("ranked", ignored_layers=[outsider])
+
+
+def test_multihead_attention_physical_pruning_matches_the_masked_model():
+    model = MHANet()
+    x = sequence_input()
+    masked = copy.deepcopy(model)
+    options = dict(pruning_ratio=0.25, head_pruning_ratio=0.5)
+    tracker = WeightTracker(model, x, num_heads={model.attn: 4}, prune_num_heads=True)
+    physical = tracker.create_pruner("ranked", ignored_layers=[model.head], **options)
+    mask_tracker = WeightTracker(masked, x, num_heads={masked.attn: 4}, prune_num_heads=True)
+    mask = mask_tracker.create_pruner("ranked", ignored_layers=[masked.head], apply="mask", **options)
+    chosen = by_group(physical.step())
+    assert chosen == by_group(mask.step())
+    assert len(chosen["attn:prune_num_heads"]) == 2 and len(chosen["attn:prune_head_dims"]) == 1
+    model.eval()
+    masked.eval()
+    torch.testing.assert_close(model(x), masked(x), rtol=1e-4, atol=1e-5)
