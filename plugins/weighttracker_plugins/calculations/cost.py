@@ -146,7 +146,9 @@ def fvcore_macs_by_operator(
     Raises:
         ConfigError: fvcore could not trace the model.
     """
-    from fvcore.nn import FlopCountAnalysis  # the project's only fvcore import
+    with warnings.catch_warnings():  # fvcore's import warns about torch.jit.script
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis  # the project's only fvcore import
 
     leaves: list[torch.Tensor] = []
     template = _flatten(example_inputs, leaves)

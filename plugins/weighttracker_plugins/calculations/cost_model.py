@@ -125,6 +125,7 @@ class CostModel:
             if (rule := rules.rule_for(info.module_type)) is not None and rule.cost_fn is not None
         )
         self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._shares: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _build_terms(
         self, structure: Any, macs_by_operator: Sequence[Mapping[str, float]], axis_of: Mapping[tuple[int, str], int]
@@ -219,4 +220,5 @@ class CostModel:
         units = torch.tensor([u for u, _ in shares], dtype=torch.long)
         terms = torch.tensor([t for _, t in shares], dtype=torch.long)
         values = torch.tensor(list(shares.values()), dtype=torch.float64)
-        return units, terms, values
+        self._shares = (units, terms, values)
+        return self._shares

@@ -7,7 +7,7 @@ For each counted layer ``m``::
 
 ``sparsity_m`` is the exact fraction of zero elements of the layer's effective weights
 (``orig * mask`` under ``torch.nn.utils.prune``, parametrized weights as computed), the
-same count ``unstructured_sparsity`` reports. Worked example: a conv with 1000 baseline
+same count ``unstructured_sparsity`` reports (its ``weight_param_zeros`` calculation). Worked example: a conv with 1000 baseline
 MACs and 30 of its 120 weights zero, at 4-bit weights and 8-bit activations, has
 ``BOPs = 1000 * 0.75 * 4 * 8 = 24000``. Same baseline, options and keys as
 ``structured_bops``.
@@ -28,8 +28,9 @@ class UnstructuredBops(BopsTracker):
     """Unstructured BOPs: baseline MACs times the fraction of non-zero weights."""
 
     def active_macs(self, values: Any) -> torch.Tensor:
-        zeros = values["layer_weight_zeros"]
-        numel = values["layer_weight_numel"].to(zeros.device)
+        table = values["weight_param_table"]  # per weight parameter; static
+        zeros = table.per_layer(values["weight_param_zeros"])
+        numel = table.per_layer(table.numel.to(zeros.device))
         baseline = values["layer_baseline_macs"].to(zeros.device)
         density = torch.where(numel > 0, 1 - zeros / numel.clamp(min=1), torch.ones_like(zeros))
         return baseline * density
@@ -40,7 +41,7 @@ TRACKERS = (
         name="unstructured_bops",
         build=UnstructuredBops,
         options=BopsOptions,
-        requires=("layer_baseline_macs", "layer_weight_numel", "layer_weight_zeros",
+        requires=("layer_baseline_macs", "weight_param_table", "weight_param_zeros",
                   "layer_weight_bits", "layer_activation_bits"),
         summary="BOPs of the non-zero weights against a dense 32-bit baseline.",
     ),

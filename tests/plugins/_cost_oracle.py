@@ -1,0 +1,83 @@
+"""Independent references for the BOPs tests: fvcore on (pruned) copies, brute-force loops.
+
+Nothing here uses weighttracker's cost code: MACs come from a direct fvcore call, zero
+counts and unit costs from explicit loops over layers, groups, members and positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    # nn.MultiheadAttention's eval-mode fast path is one fused op fvcore counts as 0 MACs
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def fvcore_macs(model: nn.Module, inputs) -> dict[str, int]:
+    """fvcore ``by_module()`` MACs of ``model`` in eval mode (the model is left in eval)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    model.eval()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    with _no_mha_fastpath(), torch.no_grad():
+        analysis = FlopCountAnalysis(model, inputs)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        return dict(analysis.by_module())
+
+
+def fake_prune_randomly(tracker, seed: int = 0, share: float = 0.6) -> dict[int, list[int]]:
+    """Zero random units (never all of a group) and a few random single weights."""
+    rng = random.Random(seed)
+    chosen: dict[int, list[int]] = {}
+    for group in tracker.groups:
+        if group.n_units > 1 and rng.random() < share:
+            chosen[group.id] = rng.sample(range(group.n_units), rng.randint(1, group.n_units - 1))
+    tracker.fake_prune_units(chosen)
+    with torch.no_grad():
+        for param in tracker.model.parameters():
+            if param.dim() > 1:
+                for _ in range(3):
+                    param.view(-1)[rng.randrange(param.numel())] = 0.0
+    return chosen
+
+
+def pruned_copy(model: nn.Module, inputs, tracker_factory):
+    """A deep copy of ``model`` with its zero units removed physically.
+
+    ``tracker_factory(copy)`` builds a ``WeightTracker`` for the copy (same options).
+    """
+    clone = copy.deepcopy(model)
+    tracker_factory(clone).prune_zero_units()
+    return clone
+
+
+def weight_zero_counts(module: nn.Module, params) -> tuple[int, int]:
+    """(zeros, elements) of the effective weights ``params`` of ``module`` (dotted names)."""
+    zeros = numel = 0
+    for path in params:
+        owner = module
+        *parents, attr = path.split(".")
+        for part in parents:
+            owner = getattr(owner, part)
+        orig = owner._parameters.get(f"{attr}_orig")
+        tensor = orig * getattr(owner, f"{attr}_mask") if orig is not None else getattr(owner, attr)
+        if tensor is None:
+            continue
+        for value in tensor.detach().reshape(-1).tolist():
+            zeros += value == 0.0
+            numel += 1
+    return zeros, numel
