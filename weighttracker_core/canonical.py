@@ -230,14 +230,6 @@ class GroupBuilder:
             if param is None:
                 continue
             piece = _member_slice(spec, item.idxs, item.root_idxs)
-            ndim = len(piece.viewed_shape(tuple(param.shape)))
-            if any(not -ndim <= d < ndim for d in piece.dims):
-                raise UnsupportedModuleError(
-                    f"Unit rule {rule.name!r} slices {item.module_name}.{spec.param} along dims "
-                    f"{piece.dims}, but it has {ndim} dims (after view {piece.view})."
-                )
-            # negative dims (LayerNorm's -1) become absolute so every consumer agrees
-            piece = attrs.evolve(piece, dims=tuple(d % ndim for d in piece.dims))
             length = piece.axis_length(tuple(param.shape))
             if size is not None and length != size:
                 raise UnsupportedModuleError(
@@ -360,6 +352,12 @@ class GroupBuilder:
                     MemberSlice(param="in_proj_bias", dims=(view_dim,), view=(3, heads, dim),
                                 role=ParamRole.BIAS, positions=units, units=units)
                 )
+            for extra in ("bias_k", "bias_v"):  # add_bias_kv: [1, 1, heads * dim]
+                if getattr(mha, extra, None) is not None:
+                    slices.append(
+                        MemberSlice(param=extra, dims=(view_dim + 1,), view=(1, 1, heads, dim),
+                                    role=ParamRole.BIAS, positions=units, units=units)
+                    )
             width = heads * dim
             rows = tuple(range(width))
             unit_of = (lambda r: r // dim) if kind is UnitKind.HEAD else (lambda r: r % dim)
