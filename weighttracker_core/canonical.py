@@ -230,6 +230,14 @@ class GroupBuilder:
             if param is None:
                 continue
             piece = _member_slice(spec, item.idxs, item.root_idxs)
+            ndim = len(piece.viewed_shape(tuple(param.shape)))
+            if any(not -ndim <= d < ndim for d in piece.dims):
+                raise UnsupportedModuleError(
+                    f"Unit rule {rule.name!r} slices {item.module_name}.{spec.param} along dims "
+                    f"{piece.dims}, but it has {ndim} dims (after view {piece.view})."
+                )
+            # negative dims (LayerNorm's -1) become absolute so every consumer agrees
+            piece = attrs.evolve(piece, dims=tuple(d % ndim for d in piece.dims))
             length = piece.axis_length(tuple(param.shape))
             if size is not None and length != size:
                 raise UnsupportedModuleError(
