@@ -44,3 +44,9 @@ def test_discovered_plugin_works_without_core_changes(manager):
     }
     (group,) = [g for g in tracker.groups if g.root_module == "2"]
     assert {(m.module_name, str(m.axis)) for m in group.members} == {("2", "out_channel"), ("4", "in_channel")}
+
+
+def test_third_party_importance_arrives_through_its_entry_point(manager):
+    rows = {row["name"]: row for row in describe_plugins(manager)}
+    assert rows["wt_example_importance"]["distribution"] == "wt-example"
+    assert rows["wt_example_importance"]["registers"] == {"importance": ["wt_peak"]}
