@@ -144,6 +144,8 @@ class DependencyGraphHandle:
         ignored_layers: Modules whose output channels are never pruned.
         root_module_types: Types whose output channels start groups.
         layer_pruners: ``{module type: LayerPruner}`` for custom layers.
+        ignored_params: Parameters Torch-Pruning leaves out of every group (an integration
+            cuts them itself after a prune).
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class DependencyGraphHandle:
         ignored_layers: Sequence[nn.Module] = (),
         root_module_types: Sequence[type] = (nn.modules.conv._ConvNd, nn.Linear),
         layer_pruners: dict[type, LayerPruner] | None = None,
+        ignored_params: Sequence[nn.Parameter] = (),
     ) -> None:
         self.model = model
         self.root_module_types = tuple(root_module_types)
@@ -179,6 +182,7 @@ class DependencyGraphHandle:
                     output_transform=output_transform,
                     unwrapped_parameters=unwrapped,
                     customized_pruners=pruners or None,
+                    ignored_params=list(ignored_params),
                     verbose=False,
                 )
             except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as err:
@@ -338,6 +342,19 @@ class DependencyGraphHandle:
                 continue
             stack.extend(n.outputs)
 
+    def _producer_channels(self, node: Any) -> int | None:
+        """Output channels of the nearest layer upstream of ``node``, if any."""
+        seen, stack = set(), list(node.inputs)
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if isinstance(n.module, nn.Module) and n.module in self._names:
+                return self.dg.get_out_channels(n.module)
+            stack.extend(n.inputs)
+        return None
+
     def _check_reshapes(self) -> None:
         for node in self.dg.module2node.values():
             if node.type != _OPTYPE.RESHAPE:
@@ -363,7 +380,7 @@ class DependencyGraphHandle:
                         "channel-major and couple the wrong features. Flatten in NCHW order, "
                         f"or add {consumer} to ignored_layers."
                     )
-            shuffle = _shuffle_transpose(node)
+            shuffle = _shuffle_transpose(node, self._producer_channels(node))
             if shuffle is not None:
                 consumer = next(iter(self._consumer_modules(node)), "the output")
                 raise CouplingError(
@@ -466,10 +483,24 @@ def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:
         return None
 
 
-def _split_axis(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, int] | None:
+def _channel_axis(before: tuple[int, ...], channels: int | None) -> int:
+    """The channel axis of a tensor of shape ``before`` made by a layer with ``channels``.
+
+    Dim 1 of 4-D and larger tensors (NCHW) and the last dim otherwise; a channels-last
+    tensor (``(B, H, W, C)``, as in Swin's window partition) has its channels last.
+    """
+    default = 1 if len(before) >= 4 else len(before) - 1
+    if channels is not None and before[default] != channels and before[-1] == channels:
+        return len(before) - 1
+    return default
+
+
+def _split_axis(
+    before: tuple[int, ...], after: tuple[int, ...], channel: int | None = None
+) -> tuple[int, int] | None:
     """If ``after`` only splits the channel axis of ``before``: the ``after`` axes it became.
 
-    The channel axis is dim 1 of 4-D and larger tensors (NCHW) and the last dim otherwise.
+    ``channel`` is the channel axis of ``before`` (default: see :func:`_channel_axis`).
     """
     if len(after) <= len(before):
         return None
@@ -481,7 +512,8 @@ def _split_axis(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, i
         j += 1
     if i + j != len(before) - 1:
         return None
-    channel = 1 if len(before) >= 4 else len(before) - 1
+    if channel is None:
+        channel = _channel_axis(before, None)
     if i != channel:
         return None
     start, stop = i, len(after) - j
@@ -490,26 +522,32 @@ def _split_axis(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, i
     return start, stop
 
 
-def _shuffle_transpose(node: Any) -> str | None:
-    """For a reshape node that splits one axis: a following transpose of the split axes."""
+def _shuffle_transpose(node: Any, channels: int | None = None) -> str | None:
+    """For a reshape node that splits one axis: a following transpose of the split axes.
+
+    ``channels`` is the channel count of the layer producing the reshaped tensor, if known.
+    """
     fn = node.grad_fn
     before = getattr(fn, "_saved_self_sym_sizes", None)
     after = _output_shape(fn)
     if before is None or after is None:
         return None
-    split = _split_axis(tuple(int(s) for s in before), after)
+    before = tuple(int(s) for s in before)
+    split = _split_axis(before, after, _channel_axis(before, channels))
     if split is None:
         return None
     start, stop = split
     for out in node.outputs:
         name = _grad_name(out)
+        # moving a singleton axis reorders nothing
+        split = {d for d in range(start, stop) if after[d] > 1}
         if "transpose" in name:
             dims = {int(out.grad_fn._saved_dim0) % len(after), int(out.grad_fn._saved_dim1) % len(after)}
-            if dims <= set(range(start, stop)):
+            if dims <= split:
                 return out.grad_fn.name()
         elif "permute" in name:
             order = [int(d) % len(after) for d in out.grad_fn._saved_dims]
-            kept = [d for d in order if start <= d < stop]
+            kept = [d for d in order if d in split]
             if kept != sorted(kept):
                 return out.grad_fn.name()
     return None

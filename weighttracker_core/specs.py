@@ -267,6 +267,9 @@ class IntegrationSpec:
             (``num_heads``); options the user passed explicitly win.
         after_prune: ``tracker -> None``, run after every physical prune, before the user's
             ``post_prune_hooks``.
+        ignored_parameters: ``model -> parameters`` that Torch-Pruning must leave out of
+            every group because it cannot map them (a per-head table read through an
+            index op, say); ``after_prune`` then cuts them itself. Re-read at every build.
         summary: One line for ``weighttracker plugins``.
     """
 
@@ -274,6 +277,7 @@ class IntegrationSpec:
     applies_to: Callable[[Any], bool]
     tracker_options: Callable[[Any], dict[str, Any]] = lambda model: {}
     after_prune: Callable[[Any], None] | None = None
+    ignored_parameters: Callable[[Any], Any] = lambda model: ()
     summary: str = ""
 
 

@@ -35,6 +35,7 @@ class StructureOptions:
     root_module_types: tuple[type, ...] | None = None
     forward_fn: Callable[[nn.Module, Any], Any] | None = None
     output_transform: Callable[[Any], Any] | None = None
+    ignored_params: tuple[nn.Parameter, ...] = ()  # from integrations, re-read every build
 
 
 class Selection:
@@ -132,6 +133,7 @@ class Structure:
             ignored_layers=options.ignored_layers,
             root_module_types=roots,
             layer_pruners=pruners,
+            ignored_params=options.ignored_params,
         )
         trusted, untrusted = self._split_unwrapped()
         self.modules, uncovered = module_table(model, rules, trusted)

@@ -145,6 +145,11 @@ class WeightTracker:
             for integration in self.integrations:
                 filled.update(integration.tracker_options(self.model) or {})
             self._options = _evolve(self._options, num_heads=dict(filled.get("num_heads") or {}))
+        ignored = tuple(
+            p for integration in self.integrations
+            for p in (integration.ignored_parameters(self.model) or ())
+        )
+        self._options = _evolve(self._options, ignored_params=ignored)
         self.structure = Structure(
             self.model, self.example_inputs, self.registries, self._options, version=version
         )
