@@ -153,7 +153,9 @@ class GroupBuilder:
 
     def build(self) -> tuple[CanonicalUnitGroup, ...]:
         drafts: list[tuple[str, str, str, str, int, list[CanonicalMember]]] = []
-        for raw in self.handle.groups(attention_roots=list(self.num_heads)):
+        for raw in self.handle.groups(
+            attention_roots=list(self.num_heads), untrusted_params=sorted(self.untrusted_params)
+        ):
             if raw.root_module in self.num_heads and not isinstance(
                 raw.root_module, nn.MultiheadAttention
             ):

@@ -214,12 +214,17 @@ class DependencyGraphHandle:
             out.append((self._param_names.get(p, ""), int(dim)))
         return out
 
-    def groups(self, attention_roots: Sequence[nn.Module] = ()) -> list[RawGroup]:
+    def groups(
+        self, attention_roots: Sequence[nn.Module] = (), untrusted_params: Sequence[str] = ()
+    ) -> list[RawGroup]:
         """Every prunable group, checked; raises :class:`CouplingError` when unsure.
 
         Groups rooted at ``attention_roots`` (fused qkv projections given ``num_heads``) skip
         the coverage check: their query and key rows are regrouped into heads later.
+        Groups with a parameter in ``untrusted_params`` (Torch-Pruning guessed its dim) are
+        not checked either: the caller leaves them out.
         """
+        self._untrusted = set(untrusted_params)
         self._check_reshapes()
         ignored = [sub for layer in self.ignored_layers for sub in layer.modules()]
         out = []
@@ -390,6 +395,12 @@ class DependencyGraphHandle:
                 )
 
     def _check_group(self, raw: RawGroup, coverage: bool = True) -> None:
+        untrusted = getattr(self, "_untrusted", set())
+        for item in raw.items:
+            if item.param_name is not None:
+                full = f"{item.module_name}.{item.param_name}" if item.module_name else item.param_name
+                if full in untrusted:
+                    return
         covered: set[int] = set()
         has_consumer = False
         for item in raw.items:
