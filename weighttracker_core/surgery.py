@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import PruningError
+from .errors import PruningError, WeightTrackerError
 from .specs import HeadPruner
 from .structure import Structure
 from .units import CanonicalUnitGroup
@@ -313,7 +313,15 @@ def prune_units(
             else:
                 structure.handle.prune(module, op.fn, sorted(op.idxs))
         after_prune()
-        rebuild()
+        try:
+            rebuild()
+        except (WeightTrackerError, RuntimeError, ValueError, TypeError) as err:
+            raise PruningError(
+                "The pruned model could not be traced again with the example inputs, so the "
+                f"prune was undone and the model restored unchanged. Cause: {err} (a forward "
+                "that hard-codes a channel count, or an attention layer whose metadata a "
+                "post_prune_hook must update, does this)."
+            ) from err
     except BaseException:
         snapshot.restore()
         on_failure()
