@@ -231,7 +231,10 @@ class ImportanceSpec:
 
     ``build(ctx)`` returns a callable ``score(values) -> tensor[num_units]`` giving one
     score per global unit (higher means more important); ``values`` resolves
-    calculations like a tracker's.
+    calculations like a tracker's, and ``ctx.options`` is an instance of ``options``. A
+    NaN score means the criterion cannot rank that unit: it is never pruned, and a group
+    with no scorable unit is skipped. The scorer is built again after every physical
+    prune.
     """
 
     name: str
