@@ -88,9 +88,9 @@ def sync_vit_attention_metadata(tracker_or_model: Any) -> None:
     ``scale`` (the fake-pruned temperature) and turns the fused SDPA path off where it
     would use a different one (see the module docstring). Running it twice is harmless.
 
-    With a tracker, the heads and head dimensions removed are read from
-    ``tracker.pruned_units``. With a bare model (after pruning with Torch-Pruning
-    directly) they are inferred from the shapes and the old ``num_heads`` / ``head_dim``;
+    With a tracker inside its post-prune hooks, the heads and head dimensions removed are
+    read from ``tracker.pruned_units``. With a bare model (after pruning with Torch-Pruning
+    directly), or a tracker outside a prune, they are inferred from the shapes and the old ``num_heads`` / ``head_dim``;
     that works when only heads or only head dimensions were removed from a module, and
     is refused where the shapes cannot tell which (or where per-head parameters need the
     removed head ids).

@@ -14,6 +14,7 @@ from models import TinyConvNet, conv_input  # noqa: E402
 
 from weighttracker_core import (  # noqa: E402
     ConfigError,
+    PruningError,
     UnknownNameError,
     WeightTracker,
     default_plugin_manager,
@@ -140,3 +141,25 @@ def test_timm_model_source_loads_by_name_and_suggests_close_names():
     assert isinstance(model, timm.models.vision_transformer.VisionTransformer)
     with pytest.raises(UnknownNameError, match=r"vit_tny_patch16_224.*Did you mean: vit_tiny_patch16_224"):
         load_timm_model("vit_tny_patch16_224")
+
+
+def test_head_dimensions_removed_under_qk_norm_are_refused():
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=8, patch_size=4, embed_dim=12, depth=1, num_heads=2,
+                              qk_norm=True, num_classes=3).eval()
+    attn = model.blocks[0].attn  # 2 heads x 6; keep dimensions 0..4 of every head by hand
+    keep = [c * 12 + h * 6 + d for c in range(3) for h in range(2) for d in range(5)]
+    with torch.no_grad():
+        qkv, proj = torch.nn.Linear(12, 30), torch.nn.Linear(10, 12)
+        qkv.weight.copy_(attn.qkv.weight[keep]), qkv.bias.copy_(attn.qkv.bias[keep])
+        proj.weight.copy_(attn.proj.weight[:, [h * 6 + d for h in range(2) for d in range(5)]])
+    attn.qkv, attn.proj = qkv, proj
+    with pytest.raises(PruningError, match=r"blocks\.0\.attn\.q_norm, blocks\.0\.attn\.k_norm normalize over head_dim"):
+        sync_vit_attention_metadata(model)
+    assert (attn.num_heads, attn.head_dim) == (2, 6)  # nothing changed
+
+
+def test_sync_names_what_it_accepts():
+    with pytest.raises(ConfigError, match="expects a WeightTracker or an nn.Module, got dict"):
+        sync_vit_attention_metadata({})
