@@ -307,6 +307,16 @@ class WeightTracker:
         """Physically remove one unit (and its coupled slices) from the model."""
         return self._prune({group_id: [unit_id]}, dry_run=False)
 
+    def prune_units(
+        self, units: Mapping[int, Iterable[int]], dry_run: bool = False
+    ) -> surgery.PruneReport:
+        """Physically remove several units: ``{group id: [unit ids]}`` (atomic).
+
+        Groups sharing a layer (heads and head dimensions) are removed together, every id
+        numbered as in the current ``tracker.groups``.
+        """
+        return self._prune(units, dry_run=dry_run)
+
     def prune_zero_units(
         self, ignore: Sequence[Any] = (), ignore_prune: Sequence[Any] = (), dry_run: bool = False
     ) -> surgery.PruneReport:

@@ -49,7 +49,13 @@ class StructureView:
 
 @attrs.frozen
 class ZeroUnitsView:
-    """Zero units per group, with the Torch-Pruning indices that would remove them."""
+    """Zero units per group, with the Torch-Pruning indices that would remove them.
+
+    What ``tracker.view_zero_units()`` returns. ``to_dict()`` is keyed by group name:
+    ``{"group_id", "kind", "n_units", "zero_units", "root_module", "tp_indices"}``, where
+    ``tp_indices`` are the indices on ``root_module`` that ``prune_zero_units()`` passes to
+    Torch-Pruning (attention positions ``head * head_dim + d`` for head groups).
+    """
 
     groups: tuple[CanonicalUnitGroup, ...]
     zero_units: dict[int, list[int]]
@@ -68,6 +74,9 @@ class ZeroUnitsView:
             }
         return out
 
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
     @property
     def num_zero_units(self) -> int:
         return sum(len(v) for v in self.zero_units.values())
@@ -78,7 +87,8 @@ class ZeroUnitsView:
         lines = [f"{self.num_zero_units} zero units in {len(self.zero_units)} groups"]
         for name, info in self.to_dict().items():
             lines.append(f"[{info['group_id']}] {name}: {len(info['zero_units'])}/"
-                         f"{info['n_units']} zero: units {info['zero_units']}")
+                         f"{info['n_units']} zero: units {info['zero_units']}; Torch-Pruning "
+                         f"indices on {info['root_module'] or '<model>'}: {info['tp_indices']}")
         return "\n".join(lines)
 
 
