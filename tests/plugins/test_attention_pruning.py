@@ -325,3 +325,32 @@ def test_mha_with_separate_kdim_refuses_physical_embedding_prune():
     with pytest.raises(PruningError, match="kdim"):
         tracker.prune_unit(group.id, 0)
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+
+
+def test_transformer_encoder_layer_head_pruning_parity_in_eval_no_grad():
+    """The encoder layer's fused fast path must not receive the pruned widths."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 16)
+            self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.out(self.layer(self.inp(x)).mean(1))
+
+    model = Encoder().eval()
+    x = sequence_input()
+    attn = model.layer.self_attn
+    tracker = WeightTracker(model, x, num_heads={attn: 4}, prune_num_heads=True,
+                            ignored_layers=[model.out])
+    heads = next(g for g in tracker.groups if g.kind == "head")
+    dims = next(g for g in tracker.groups if g.kind == "head_dim")
+    tracker.fake_prune_units({heads.id: [1, 3], dims.id: [0, 2]})  # an even head count left
+    with torch.no_grad():
+        expected = model(x)
+    tracker.prune_zero_units()
+    assert (attn.num_heads, attn.head_dim) == (2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)

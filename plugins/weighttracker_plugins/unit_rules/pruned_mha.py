@@ -24,7 +24,8 @@ counts a stock one of the same widths. ``batch_first``, unbatched inputs,
 head), ``bias_k`` / ``bias_v``, ``add_zero_attn``, dropout and ``need_weights`` /
 ``average_attn_weights`` work; the averaged attention weights average the remaining heads.
 Separate q/k/v projections (``kdim`` / ``vdim`` different from ``embed_dim``) are not
-supported.
+supported. A converted layer carries a no-op forward pre-hook (:func:`no_fused_kernels`)
+so that ``nn.TransformerEncoderLayer`` never sends it to its fused fast path.
 """
 
 from __future__ import annotations
@@ -190,11 +191,22 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         )
 
 
+def no_fused_kernels(module: nn.Module, args: object) -> None:
+    """A forward pre-hook that does nothing; its presence is what counts.
+
+    ``nn.TransformerEncoderLayer`` (eval, no grad) hands its ``self_attn`` weights to a
+    fused kernel that assumes the stock widths, unless some submodule has a hook.
+    """
+    return None
+
+
 def _init_pruned_state(mha: nn.MultiheadAttention) -> None:
     mha.attn_dim = mha.num_heads * mha.head_dim  # type: ignore[assignment]
     mha.scale = float(mha.head_dim) ** -0.5  # type: ignore[assignment]
     mha.head_ids = tuple(range(mha.num_heads))  # type: ignore[assignment]
     mha.original_num_heads = mha.num_heads  # type: ignore[assignment]
+    if no_fused_kernels not in mha._forward_pre_hooks.values():
+        mha.register_forward_pre_hook(no_fused_kernels)
 
 
 def make_prunable(mha: nn.MultiheadAttention) -> PrunedMultiheadAttention:
