@@ -78,18 +78,30 @@ class _Param:
         return self.outer * (self.channels % BLOCK) * self.inner
 
 
-def block_nonzeros(weight: torch.Tensor, axis: int) -> torch.Tensor:
-    """Non-zeros of every complete block of 4 along ``axis`` (int64 ``[outer, C // 4, inner]``).
+def block_histogram(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """How many complete blocks of 4 along ``axis`` hold 0, 1, 2, 3 and 4 zeros.
 
-    ``[[0., 1., 0., 2., 5.]]`` with ``axis=1`` gives ``tensor([[[2]]])`` (the 5 is a tail).
+    Returns int64 ``[5]``. ``[[0., 1., 0., 2., 5.]]`` with ``axis=1`` gives
+    ``tensor([0, 0, 1, 0, 0])``: one block with two zeros (the 5 is a tail element).
+
+    The zero mask is viewed as ``[outer, C // 4, 4, inner]`` (no copy) and its four block
+    lanes are added as ``uint8``; one ``bincount`` then histograms the blocks (under
+    ``torch.use_deterministic_algorithms`` on an accelerator, five comparisons instead).
     """
     shape = weight.shape
     outer = math.prod(shape[:axis])
     channels = shape[axis]
     inner = math.prod(shape[axis + 1 :])
     full = channels // BLOCK * BLOCK
-    viewed = weight.reshape(outer, channels, inner)[:, :full]
-    return torch.count_nonzero(viewed.reshape(outer, full // BLOCK, BLOCK, inner), dim=2)
+    zero = (weight.reshape(outer, channels, inner)[:, :full] == 0).view(torch.uint8)
+    lanes = zero.reshape(outer, full // BLOCK, BLOCK, inner)
+    per_block = lanes[:, :, 0] + lanes[:, :, 1]
+    per_block += lanes[:, :, 2]
+    per_block += lanes[:, :, 3]
+    flat = per_block.reshape(-1)
+    if flat.device.type != "cpu" and torch.are_deterministic_algorithms_enabled():
+        return torch.stack([(flat == k).sum() for k in range(BLOCK + 1)])
+    return torch.bincount(flat, minlength=BLOCK + 1)
 
 
 class Nvidia24Sparsity:
@@ -132,31 +144,16 @@ class Nvidia24Sparsity:
             blocks.index_add_(0, self._param_layer, torch.tensor([float(p.blocks) for p in self.params], dtype=torch.float64))
             tails.index_add_(0, self._param_layer, torch.tensor([float(p.tail) for p in self.params], dtype=torch.float64))
         self._layer_blocks = blocks
-        ends = [0]
-        for p in self.params:
-            ends.append(ends[-1] + p.blocks)
-        self._block_ends = torch.tensor(ends, dtype=torch.long)
         self._layer_tails = tails
 
     def _counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Strict and eligible block counts per parameter (float64).
-
-        One ``count_nonzero`` per parameter, then a single pass over every block: the
-        flags are concatenated and summed per parameter through a cumulative sum read at
-        the parameters' boundaries (deterministic, no per-block index tensor).
-        """
+        """Strict and eligible block counts per parameter (float64)."""
         with torch.no_grad():
-            parts = [
-                block_nonzeros(self.structure.resolver(p.name), axis).reshape(-1)
+            histograms = torch.stack([
+                block_histogram(self.structure.resolver(p.name), axis)
                 for p, axis in zip(self.params, self.axes)
-            ]
-            nonzeros = torch.cat(parts)
-            flags = torch.stack([nonzeros == 2, nonzeros <= 2]).to(torch.int64)
-            running = torch.nn.functional.pad(flags.cumsum(dim=1), (1, 0))
-            ends = self._block_ends.to(nonzeros.device)
-            at_ends = running.index_select(1, ends)
-            per_param = (at_ends[:, 1:] - at_ends[:, :-1]).to(torch.float64)
-        return per_param[0], per_param[1]
+            ]).to(torch.float64)
+        return histograms[:, 2], histograms[:, 2:].sum(dim=1)
 
     def track(self, values: Any) -> dict[str, Any]:
         num_layers = len(self.labels)

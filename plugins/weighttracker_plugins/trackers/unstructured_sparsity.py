@@ -7,8 +7,9 @@ linears, embeddings; ``in_proj_weight`` / ``out_proj.weight`` of attention), rea
 layer really uses them: ``weight_orig * weight_mask`` under ``torch.nn.utils.prune``, the
 computed value under ``torch.nn.utils.parametrize`` (a fake quantizer's rounded zeros count).
 
-Worked example: a ``Linear(4, 2)`` with 3 zeros out of 8 and a ``Conv2d`` with 0 zeros out
-of 24 give ``sparsity = 3 / 32 = 0.09375`` (the mean of layer fractions would be 0.1875).
+Worked example: a ``Linear(4, 2)`` with 3 zeros out of 8 and a ``Conv2d(2, 4, 2)`` with 0
+zeros out of 32 give ``sparsity = 3 / 40 = 0.075`` (the mean of the layer fractions would
+be ``(3 / 8 + 0) / 2 = 0.1875``).
 
 Normalisation layers (their scales are weights of a different kind, and structured
 sparsity shows up in the layers they follow) are not counted unless named in
