@@ -67,6 +67,8 @@ class CostModel:
         slot_axis: ``[S]`` axis of each covered position ("slot").
         cov_slot, cov_unit: ``[K]`` pairs: slot ``cov_slot[k]`` is covered by global unit
             ``cov_unit[k]``.
+        single_cover: Whether every slot has exactly one unit (no head/head-dim overlap);
+            then a dead pair is a dead slot and one kernel is saved.
         term_layer, term_macs: ``[T]`` layer and baseline MACs of each cost term.
         pair_term, pair_axis: ``[P]`` the axes each term scales with.
         baseline: ``[L]`` float64 baseline MACs per layer (sum of its terms).
@@ -118,6 +120,8 @@ class CostModel:
         self.slot_axis = torch.tensor(slot_axis, dtype=torch.long)
         self.cov_slot = torch.tensor([s for s, _ in pairs], dtype=torch.long)
         self.cov_unit = torch.tensor([u for _, u in pairs], dtype=torch.long)
+        self.single_cover = len(pairs) == len(slot_axis)  # no channel has two units
+        self.pair_axis_of_cover = self.slot_axis.index_select(0, self.cov_slot)
         self._build_terms(structure, macs_by_operator, axis_of)
         self.custom = tuple(
             (info.index, rule.cost_fn, {label: j for (i, label), j in axis_of.items() if i == info.index})
@@ -169,8 +173,8 @@ class CostModel:
     def on(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The index tensors on ``device`` (copied once per device)."""
         if device not in self._on:
-            names = ("axis_layer", "axis_size", "slot_axis", "cov_slot", "cov_unit", "term_layer",
-                     "term_macs", "pair_term", "pair_axis", "baseline")
+            names = ("axis_layer", "axis_size", "slot_axis", "cov_slot", "cov_unit", "pair_axis_of_cover",
+                     "term_layer", "term_macs", "pair_term", "pair_axis", "baseline")
             self._on[device] = {n: getattr(self, n).to(device) for n in names}
         return self._on[device]
 
@@ -178,10 +182,12 @@ class CostModel:
         """Active positions of every axis (float64 ``[J]``) for boolean ``[num_units]``."""
         t = self.on(unit_active.device)
         dead_pairs = (~unit_active).to(torch.float64).index_select(0, t["cov_unit"])
+        dead = torch.zeros_like(t["axis_size"])
+        if self.single_cover:  # one unit per channel: a dead pair is a dead channel
+            return t["axis_size"] - dead.index_add_(0, t["pair_axis_of_cover"], dead_pairs)
         dead_slots = torch.zeros(len(self.slot_axis), dtype=torch.float64, device=unit_active.device)
         dead_slots.index_add_(0, t["cov_slot"], dead_pairs)
-        dead = torch.zeros_like(t["axis_size"]).index_add_(0, t["slot_axis"], (dead_slots > 0).to(torch.float64))
-        return t["axis_size"] - dead
+        return t["axis_size"] - dead.index_add_(0, t["slot_axis"], (dead_slots > 0).to(torch.float64))
 
     def axis_ratio(self, axis_active: torch.Tensor) -> torch.Tensor:
         """``active / size`` per axis (1 for an empty axis)."""
