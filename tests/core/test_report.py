@@ -68,7 +68,8 @@ def _inspect_data():
             "id": 0, "name": "conv<1>:prune_out_channels", "kind": "channel", "n_units": 4,
             "members": [{"module": "conv<1>", "type": "Conv2d", "axis": "out_channel",
                          "slices": [{"param": "weight", "dims": [0]}]}]}]},
-        "metrics": {"structured_bops": {"compression": 0.25, "modules": {"conv": {"bops": 1.0}}}},
+        "metrics": {"structured_bops": {"compression": 0.25, "modules": {"conv": {"bops": 1.0}}},
+                    "norms": {"groups": {"conv": {"min": 0.5}}}},
         "unavailable": {"l2_norm_distribution": "not installed"},
         "notes": ["a note"],
     }
@@ -81,6 +82,7 @@ def test_inspect_text_lists_groups_metrics_and_unavailable_trackers():
     assert "    structured_bops/compression: 0.25" in text
     assert "modules" not in text  # per-layer detail is for --format json
     assert "l2_norm_distribution: unavailable (not installed)" in text
+    assert "    norms: per-layer or per-group values only (see --format json)" in text
 
 
 def test_inspect_html_escapes_names():

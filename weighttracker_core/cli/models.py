@@ -75,7 +75,8 @@ def load_model(spec: str, regs: Registries) -> tuple[nn.Module, tuple[int, ...]]
         raise UnknownNameError(
             f"MODEL {spec!r}: {prefix!r} is neither an installed model source ({listed}) nor an "
             f"importable module ({_first_line(err)}). Install the plugin that provides "
-            f"{prefix!r} models, or name a factory as package.module:function."
+            f"{prefix!r} models, or name a factory as package.module:function of a module "
+            "that is installed or on PYTHONPATH."
         ) from None
     factory: Any = module
     for part in name.split("."):

@@ -101,8 +101,12 @@ def inspect_text(data: Mapping[str, Any]) -> str:
         "",
         "Metrics:",
     ]
-    metrics = list(scalar_metrics(data.get("metrics", {})))
-    lines.extend(f"    {key}: {number(value)}" for key, value in metrics)
+    metrics = data.get("metrics", {})
+    for name, values in metrics.items():
+        scalars = list(scalar_metrics({name: values}))
+        lines.extend(f"    {key}: {number(value)}" for key, value in scalars)
+        if not scalars:
+            lines.append(f"    {name}: per-layer or per-group values only (see --format json)")
     if not metrics:
         lines.append("    (none)")
     for name, reason in data.get("unavailable", {}).items():
