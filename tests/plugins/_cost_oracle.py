@@ -77,7 +77,6 @@ def weight_zero_counts(module: nn.Module, params) -> tuple[int, int]:
         tensor = orig * getattr(owner, f"{attr}_mask") if orig is not None else getattr(owner, attr)
         if tensor is None:
             continue
-        for value in tensor.detach().reshape(-1).tolist():
-            zeros += value == 0.0
-            numel += 1
+        zeros += int((tensor.detach() == 0).sum())
+        numel += tensor.numel()
     return zeros, numel
