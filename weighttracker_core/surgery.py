@@ -27,6 +27,7 @@ from .errors import PruningError, WeightTrackerError
 from .specs import HeadPruner
 from .structure import Structure
 from .units import CanonicalUnitGroup
+from .views import short_list
 
 HEAD_FNS = ("prune_num_heads", "prune_head_dims")
 
@@ -62,7 +63,7 @@ class PruneReport:
         verb = "would remove" if self.dry_run else "removed"
         lines = [f"Physical prune {verb} {self.num_units} units in {len(self.units)} groups"]
         for name, units in self.units.items():
-            lines.append(f"  {name}: units {units}")
+            lines.append(f"  {name}: units {short_list(units)}")
         if not self.dry_run:
             lines.append(f"  parameters: {self.params_before} -> {self.params_after}")
         return "\n".join(lines)

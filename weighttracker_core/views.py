@@ -47,6 +47,21 @@ class StructureView:
         return "\n".join(lines)
 
 
+def short_list(values: Sequence[int], limit: int = 12) -> str:
+    """``[0, 1, 2, ..., 9] (10)`` style: long id lists shortened for printing.
+
+    >>> short_list(list(range(20)), limit=4)
+    '[0, 1, ..., 18, 19] (20 ids)'
+    """
+    values = list(values)
+    if len(values) <= limit:
+        return str(values)
+    half = limit // 2
+    head = ", ".join(map(str, values[:half]))
+    tail = ", ".join(map(str, values[-half:]))
+    return f"[{head}, ..., {tail}] ({len(values)} ids)"
+
+
 @attrs.frozen
 class ZeroUnitsView:
     """Zero units per group, with the Torch-Pruning indices that would remove them.
@@ -87,8 +102,9 @@ class ZeroUnitsView:
         lines = [f"{self.num_zero_units} zero units in {len(self.zero_units)} groups"]
         for name, info in self.to_dict().items():
             lines.append(f"[{info['group_id']}] {name}: {len(info['zero_units'])}/"
-                         f"{info['n_units']} zero: units {info['zero_units']}; Torch-Pruning "
-                         f"indices on {info['root_module'] or '<model>'}: {info['tp_indices']}")
+                         f"{info['n_units']} zero: units {short_list(info['zero_units'])}; "
+                         f"Torch-Pruning indices on {info['root_module'] or '<model>'}: "
+                         f"{short_list(info['tp_indices'])}")
         return "\n".join(lines)
 
 
