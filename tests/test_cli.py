@@ -77,16 +77,26 @@ def test_plugins_text_names_plugins_and_what_they_register(capsys):
 
 
 def test_plugins_broken_plugin_is_a_clear_error(capsys, monkeypatch):
-    from weighttracker_core import PluginError, default_plugin_manager
+    from weighttracker_core import default_plugin_manager
 
-    def broken():
-        raise PluginError("Plugin entry point 'x' failed to import: boom")
+    real = importlib.metadata.entry_points
+    broken = importlib.metadata.EntryPoint(name="broken_plugin", value="no_such_module_xyz",
+                                           group="weighttracker")
 
-    monkeypatch.setattr("weighttracker_core.cli.common.default_plugin_manager", broken)
-    code, out, err = run(capsys, "plugins")
-    assert code == 1
-    assert "failed to import: boom" in err and "Traceback" not in err
+    def entry_points(**kwargs):
+        found = list(real(**kwargs))
+        return found + [broken] if kwargs.get("group") == "weighttracker" else found
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
     default_plugin_manager.cache_clear()
+    try:
+        code, out, err = run(capsys, "plugins")
+    finally:
+        monkeypatch.undo()
+        default_plugin_manager.cache_clear()
+    assert code == 1 and out == ""
+    assert "'broken_plugin' = 'no_such_module_xyz'" in err and "failed to import" in err
+    assert "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------ inspect
