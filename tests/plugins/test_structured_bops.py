@@ -207,3 +207,15 @@ def test_stale_after_physical_prune():
     tracker.prune_unit(group.id, 0)
     with pytest.raises(StaleConsumerError):
         handle.track()
+
+
+def test_physically_pruned_attention_matches_a_second_pruned_copy():
+    # after a first physical prune the attention width (heads x head dims) and the
+    # embedding width differ; a new tracker must size each axis by its own width
+    model, inputs = MHANet(), sequence_input()
+    tracker = WeightTracker(model, inputs, num_heads={model.attn: 4}, prune_num_heads=True)
+    fake_prune_randomly(tracker, seed=11, share=1.0)
+    tracker.prune_zero_units()
+    width = model.attn.in_proj_weight.shape[0] // 3
+    assert width != model.attn.out_proj.out_features
+    _check_against_pruned_copy(model, inputs, num_heads={model.attn: model.attn.num_heads}, prune_num_heads=True)
