@@ -45,11 +45,20 @@ CASES = {
 }
 
 
-def pick_units(tracker, seed: int, max_fraction: float = 0.5) -> dict[int, list[int]]:
+def prunable(group) -> bool:
+    """Whether physical pruning supports the group (MHA embedding channels are refused)."""
+    return not any(
+        issubclass(m.module_type, nn.MultiheadAttention) and str(m.axis) == "feature" for m in group.members
+    )
+
+
+def pick_units(tracker, seed: int, max_fraction: float = 0.5, only_prunable: bool = False) -> dict[int, list[int]]:
     """Random units of every group, never all of a group (so physical pruning may run)."""
     rng = random.Random(seed)
     chosen = {}
     for group in tracker.groups:
+        if only_prunable and not prunable(group):
+            continue
         k = rng.randint(0, max(0, int(group.n_units * max_fraction)))
         k = min(k, group.n_units - 1)
         if k:
@@ -69,9 +78,9 @@ def zero_random_weights(model: nn.Module, seed: int, per_tensor: int = 7) -> Non
             flat[idx] = 0.0
 
 
-def damage(tracker, model: nn.Module, seed: int) -> dict[int, list[int]]:
+def damage(tracker, model: nn.Module, seed: int, only_prunable: bool = False) -> dict[int, list[int]]:
     """Fake-prune random units, then zero random single weights; returns the units."""
-    units = pick_units(tracker, seed)
+    units = pick_units(tracker, seed, only_prunable=only_prunable)
     tracker.fake_prune_units(units)
     zero_random_weights(model, seed)
     return units
@@ -134,3 +143,14 @@ def block_histogram_by_start(weight: torch.Tensor, transposed: bool = False) -> 
         for k in range(5):
             hist[k] += int((zeros == k).sum())
     return hist, rows.shape[0] * (channels % 4)
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(weight elements, bias elements) of a model; biases: names whose last part has "bias"."""
+    weights = biases = 0
+    for name, param in model.named_parameters():
+        if "bias" in name.rsplit(".", 1)[-1]:
+            biases += param.numel()
+        else:
+            weights += param.numel()
+    return weights, biases
