@@ -13,6 +13,7 @@ Example: ``Linear(3, 2)`` whose output rows are units 0 and 1; zeroing unit 1 wr
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -88,14 +89,27 @@ def check_units(structure: Structure, units: Mapping[int, Iterable[int]]) -> dic
         )
     out: dict[int, set[int]] = {}
     for group_id, local in units.items():
-        group = structure.group(group_id)
+        group = structure.group(_as_int(group_id))
         if isinstance(local, (int, str, bytes)) or not isinstance(local, Iterable):
             raise TypeError(
                 f"units[{group_id}] must be a list of unit ids, got {local!r}; write "
                 f"{{{group_id}: [{local!r}]}} for one unit."
             )
-        out.setdefault(group.id, set()).update(structure.check_unit(group, u) for u in local)
+        out.setdefault(group.id, set()).update(structure.check_unit(group, _as_int(u)) for u in local)
     return out
+
+
+def _as_int(value: object) -> object:
+    """Integer-like ids (``numpy.int64``, 0-d integer tensors) as ``int``; others unchanged.
+
+    Floats, strings and bools stay as they are, so that the id check refuses them.
+    """
+    if isinstance(value, (bool, int, float, str)) or not hasattr(value, "__index__"):
+        return value
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return value
 
 
 def fake_prune_units_(structure: Structure, units: Mapping[int, Iterable[int]]) -> None:

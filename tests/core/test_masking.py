@@ -251,3 +251,11 @@ def test_a_bad_id_anywhere_changes_nothing(tiny):
         tracker.fake_prune_units([(0, [1])])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_integer_like_ids_are_accepted(tiny):
+    np = pytest.importorskip("numpy")
+    model, tracker = tiny
+    group = tracker.groups[0]
+    tracker.fake_prune_units({np.int64(group.id): [np.int64(1), torch.tensor(2)]})
+    assert tracker.zero_units() == {group.id: [1, 2]}
