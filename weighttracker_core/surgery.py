@@ -15,6 +15,7 @@ attention position, so heads and head dimensions removed together stay consisten
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -70,9 +71,8 @@ class PruneReport:
 
 
 def _copy_container(value: Any) -> Any:
-    if isinstance(value, (dict, set, list)):
-        return type(value)(value) if not isinstance(value, list) else list(value)
-    return value
+    """Containers (parameter/buffer/module dicts, hook dicts, name sets) one level deep."""
+    return copy.copy(value) if isinstance(value, (dict, set, list)) else value
 
 
 def _layout(t: torch.Tensor) -> tuple[Any, ...]:
