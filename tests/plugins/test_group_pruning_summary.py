@@ -229,6 +229,33 @@ def test_owner_counts_agree_with_an_element_level_brute_force():
             _Slice(rank, "weight", dims, view, list(range(len(m))), list(range(len(m))))
             for rank, ((view, dims), m) in enumerate(zip(specs, masks))
         ]
-        # first three nest (refined grid); all four do not (flat fallback)
+        # the first three cut disjoint factors (closed form); with rows of the [12, 4] view
+        # added they overlap (owner grid); all four have no common factorisation (flat)
         assert owner_counts(pieces[:3], masks[:3], 48) == _brute_owner_counts(specs[:3], masks[:3], 48), trial
+        rows_spec = ((12, 4), (0,))
+        rows_mask = torch.rand(12, generator=gen) < 0.3
+        rows = _Slice(1, "weight", (0,), (12, 4), list(range(12)), list(range(12)))
+        assert owner_counts([pieces[0], rows, *pieces[1:3]], [masks[0], rows_mask, *masks[1:3]], 48) == (
+            _brute_owner_counts([specs[0], rows_spec, *specs[1:3]], [masks[0], rows_mask, *masks[1:3]], 48)
+        ), trial
         assert owner_counts(pieces, masks, 48) == _brute_owner_counts(specs, masks, 48), trial
+
+
+def test_grouped_conv_overlap_matches_a_physical_prune():
+    # Conv2d(8, 8, groups=2) weight [8, 4, 3, 3]: its output rows 1, 5 (one group) and its
+    # input channels 0, 4 (column 0 of each conv group, another group) cross in 2 * 9
+    # elements: 72 + 72 - 18 = 126. With the stem's rows (2 * 27) and the last conv's
+    # columns (4 * 2 * 9): 54 + 126 + 72 = 252 weights, 4 biases.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3))
+    tracker = WeightTracker(model, torch.randn(1, 3, 12, 12))
+    stem, grouped = _group(tracker, "0:prune_out_channels"), _group(tracker, "2:prune_out_channels")
+    tracker.fake_prune_units({stem.id: [0, 4], grouped.id: [1, 5]})
+    out = _summary(tracker)
+    assert (out["pruned_params"], out["pruned_bias_params"]) == (252, 4)
+    low, high = sorted((stem, grouped), key=lambda g: g.id)
+    assert out["groups"][low.name]["pruned_params"] == {stem.id: 54 + 72, grouped.id: 72 + 72}[low.id]
+    before = param_counts(model)
+    tracker.prune_zero_units()
+    after = param_counts(model)
+    assert (before[0] - after[0], before[1] - after[1]) == (252, 4)

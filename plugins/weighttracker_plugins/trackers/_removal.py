@@ -14,10 +14,12 @@ Per parameter:
 * several slices with removed positions: the slices' views are refined into one common
   factorisation of the parameter (e.g. ``[3E, E]`` and ``(3, H, d, -1)`` both become
   ``(3, H, d, E)``); each slice's removed positions become a boolean mask over the factors
-  it cuts, broadcast over the rest. An "owner" grid over the cut factors keeps the lowest
-  slice rank covering each cell; counting ranks times the uncut factors gives exact
-  per-slice counts. The grid is at most as large as the parameter (for a 3x3 conv cut on
-  both channels it is ``K x C``, a ninth of it).
+  it cuts. When the slices cut disjoint factor sets ("axes": a conv's output and input
+  channels; heads, head dimensions and embedding columns of a fused projection) the counts
+  have a closed form over channel-length vectors (:func:`_axis_counts`). Otherwise an
+  "owner" grid over the cut factors keeps the lowest slice rank covering each cell;
+  counting ranks times the uncut factors gives exact per-slice counts (the grid is at most
+  as large as the parameter). Views with no common factorisation use the flat elements.
 
 Worked example: ``Conv2d(4, 4, 3)`` weight ``[4, 4, 3, 3]``, output channel 0 removed by
 group 1, input channels 0 and 1 by group 2: group 1 gets ``1 * 4 * 9 = 36`` elements,
@@ -96,6 +98,33 @@ def _factor_mask(piece: _Slice, mask: torch.Tensor, cuts: list[int], grid: list[
     return tensor.reshape([grid[f] for f in factors]), factors
 
 
+def _axis_counts(per_piece: Sequence[tuple[torch.Tensor, tuple[int, ...]]], sizes: dict[tuple[int, ...], int],
+                 uncut: int) -> list[int]:
+    """Closed form when every piece cuts exactly one of several disjoint factor sets ("axes").
+
+    An element survives the pieces ranked before ``r`` iff, on every axis, its coordinate
+    is outside the positions those pieces removed there. So piece ``r`` on axis ``a`` takes
+    ``|mask_r \\ removed_a| * prod_{b != a} (size_b - |removed_b|) * uncut`` elements:
+    a few channel-length vector operations instead of a grid.
+    """
+    removed: dict[tuple[int, ...], torch.Tensor] = {}
+    counts = []
+    for mask, axis in per_piece:
+        flat = mask.reshape(-1)
+        before = removed.get(axis)
+        new = flat if before is None else flat & ~before
+        others = [
+            sizes[b] - removed[b].sum() if b in removed else torch.tensor(sizes[b], device=flat.device)
+            for b in sizes if b != axis
+        ]
+        count = new.sum() * uncut
+        for value in others:
+            count = count * value
+        counts.append(count)
+        removed[axis] = flat if before is None else flat | before
+    return [int(c) for c in torch.stack(counts).tolist()]
+
+
 def owner_counts(pieces: Sequence[_Slice], masks: Sequence[torch.Tensor], numel: int) -> list[int]:
     """Elements each piece deletes first (pieces in rank order; see the module docstring)."""
     views = [p.view for p in pieces]
@@ -114,6 +143,10 @@ def owner_counts(pieces: Sequence[_Slice], masks: Sequence[torch.Tensor], numel:
         per_piece = [_factor_mask(p, m, cuts, grid) for p, m in zip(pieces, masks)]
         touched = sorted({f for _, fs in per_piece for f in fs})
         factor = math.prod(grid[f] for f in range(len(grid)) if f not in touched)
+        axes = {tuple(fs) for _, fs in per_piece}
+        if all(not set(a) & set(b) for a in axes for b in axes if a != b):
+            sizes = {a: math.prod(grid[f] for f in a) for a in sorted(axes)}
+            return _axis_counts([(t, tuple(fs)) for t, fs in per_piece], sizes, factor)
         grid = [grid[f] for f in touched]
         per_piece = [
             (t.reshape([grid[touched.index(f)] if f in fs else 1 for f in touched]), [0])
