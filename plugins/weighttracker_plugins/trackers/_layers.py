@@ -129,6 +129,15 @@ class WeightParams:
     numel: torch.Tensor
     storage: tuple[int, ...]
     num_layers: int
+    _on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = attrs.field(
+        factory=dict, eq=False, repr=False
+    )
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(layer, numel)`` on ``device`` (copied once per device)."""
+        if device not in self._on:
+            self._on[device] = (self.layer.to(device), self.numel.to(device))
+        return self._on[device]
 
     @classmethod
     def build(cls, structure: Structure) -> WeightParams:
@@ -164,4 +173,4 @@ class WeightParams:
     def per_layer(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-parameter ``values`` into one value per layer of the table."""
         out = torch.zeros(self.num_layers, dtype=values.dtype, device=values.device)
-        return out.index_add(0, self.layer.to(values.device), values)
+        return out.index_add(0, self.on(values.device)[0], values)

@@ -47,7 +47,7 @@ def weight_param_zeros(ctx: Any) -> torch.Tensor:
     with torch.no_grad():
         tensors = ctx.structure.resolver.many(table.names)
         nonzeros = count_nonzeros(tensors)
-    return table.numel.to(nonzeros.device) - nonzeros
+    return table.on(nonzeros.device)[1] - nonzeros
 
 
 CALCULATIONS = (
@@ -80,32 +80,31 @@ class UnstructuredSparsity:
         self.options: UnstructuredSparsityOptions = ctx.options
         self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name)
         table: WeightParams = ctx.graph.evaluation()["weight_param_table"]  # static: cached
-        self._keep = table.unique(info.index for info in self.layers)
-        self._rows = torch.tensor([info.index for info in self.layers], dtype=torch.long)
-        self._labels = [layer_label(info.name) for info in self.layers]
+        keep = table.unique(info.index for info in self.layers).to(torch.float64)
+        self._num_weights = int((table.numel * keep).sum())
+        rows = torch.tensor([info.index for info in self.layers], dtype=torch.long)
+        layer_numel = table.per_layer(table.numel)[rows]
+        present = layer_numel > 0
+        self._labels = [layer_label(i.name) for i, p in zip(self.layers, present.tolist()) if p]
+        self._static = (keep, rows[present], layer_numel[present])
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def track(self, values: Any) -> dict[str, Any]:
         zeros = values["weight_param_zeros"]
         table: WeightParams = values["weight_param_table"]
         device = zeros.device
-        keep = self._keep.to(device)
-        num_zero = zeros[keep].sum()
-        num = table.numel.to(device)[keep].sum()
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device) for t in self._static)
+        keep, rows, layer_numel = self._on[device]
+        num_zero = (zeros * keep).sum()
         out: dict[str, Any] = {
-            "sparsity": num_zero / num.clamp(min=1),
+            "sparsity": num_zero / max(self._num_weights, 1),
             "num_zero_weights": num_zero.to(torch.int64),
-            "num_weights": num.to(torch.int64),
+            "num_weights": self._num_weights,
         }
         if self.options.log_layerwise_stats:
-            rows = self._rows.to(device)
-            layer_zeros = table.per_layer(zeros)[rows]
-            layer_numel = table.per_layer(table.numel).to(device)[rows]
-            fractions = (layer_zeros / layer_numel.clamp(min=1)).tolist()
-            out["layers"] = {
-                label: fraction
-                for label, fraction, n in zip(self._labels, fractions, layer_numel.tolist())
-                if n > 0
-            }
+            fractions = (table.per_layer(zeros).index_select(0, rows) / layer_numel).tolist()
+            out["layers"] = dict(zip(self._labels, fractions))
         return out
 
 
