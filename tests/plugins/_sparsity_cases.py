@@ -52,7 +52,7 @@ def prunable(group) -> bool:
     )
 
 
-def pick_units(tracker, seed: int, max_fraction: float = 0.5, only_prunable: bool = False) -> dict[int, list[int]]:
+def pick_units(tracker, seed: int, max_fraction: float = 0.5, only_prunable: bool = False) -> dict:
     """Random units of every group, never all of a group (so physical pruning may run)."""
     rng = random.Random(seed)
     chosen = {}

@@ -164,7 +164,8 @@ def test_each_group_equals_its_share_of_cumulative_physical_prunes(case):
     previous = (0, 0)
     for group in tracker.groups:
         if group.id in units:
-            current = _removed(pristine, x, pristine_kwargs, seed, {g: u for g, u in units.items() if g <= group.id})
+            so_far = {g: u for g, u in units.items() if g <= group.id}
+            current = _removed(pristine, x, pristine_kwargs, seed, so_far)
         else:
             current = previous
         row = out["groups"][group.name]

@@ -23,7 +23,8 @@ def test_hand_worked_linear():
     # strict = 2 / 4, eligible = 3 / 4; the layer is neither strict nor eligible.
     model = nn.Sequential(nn.Linear(8, 2))
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[0, 0, 1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0, 1, 1]], dtype=torch.float))
+        rows = [[0, 0, 1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0, 1, 1]]
+        model[0].weight.copy_(torch.tensor(rows, dtype=torch.float))
     out = _stats(WeightTracker(model, torch.randn(1, 8)), log_layerwise_stats=True)
     assert out["strict_block_fraction"] == 0.5
     assert out["nvidia_eligible_block_fraction"] == 0.75
@@ -108,8 +109,10 @@ def test_small_models_match_block_loops(case):
         row = out["layers"][name]
         assert row["num_blocks"] == layer_blocks and row["tail_elements"] == layer_tail, name
         assert row["strict"] == (layer_tail == 0 and layer_blocks > 0 and layer_strict == layer_blocks)
-        strict, eligible, blocks, tail = strict + layer_strict, eligible + layer_eligible, blocks + layer_blocks, tail + layer_tail
-    assert (out["num_blocks"], out["num_strict_blocks"], out["num_eligible_blocks"]) == (blocks, strict, eligible)
+        strict, eligible = strict + layer_strict, eligible + layer_eligible
+        blocks, tail = blocks + layer_blocks, tail + layer_tail
+    counted = (out["num_blocks"], out["num_strict_blocks"], out["num_eligible_blocks"])
+    assert counted == (blocks, strict, eligible)
     assert out["tail_elements"] == tail
     assert out["strict_block_fraction"] == pytest.approx(strict / blocks)
     assert out["nvidia_eligible_block_fraction"] == pytest.approx(eligible / blocks)

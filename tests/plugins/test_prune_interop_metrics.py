@@ -33,8 +33,8 @@ def _gemm_layers(model):
 
 
 @pytest.mark.parametrize("build_first", [True, False])
-def test_global_unstructured_on_resnet18(build_first):
-    model = torchvision.models.resnet18(num_classes=10)
+def test_global_unstructured_on_mobilenet_v2(build_first):
+    model = torchvision.models.mobilenet_v2(num_classes=10)
     x = conv_input(1, 32)
     tracker = WeightTracker(model, x) if build_first else None
     prune.global_unstructured([(m, "weight") for m in _gemm_layers(model)],
@@ -55,12 +55,11 @@ def test_global_unstructured_on_resnet18(build_first):
     out = handle.track()
     zeros, total = _direct_zeros(model, x)
     assert out["unstructured_sparsity"]["num_zero_weights"] == zeros
-    hist = [0] * 5
-    for module in _gemm_layers(model):
-        h, _ = block_histogram_by_start(module.weight)
-        hist = [a + b for a, b in zip(hist, h)]
-    assert out["nvidia_2_4_sparsity"]["num_strict_blocks"] == hist[2]
-    assert out["nvidia_2_4_sparsity"]["num_eligible_blocks"] == sum(hist[2:])
+    layers = out["nvidia_2_4_sparsity"]["layers"]
+    for name in ("features.2.conv.0.0", "features.7.conv.2", "features.18.0", "classifier.1"):
+        hist, _ = block_histogram_by_start(model.get_submodule(name).weight)
+        assert layers[name]["strict_block_fraction"] == pytest.approx(hist[2] / sum(hist)), name
+        assert layers[name]["nvidia_eligible_block_fraction"] == pytest.approx(sum(hist[2:]) / sum(hist)), name
 
 
 def test_l1_and_random_unstructured_per_layer_on_catnet():
@@ -96,11 +95,13 @@ def test_parametrized_fake_quantizer_counts_rounded_zeros():
     for module in (model.conv2, model.conv3, model.fc):
         parametrize.register_parametrization(module, "weight", RoundToGrid(0.15))
     tracker = WeightTracker(model, x)
-    out = tracker.create_tracker(["unstructured_sparsity", "nvidia_2_4_sparsity"], log_layerwise_stats=True).track()
+    handle = tracker.create_tracker(["unstructured_sparsity", "nvidia_2_4_sparsity"], log_layerwise_stats=True)
+    out = handle.track()
     zeros, total = _direct_zeros(model, x)
     assert out["unstructured_sparsity"]["num_zero_weights"] == zeros
     assert out["unstructured_sparsity"]["sparsity"] == pytest.approx(zeros / total)
-    raw = sum(int((m.parametrizations.weight.original == 0).sum()) for m in (model.conv2, model.conv3, model.fc))
+    quantized = (model.conv2, model.conv3, model.fc)
+    raw = sum(int((m.parametrizations.weight.original == 0).sum()) for m in quantized)
     assert zeros > raw + 100  # the quantizer's zeros are what is counted
     h, _ = block_histogram_by_start(model.conv3.weight)
     row = out["nvidia_2_4_sparsity"]["layers"]["conv3"]
@@ -153,10 +154,12 @@ def test_structured_masks_count_as_pruned_units():
     assert out["l2_norm_distribution"]["groups"][group.name]["min"] == 0.0
     # make the masks permanent and remove the unit physically
     for module in model.modules():
-        for name in [n[: -len("_orig")] for n, _ in list(module.named_parameters(recurse=False)) if n.endswith("_orig")]:
+        masked = [n for n, _ in module.named_parameters(recurse=False) if n.endswith("_orig")]
+        for name in [n[: -len("_orig")] for n in masked]:
             prune.remove(module, name)
     fresh = WeightTracker(model, x)
     before = param_counts(model)
     fresh.prune_zero_units()
     after = param_counts(model)
-    assert (summary["pruned_params"], summary["pruned_bias_params"]) == (before[0] - after[0], before[1] - after[1])
+    removed = (before[0] - after[0], before[1] - after[1])
+    assert (summary["pruned_params"], summary["pruned_bias_params"]) == removed

@@ -85,7 +85,9 @@ def refine(shapes: Iterable[Sequence[int]]) -> tuple[int, ...] | None:
     return tuple(sizes)
 
 
-def _factor_mask(piece: _Slice, mask: torch.Tensor, cuts: list[int], grid: list[int]) -> tuple[torch.Tensor, list[int]]:
+def _factor_mask(
+    piece: _Slice, mask: torch.Tensor, cuts: list[int], grid: list[int]
+) -> tuple[torch.Tensor, list[int]]:
     """``mask`` over ``piece``'s positions as a tensor over refined factors it spans."""
     view = piece.view
     order = sorted(range(len(piece.dims)), key=lambda i: piece.dims[i])

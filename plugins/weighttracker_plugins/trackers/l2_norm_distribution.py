@@ -89,7 +89,9 @@ def segment_summary(
 
     def at(offset: torch.Tensor) -> torch.Tensor:
         index = (starts + offset).clamp(max=max(len(ordered) - 1, 0))
-        picked = ordered.index_select(0, index) if len(ordered) else torch.zeros_like(starts, dtype=values.dtype)
+        if not len(ordered):
+            return torch.zeros_like(starts, dtype=values.dtype)
+        picked = ordered.index_select(0, index)
         return torch.where(safe, picked, torch.zeros_like(picked))
 
     out: dict[str, torch.Tensor] = {"min": at(torch.zeros_like(counts))}

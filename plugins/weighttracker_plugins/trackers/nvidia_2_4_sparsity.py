@@ -136,15 +136,15 @@ class Nvidia24Sparsity:
                 )
                 self.axes.append(axis)
             self.labels.append(layer_label(info.name))
-        num_layers = len(self.labels)
-        self._param_layer = torch.tensor([p.layer for p in self.params], dtype=torch.long)
-        blocks = torch.zeros(num_layers, dtype=torch.float64)
-        tails = torch.zeros(num_layers, dtype=torch.float64)
+        param_layer = torch.tensor([p.layer for p in self.params], dtype=torch.long)
+        blocks = torch.zeros(len(self.labels), dtype=torch.float64)
+        tails = torch.zeros(len(self.labels), dtype=torch.float64)
         if self.params:
-            blocks.index_add_(0, self._param_layer, torch.tensor([float(p.blocks) for p in self.params], dtype=torch.float64))
-            tails.index_add_(0, self._param_layer, torch.tensor([float(p.tail) for p in self.params], dtype=torch.float64))
-        self._layer_blocks = blocks
-        self._layer_tails = tails
+            per_param = torch.tensor([[p.blocks, p.tail] for p in self.params], dtype=torch.float64)
+            blocks.index_add_(0, param_layer, per_param[:, 0])
+            tails.index_add_(0, param_layer, per_param[:, 1])
+        self._static = (param_layer, blocks, tails)
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Strict and eligible block counts per parameter (float64)."""
@@ -167,11 +167,12 @@ class Nvidia24Sparsity:
             }
         strict, eligible = self._counts()
         device = strict.device
-        index = self._param_layer.to(device)
-        layer_strict = torch.zeros(num_layers, dtype=torch.float64, device=device).index_add_(0, index, strict)
-        layer_eligible = torch.zeros(num_layers, dtype=torch.float64, device=device).index_add_(0, index, eligible)
-        blocks = self._layer_blocks.to(device)
-        tails = self._layer_tails.to(device)
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device) for t in self._static)
+        index, blocks, tails = self._on[device]
+        empty = torch.zeros(num_layers, dtype=torch.float64, device=device)
+        layer_strict = empty.index_add(0, index, strict)
+        layer_eligible = empty.index_add(0, index, eligible)
         clean = (tails == 0) & (blocks > 0)
         strict_layers = clean & (layer_strict == blocks)
         eligible_layers = clean & (layer_eligible == blocks)
