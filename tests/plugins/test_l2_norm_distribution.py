@@ -108,3 +108,13 @@ def test_segment_summary_handles_empty_and_single_segments():
     assert out["p50"].tolist() == [1.0, 0.0, 4.5]
     assert out["min"].tolist() == [1.0, 0.0, 2.0] and out["max"].tolist() == [1.0, 0.0, 7.0]
     assert out["num_below_threshold"].tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("kind", ["l2_norm_distribution", "group_pruning_summary", "nvidia_2_4_sparsity"])
+def test_filters_that_select_no_layer_raise(kind):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    tracker = WeightTracker(model, torch.randn(1, 3))
+    with pytest.raises(ConfigError, match="select"):
+        tracker.create_tracker(kind, include=[model[1]])  # the ReLU owns no weights
+    with pytest.raises(ConfigError):
+        tracker.create_tracker(kind, include=[model[0]], ignore=[nn.Linear])
