@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+
 import torch
 
 from weighttracker_core import ParamRole, Selection, Structure
