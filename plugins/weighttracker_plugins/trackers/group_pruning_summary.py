@@ -61,17 +61,25 @@ class GroupPruningSummary:
             listed.index_fill_(0, owners[numel > 0].unique(), True)
         labels = group_labels(groups)
         self.groups = [(g.id, labels[g.id]) for g in groups if listed[g.id]]
+        self._static = (numel > 0, owners)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(unit has selected weights, group of each unit)`` on ``device``."""
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device) for t in self._static)  # type: ignore[assignment]
+        return self._on[device]
 
     def _removed(self, values: Any) -> torch.Tensor:
         if self.everything:
             return ~values["unit_active"]
         with torch.no_grad():
             peak = self.plan.unit_reduce("max_abs")
-        return (peak == 0) & (self.plan.unit_numel().to(peak.device) > 0)
+        return (peak == 0) & self._device(peak.device)[0]
 
     def track(self, values: Any) -> dict[str, Any]:
         removed = self._removed(values)
-        owners = self.structure.group_of_unit.to(removed.device)
+        owners = self._device(removed.device)[1]
         per_group_units = torch.zeros(len(self.structure.groups), dtype=torch.int64, device=removed.device)
         per_group_units = per_group_units.index_add(0, owners, removed.to(torch.int64)).tolist()
         counts = self.counter.count(removed)
