@@ -226,13 +226,80 @@ class DependencyGraphHandle:
         """
         self._untrusted = set(untrusted_params)
         self._check_reshapes()
+        self._check_concat_inputs()
         ignored = [sub for layer in self.ignored_layers for sub in layer.modules()]
         out = []
-        for group in self.dg.get_all_groups(
-            ignored_layers=ignored, root_module_types=self.root_module_types
-        ):
-            out.append(self._to_raw(group, check=group[0].dep.target.module not in attention_roots))
+        with self._bounded_search():
+            for group in self.dg.get_all_groups(
+                ignored_layers=ignored, root_module_types=self.root_module_types
+            ):
+                out.append(
+                    self._to_raw(group, check=group[0].dep.target.module not in attention_roots)
+                )
         return out
+
+    @contextlib.contextmanager
+    def _bounded_search(self) -> Iterator[None]:
+        """Stop Torch-Pruning's group search if it keeps adding dependencies.
+
+        Some graphs (a tensor reaching one ``cat`` through two paths, say) make its index
+        mapping produce ever larger index sets, and the search never ends. A group never
+        needs more entries than a small multiple of the graph's nodes.
+        """
+        limit = 10 * len(self.dg.module2node) + 1000
+        original = tp.dependency.group.Group.add_dep
+
+        def add_dep(group: Any, dep: Any, idxs: Any) -> None:
+            if len(group._group) >= limit:
+                raise CouplingError(
+                    f"Torch-Pruning's search for the group of {dep.source.name} did not end "
+                    f"(more than {limit} dependencies): its index mapping loops, typically "
+                    "because one tensor reaches a torch.cat through two paths. Add the layer "
+                    "to ignored_layers, or restructure that part of the forward."
+                )
+            original(group, dep, idxs)
+
+        tp.dependency.group.Group.add_dep = add_dep  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            tp.dependency.group.Group.add_dep = original  # type: ignore[method-assign]
+
+    def _check_concat_inputs(self) -> None:
+        """Refuse a ``torch.cat`` whose inputs come from one tensor through two paths."""
+        for node in self.dg.module2node.values():
+            if node.type != _OPTYPE.CONCAT:
+                continue
+            seen: dict[Any, int] = {}
+            for position, start in enumerate(node.inputs):
+                for upstream in self._upstream_operations(start):
+                    if seen.setdefault(upstream, position) != position:
+                        consumer = next(iter(self._consumer_modules(node)), "the output")
+                        raise CouplingError(
+                            f"The inputs of a torch.cat ({node.grad_fn.name()}) feeding "
+                            f"{consumer} come from one tensor along two paths "
+                            f"(both reach {self._label(upstream)}); "
+                            "Torch-Pruning cannot map its channels. Add the layers before the "
+                            "cat to ignored_layers."
+                        )
+
+    def _label(self, node: Any) -> str:
+        if isinstance(node.module, nn.Module) and node.module in self._names:
+            return f"{self._names[node.module]} ({type(node.module).__name__})"
+        return node.grad_fn.name() if node.grad_fn is not None else str(node.module)
+
+    def _upstream_operations(self, node: Any) -> set[Any]:
+        """``node`` and the nodes above it up to (and including) the nearest layers."""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if isinstance(n.module, nn.Module) and n.module in self._names:
+                continue
+            stack.extend(n.inputs)
+        return seen
 
     def axis_of(self, handler: Callable[..., Any]) -> PruneAxis:
         is_out = self.dg.is_out_channel_pruning_fn(handler)

@@ -149,3 +149,21 @@ def test_example_inputs_that_do_not_fit_are_a_clear_error():
         _track(model, torch.zeros(1, 5))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.training
+
+
+class TwoPathConcat(nn.Module):
+    """One tensor reaches a cat twice; Torch-Pruning's index mapping would loop forever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4 * 2 * 2 + 1, 3)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(1)
+        return self.fc(torch.cat([y, y[:, :1]], 1))
+
+
+def test_concat_of_one_tensor_along_two_paths_is_refused_not_hung():
+    with pytest.raises(CouplingError, match=r"torch\.cat.*feeding fc.*conv \(Conv2d\)"):
+        _track(TwoPathConcat(), torch.randn(1, 3, 2, 2))
