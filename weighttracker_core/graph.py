@@ -270,18 +270,21 @@ class DependencyGraphHandle:
         for node in self.dg.module2node.values():
             if node.type != _OPTYPE.CONCAT:
                 continue
-            seen: dict[Any, int] = {}
-            for position, start in enumerate(node.inputs):
-                for upstream in self._upstream_operations(start):
-                    if seen.setdefault(upstream, position) != position:
-                        consumer = next(iter(self._consumer_modules(node)), "the output")
-                        raise CouplingError(
-                            f"The inputs of a torch.cat ({node.grad_fn.name()}) feeding "
-                            f"{consumer} come from one tensor along two paths "
-                            f"(both reach {self._label(upstream)}); "
-                            "Torch-Pruning cannot map its channels. Add the layers before the "
-                            "cat to ignored_layers."
-                        )
+            reach = [self._upstream_operations(start) for start in node.inputs]
+            for i, first in enumerate(reach):
+                for second in reach[i + 1 :]:
+                    common = first & second
+                    if not common:
+                        continue
+                    layers = sorted(self._label(n) for n in common if n.module in self._names)
+                    source = layers[0] if layers else sorted(self._label(n) for n in common)[0]
+                    consumer = next(iter(self._consumer_modules(node)), "the output")
+                    raise CouplingError(
+                        f"The inputs of a torch.cat ({node.grad_fn.name()}) feeding {consumer} "
+                        f"come from one tensor along two paths (both from {source}); "
+                        "Torch-Pruning cannot map its channels. Add the layers before the cat "
+                        "to ignored_layers."
+                    )
 
     def _label(self, node: Any) -> str:
         if isinstance(node.module, nn.Module) and node.module in self._names:
