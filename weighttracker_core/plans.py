@@ -4,11 +4,14 @@ A plan is compiled once per structure. Every member slice of every group is a *k
 ``(parameter, dims, view)`` plus ``(position, unit)`` pairs; slices that share a key share
 one reduction. Per call the plan
 
-1. reduces each key's parameter over all dims but the sliced ones (one kernel per key:
-   ``vector_norm`` / ``sum`` / ``amax`` along the other dims, never a copy of a slice),
+1. transforms each parameter once, element-wise (square, abs, ``== 0``), into a buffer the
+   plan reuses, and reduces it for each of its keys over the other dims in contiguous
+   stages (a parameter cut on rows only takes one fused ``vector_norm``); no slice is
+   ever copied,
 2. concatenates those per-position vectors (one kernel),
-3. gathers the owned positions and scatters them into units (one ``index_add`` or
-   ``scatter_reduce``).
+3. gathers the owned positions, sorted by unit when the plan is compiled, and reduces
+   each unit's run (one ``segment_reduce``: deterministic on every device, unlike an
+   ``index_add`` with atomics).
 
 So the work per call grows with the number of distinct parameter slices, never with the
 number of groups, members or units, and nothing loops over members.
@@ -129,6 +132,8 @@ class _Key:
         if list(self.dims) != kept:
             order = sorted(range(len(self.dims)), key=lambda i: self.dims[i])
             t = t.permute(*[order.index(i) for i in range(len(self.dims))])
+        if len(kept) == len(self.shape):
+            return t.reshape(-1).clone()  # nothing was reduced: do not hand out the scratch
         return t.reshape(-1)
 
 
@@ -204,9 +209,17 @@ class ReductionPlan:
         self.num_positions = offset
         flat_gather = [k.offset + p for k, g in zip(self.keys, gather) for p in g]
         flat_units = [u for us in units for u in us]
-        self._gather = torch.tensor(flat_gather, dtype=torch.long)
-        self._units = torch.tensor(flat_units, dtype=torch.long)
+        units_tensor = torch.tensor(flat_units, dtype=torch.long)
+        # owned positions sorted by unit: one deterministic segment reduction per call (an
+        # index_add would use atomics on GPUs, and the same weights could sum differently)
+        order = torch.argsort(units_tensor, stable=True)
+        self._gather = torch.tensor(flat_gather, dtype=torch.long)[order]
+        self._lengths = torch.bincount(units_tensor, minlength=self.num_units)
+        self._units = units_tensor
         self._param_names = list(dict.fromkeys(k.name for k in self.keys))
+        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._recipes: dict[int, Any] = {}
+        self._largest = max((math.prod(resolver(n).shape) for n in self._param_names), default=0)
         self._keys_by_param: dict[int, list[int]] = {}
         for k, key in enumerate(self.keys):
             self._keys_by_param.setdefault(self._param_names.index(key.name), []).append(k)
@@ -223,9 +236,9 @@ class ReductionPlan:
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._device != device:
             self._gather = self._gather.to(device)
-            self._units = self._units.to(device)
+            self._lengths = self._lengths.to(device)
             self._device = device
-        return self._gather, self._units
+        return self._gather, self._lengths
 
     def _positions(self, op: str, tensors: Sequence[torch.Tensor], fused: bool = True) -> torch.Tensor:
         """Per-position reductions of every key, concatenated in key order.
@@ -245,12 +258,44 @@ class ReductionPlan:
                     norm = torch.linalg.vector_norm(rows, _ROW_NORMS[op], dim=1)
                     parts[k] = norm.square() if op == "sum_sq" else norm
                 continue
-            values = _elementwise(tensor, op)
+            if tensor.requires_grad and torch.is_grad_enabled():
+                values = _elementwise(tensor, op)
+            else:
+                values = self._elementwise_scratch(tensor, op)
             for k, key in zip(key_ids, keys):
                 parts[k] = key.reduce(values, maximum)
         if op == "zeros":
             return torch.cat([p.to(torch.float64) for p in parts])  # type: ignore[union-attr]
         return torch.cat(parts)  # type: ignore[arg-type]
+
+    def _elementwise_scratch(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """``_elementwise`` written into a buffer the plan keeps between calls.
+
+        Large temporaries would otherwise be fresh allocations on every call, and on CPU
+        the page faults of fresh memory cost as much as the arithmetic. One buffer, the
+        size of the largest parameter, is reused parameter after parameter.
+        """
+        if op == "sum":
+            return tensor
+        dtype = torch.bool if op == "zeros" else tensor.dtype
+        key = (dtype, tensor.device)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < tensor.numel():
+            buffer = torch.empty(self._largest, dtype=dtype, device=tensor.device)
+            self._scratch[key] = buffer
+        out = buffer[: tensor.numel()].view(tensor.shape)
+        if op == "sum_sq":
+            return torch.mul(tensor, tensor, out=out)
+        if op == "zeros":
+            return torch.eq(tensor, 0, out=out)
+        return torch.abs(tensor, out=out)
+
+    def _recipe(self, param_index: int) -> Any:
+        """The cached backward recipe of one parameter (see ``_backward_recipe``)."""
+        if param_index not in self._recipes:
+            keys = [self.keys[k] for k in self._keys_by_param[param_index]]
+            self._recipes[param_index] = _backward_recipe(keys)
+        return self._recipes[param_index]
 
     # ---------------------------------------------------------------------------- public
 
@@ -291,7 +336,7 @@ class ReductionPlan:
         if not tensors:
             return torch.zeros(self.num_units)
         device, dtype = tensors[0].device, tensors[0].dtype
-        gather, units = self._indices(device)
+        gather, lengths = self._indices(device)
         inner = "sum_sq" if op == "l2" else op
         grad = grad and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
@@ -300,11 +345,13 @@ class ReductionPlan:
             else:
                 positions = self._positions(inner, tensors, fused=not grad)
             values = positions.index_select(0, gather)
-            out = torch.zeros(self.num_units, device=device, dtype=values.dtype)
-            if op == "max_abs":
-                out = out.scatter_reduce(0, units, values, reduce="amax", include_self=True)
+            if self.num_units == 0:
+                out = values.new_zeros(0)
             else:
-                out = out.index_add(0, units, values)
+                out = torch.segment_reduce(
+                    values, "max" if op == "max_abs" else "sum", lengths=lengths,
+                    unsafe=True, initial=0.0,
+                )
             if op == "l2":
                 out = safe_sqrt(out)
         return out if op == "zeros" else out.to(dtype)
@@ -320,10 +367,11 @@ _ANALYTIC_GRADS = ("sum_sq", "l1", "sum")
 class _PositionReduction(torch.autograd.Function):
     """Per-position sums with a hand-written backward (the regularizer hot path).
 
-    Forward reuses the fused no-grad reductions. Backward builds, per parameter, the sum
-    of every key's position gradients broadcast over the dims that key reduced, then
-    multiplies by the element-wise derivative (``2w`` for squares, ``sign(w)`` for |w|):
-    two passes over each parameter instead of autograd's chain of temporaries.
+    Forward reuses the fused no-grad reductions. Backward needs, per parameter, the sum of
+    every key's position gradients broadcast over the dims that key reduced, times the
+    element-wise derivative (``2w`` for squares, ``sign(w)`` for |w|). The broadcast sums
+    are added in the parameter's finest view while they are still small (a conv's rows and
+    columns meet in ``[out, in, 1, 1]``), so each parameter is written about once.
     """
 
     @staticmethod
@@ -336,34 +384,114 @@ class _PositionReduction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan: ReductionPlan = ctx.plan
         tensors = ctx.saved_tensors
+        if ctx.op == "sum_sq":
+            grad = grad * 2  # d(w^2)/dw = 2w: scale the short vector, not the parameters
         grads: list[torch.Tensor | None] = [None] * len(tensors)
         for pi, key_ids in plan._keys_by_param.items():
             if not ctx.needs_input_grad[2 + pi]:
                 continue
             tensor = tensors[pi]
             keys = [plan.keys[k] for k in key_ids]
-            spreads = [key.broadcast(grad[key.offset : key.offset + key.length]) for key in keys]
-            viewed = [i for i, key in enumerate(keys) if key.view is not None]
-            if not viewed and len(keys) <= 2:
-                # expanded views: one broadcasting add (or none) materialises the sum
-                total = spreads[0] if len(keys) == 1 else spreads[0] + spreads[1]
-                owned = len(keys) == 2
-            else:
-                # accumulate in place in one buffer, each key through its own view of it
-                first = viewed[0] if viewed else 0
-                total = spreads[first].contiguous().view(tensor.shape)
-                for i, (key, spread) in enumerate(zip(keys, spreads)):
-                    if i != first:
-                        total.view(key.shape).add_(spread)
-                owned = True
+            recipe = plan._recipe(pi)
+            if recipe is not None:
+                fine, groups = recipe
+                terms = []
+                for group in groups:
+                    term = None
+                    for start, stop, sizes, order, target in group:
+                        part = grad[start:stop]
+                        if order is not None:
+                            part = part.reshape(sizes).permute(*order)
+                        part = part.reshape(target)
+                        term = part if term is None else term + part
+                    terms.append(term)
+                if ctx.op == "sum":
+                    total = terms[0].expand(fine).contiguous()
+                    for term in terms[1:]:
+                        total.add_(term)
+                    grads[pi] = total.view(tensor.shape)
+                    continue
+                factor = (tensor if ctx.op == "sum_sq" else tensor.sign()).reshape(fine)
+                if len(terms) == 1:
+                    out = torch.mul(factor, terms[0])
+                else:  # the broadcast sum written once into the result, then scaled in place
+                    out = torch.add(terms[0].expand(fine), terms[1])
+                    for term in terms[2:]:
+                        out.add_(term)
+                    out.mul_(factor)
+                grads[pi] = out.view(tensor.shape)
+                continue
+            # views that do not refine one another: accumulate in one full buffer
+            parts = [grad[key.offset : key.offset + key.length] for key in keys]
+            total = keys[0].broadcast(parts[0]).contiguous().view(tensor.shape)
+            for key, part in zip(keys[1:], parts[1:]):
+                total.view(key.shape).add_(key.broadcast(part))
             if ctx.op == "sum_sq":
-                out = total.mul_(tensor) if owned else torch.mul(total, tensor)
-                grads[pi] = out.mul_(2)
+                total.mul_(tensor)
             elif ctx.op == "l1":
-                grads[pi] = total.mul_(tensor.sign()) if owned else torch.mul(total, tensor.sign())
-            else:
-                grads[pi] = total if owned else total.contiguous()
+                total.mul_(tensor.sign())
+            grads[pi] = total
         return (None, None, *grads)
+
+
+def _merge_ranges(fine: Sequence[int], coarse: Sequence[int]) -> list[range] | None:
+    """For each dim of ``coarse``, the run of ``fine`` dims it merges (``None`` if it does not).
+
+    ``fine = (3, 4, 8, 32)`` and ``coarse = (96, 32)`` give ``[range(0, 3), range(3, 4)]``.
+    """
+    out, i = [], 0
+    for size in coarse:
+        start, product = i, 1
+        while i < len(fine) and product < size:
+            product *= fine[i]
+            i += 1
+        if product != size:
+            return None
+        out.append(range(start, i))
+    if i != len(fine):
+        if any(fine[j] != 1 for j in range(i, len(fine))) or not out:
+            return None
+        out[-1] = range(out[-1].start, len(fine))
+    return out
+
+
+def _backward_recipe(keys: Sequence[_Key]) -> Any:
+    """How to spread one parameter's position gradients over its finest view.
+
+    Returns ``(fine shape, term groups)`` — each group a list of ``(start, stop, sizes,
+    order, target)`` reshapes of a slice of the position-gradient vector whose broadcast
+    sum is one term — or ``None`` when the keys' views do not refine one another. Terms
+    whose sum stays small (at most a quarter of the parameter: a conv's rows and columns
+    meet in ``[out, in, 1, 1]``, a head and a head dimension in ``[1, heads, dim, 1]``) are
+    grouped, so the caller adds them before touching the full tensor; the remaining terms
+    are added straight into the gradient buffer.
+    """
+    fine = max((tuple(key.shape) for key in keys), key=len)
+    numel = math.prod(fine)
+    groups: list[tuple[list[int], list[Any]]] = []  # (union shape, pieces)
+    for key in keys:
+        ranges = _merge_ranges(fine, key.shape)
+        if ranges is None:
+            return None
+        kept = sorted(key.dims)
+        order = None
+        if list(key.dims) != kept:
+            order = tuple(key.dims.index(d) for d in kept)
+        target = [1] * len(fine)
+        for d in kept:
+            for j in ranges[d]:
+                target[j] = fine[j]
+        piece = (key.offset, key.offset + key.length, tuple(key.shape[d] for d in key.dims),
+                 order, tuple(target))
+        for union, pieces in groups:
+            merged = [max(a, b) for a, b in zip(union, target)]
+            if 4 * math.prod(merged) <= numel:
+                union[:] = merged
+                pieces.append(piece)
+                break
+        else:
+            groups.append((list(target), [piece]))
+    return fine, [pieces for _, pieces in groups]
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
