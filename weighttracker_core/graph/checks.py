@@ -1,0 +1,364 @@
+"""Couplings Torch-Pruning is known to get wrong: repaired or refused (SPEC §3.1).
+
+* ``torch.split`` / ``torch.unbind``: Torch-Pruning gives the i-th *traced consumer* the
+  i-th chunk, but consumers are traced in graph order, not chunk order. The consumers are
+  re-ordered by the autograd output number they read, and splits whose chunks cannot be
+  matched one-to-one to consumers are refused.
+* A flatten (``view`` / ``reshape`` that folds spatial positions into features) preceded by
+  a ``permute`` / ``transpose``: Torch-Pruning assumes channel-major order. Refused.
+* Channel shuffles (``view`` that splits the channel axis, a transpose of the split axes,
+  ``reshape`` back): Torch-Pruning treats them as identity. Refused.
+* A ``torch.cat`` fed by one tensor along two paths: the index mapping loops. Refused, and
+  the group search is bounded in case another graph makes it loop.
+* Groups in which only some of the root's channels reach any consumer (e.g. a fused
+  ``qkv`` projection without ``num_heads``), indices out of range or repeated: refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import CouplingError
+from ..units import PruneAxis
+
+if TYPE_CHECKING:
+    from .handle import RawGroup
+
+_OPTYPE = tp.ops.OPTYPE
+_DATA_MOVEMENT = ("permute", "transpose")
+
+
+class GraphChecks:
+    """Checks over one traced ``DependencyGraph``.
+
+    Args:
+        dg: The Torch-Pruning graph.
+        names: ``{module: qualified name}`` of the model's modules.
+    """
+
+    def __init__(self, dg: Any, names: dict[nn.Module, str]) -> None:
+        self.dg = dg
+        self._names = names
+
+    def before_groups(self) -> None:
+        """Graph-wide checks, run before any group is enumerated."""
+        self._check_reshapes()
+        self._check_concat_inputs()
+
+    def fix_chunk_order(self) -> None:
+        """Give the i-th consumer of a split/unbind the i-th chunk, or refuse."""
+        for node in list(self.dg.module2node.values()):
+            if node.type not in (_OPTYPE.SPLIT, _OPTYPE.UNBIND) or not node.outputs:
+                continue
+            refs: list[tuple[int, Any]] = []
+            for out in dict.fromkeys(node.outputs):
+                fns = getattr(out.grad_fn, "next_functions", ()) or ()
+                refs.extend((nr, out) for fn, nr in fns if fn is node.grad_fn)
+            chunks = len(node.module.offsets) - 1 if node.module.offsets else None
+            numbers = sorted(nr for nr, _ in refs)
+            if chunks is None or numbers != list(range(chunks)) or len(refs) != len(node.outputs):
+                if node.module.offsets is None:
+                    continue  # Torch-Pruning does not map indices through it
+                consumer = next(iter(self._consumer_modules(node)), "the model output")
+                raise CouplingError(
+                    f"Cannot verify how the chunks of {node.grad_fn.name()} feed "
+                    f"{consumer}: {chunks} chunks but consumers read outputs {numbers}. "
+                    "Unused or repeated chunks break Torch-Pruning's index mapping. Add "
+                    "the layers before this split to ignored_layers."
+                )
+            node.outputs[:] = [out for _, out in sorted(refs, key=lambda r: r[0])]
+
+    @contextlib.contextmanager
+    def bounded_search(self) -> Iterator[None]:
+        """Stop Torch-Pruning's group search if it keeps adding dependencies.
+
+        Some graphs (a tensor reaching one ``cat`` through two paths, say) make its index
+        mapping produce ever larger index sets, and the search never ends. A group never
+        needs more entries than a small multiple of the graph's nodes.
+        """
+        limit = 10 * len(self.dg.module2node) + 1000
+        original = tp.dependency.group.Group.add_dep
+
+        def add_dep(group: Any, dep: Any, idxs: Any) -> None:
+            if len(group._group) >= limit:
+                raise CouplingError(
+                    f"Torch-Pruning's search for the group of {dep.source.name} did not end "
+                    f"(more than {limit} dependencies): its index mapping loops, typically "
+                    "because one tensor reaches a torch.cat through two paths. Add the layer "
+                    "to ignored_layers, or restructure that part of the forward."
+                )
+            original(group, dep, idxs)
+
+        tp.dependency.group.Group.add_dep = add_dep  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            tp.dependency.group.Group.add_dep = original  # type: ignore[method-assign]
+
+    def _check_concat_inputs(self) -> None:
+        """Refuse a ``torch.cat`` whose inputs come from one tensor through two paths."""
+        for node in self.dg.module2node.values():
+            if node.type != _OPTYPE.CONCAT:
+                continue
+            reach = [self._upstream_operations(start) for start in node.inputs]
+            for i, first in enumerate(reach):
+                for second in reach[i + 1 :]:
+                    common = first & second
+                    if not common:
+                        continue
+                    layers = sorted(self._label(n) for n in common if n.module in self._names)
+                    source = layers[0] if layers else sorted(self._label(n) for n in common)[0]
+                    consumer = next(iter(self._consumer_modules(node)), "the output")
+                    raise CouplingError(
+                        f"The inputs of a torch.cat ({node.grad_fn.name()}) feeding {consumer} "
+                        f"come from one tensor along two paths (both from {source}); "
+                        "Torch-Pruning cannot map its channels. Add the layers before the cat "
+                        "to ignored_layers."
+                    )
+
+    def _label(self, node: Any) -> str:
+        if isinstance(node.module, nn.Module) and node.module in self._names:
+            return f"{self._names[node.module]} ({type(node.module).__name__})"
+        return node.grad_fn.name() if node.grad_fn is not None else str(node.module)
+
+    def _upstream_operations(self, node: Any) -> set[Any]:
+        """``node`` and the nodes above it up to (and including) the nearest layers."""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if isinstance(n.module, nn.Module) and n.module in self._names:
+                continue
+            stack.extend(n.inputs)
+        return seen
+
+    def _consumer_modules(self, node: Any) -> Iterator[str]:
+        seen, stack = set(), list(node.outputs)
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if isinstance(n.module, nn.Module) and n.module in self._names:
+                yield self._names[n.module]
+                continue
+            stack.extend(n.outputs)
+
+    def _producer_channels(self, node: Any) -> int | None:
+        """Output channels of the nearest layer upstream of ``node``, if any."""
+        seen, stack = set(), list(node.inputs)
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if isinstance(n.module, nn.Module) and n.module in self._names:
+                return self.dg.get_out_channels(n.module)
+            stack.extend(n.inputs)
+        return None
+
+    def _check_reshapes(self) -> None:
+        for node in self.dg.module2node.values():
+            if node.type != _OPTYPE.RESHAPE:
+                continue
+            flattening = any(
+                type(m).__name__ == "_FlattenIndexMapping"
+                for dep in node.dependencies
+                for m in dep.index_mapping
+            ) or any(
+                type(m).__name__ == "_FlattenIndexMapping"
+                for n in node.inputs
+                for dep in n.dependencies
+                if dep.target is node
+                for m in dep.index_mapping
+            )
+            if flattening:
+                permute = _find_upstream_permute(node)
+                if permute is not None:
+                    consumer = next(iter(self._consumer_modules(node)), "the output")
+                    raise CouplingError(
+                        f"A {permute} before the flatten ({node.grad_fn.name()}) that feeds "
+                        f"{consumer} reorders channels; Torch-Pruning would map them as "
+                        "channel-major and couple the wrong features. Flatten in NCHW order, "
+                        f"or add {consumer} to ignored_layers."
+                    )
+            shuffle = _shuffle_transpose(node, self._producer_channels(node))
+            if shuffle is not None:
+                consumer = next(iter(self._consumer_modules(node)), "the output")
+                raise CouplingError(
+                    f"A channel shuffle (view, {shuffle}, reshape) feeds {consumer}: "
+                    "Torch-Pruning treats it as identity and would couple the wrong "
+                    "channels. Add the layers before the shuffle to ignored_layers."
+                )
+
+    def check_group(
+        self,
+        raw: RawGroup,
+        channels: Callable[[nn.Module, PruneAxis], int | None],
+        *,
+        coverage: bool = True,
+        untrusted: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        """Indices in range and unique; with ``coverage``, every root channel consumed.
+
+        Groups holding a parameter in ``untrusted`` are skipped: the caller drops them.
+        """
+        for item in raw.items:
+            if item.param_name is not None:
+                full = f"{item.module_name}.{item.param_name}" if item.module_name else item.param_name
+                if full in untrusted:
+                    return
+        covered: set[int] = set()
+        has_consumer = False
+        for item in raw.items:
+            size = (
+                _param_dim_size(item.module, item.param_name, item.pruning_dim)
+                if item.param_name is not None
+                else channels(item.module, item.axis)
+            )
+            if size is not None and any(not 0 <= i < size for i in item.idxs):
+                raise CouplingError(
+                    f"Group {raw.root_name}:{raw.pruning_fn} maps indices outside "
+                    f"{item.module_name or item.param_name} ({item.axis}, size {size})."
+                )
+            if len(set(item.idxs)) != len(item.idxs):
+                raise CouplingError(
+                    f"Group {raw.root_name}:{raw.pruning_fn} maps two units onto one index "
+                    f"of {item.module_name} ({item.axis})."
+                )
+            if item.axis is PruneAxis.IN_CHANNEL:
+                has_consumer = True
+                covered.update(item.root_idxs)
+        if coverage and has_consumer and len(covered) != raw.n_root:
+            missing = sorted(set(range(raw.n_root)) - covered)
+            span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
+            raise CouplingError(
+                f"Only {len(covered)} of the {raw.n_root} output channels of "
+                f"{raw.root_name} reach a consumer (channels {span} do not): Torch-Pruning "
+                "lost them in an operation it cannot follow (for a fused attention "
+                f"projection: unbind into q, k, v). If {raw.root_name} is a fused qkv "
+                f"projection pass num_heads={{model.get_submodule({raw.root_name!r}): heads}}; "
+                "otherwise add it "
+                "to ignored_layers."
+            )
+
+
+def _param_dim_size(owner: nn.Module, attr: str | None, dim: int | None) -> int | None:
+    if attr is None or dim is None:
+        return None
+    return int(getattr(owner, attr).shape[dim])
+
+
+def _grad_name(node: Any) -> str:
+    fn = node.grad_fn
+    return fn.name().lower() if fn is not None and hasattr(fn, "name") else ""
+
+
+def _find_upstream_permute(node: Any) -> str | None:
+    """A permute/transpose between ``node`` and the nearest upstream module, if any."""
+    seen, stack = set(), list(node.inputs)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n.module, nn.Module) and n.type not in (
+            _OPTYPE.ELEMENTWISE,
+            _OPTYPE.RESHAPE,
+            _OPTYPE.CONCAT,
+            _OPTYPE.SPLIT,
+        ):
+            continue
+        name = _grad_name(n)
+        if any(word in name for word in _DATA_MOVEMENT):
+            return n.grad_fn.name()
+        stack.extend(n.inputs)
+    return None
+
+
+def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:
+    meta = getattr(grad_fn, "_input_metadata", None)
+    if not meta:
+        return None
+    try:
+        return tuple(int(s) for s in meta[0].shape)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _channel_axis(before: tuple[int, ...], channels: int | None) -> int:
+    """The channel axis of a tensor of shape ``before`` made by a layer with ``channels``.
+
+    Dim 1 of 4-D and larger tensors (NCHW) and the last dim otherwise; a channels-last
+    tensor (``(B, H, W, C)``, as in Swin's window partition) has its channels last.
+    """
+    default = 1 if len(before) >= 4 else len(before) - 1
+    if channels is not None and before[default] != channels and before[-1] == channels:
+        return len(before) - 1
+    return default
+
+
+def _split_axis(
+    before: tuple[int, ...], after: tuple[int, ...], channel: int | None = None
+) -> tuple[int, int] | None:
+    """If ``after`` only splits the channel axis of ``before``: the ``after`` axes it became.
+
+    ``channel`` is the channel axis of ``before`` (default: see :func:`_channel_axis`).
+    """
+    if len(after) <= len(before):
+        return None
+    i = 0
+    while i < len(before) and before[i] == after[i]:
+        i += 1
+    j = 0
+    while j < len(before) - i - 1 and before[-1 - j] == after[-1 - j]:
+        j += 1
+    if i + j != len(before) - 1:
+        return None
+    if channel is None:
+        channel = _channel_axis(before, None)
+    if i != channel:
+        return None
+    start, stop = i, len(after) - j
+    if math.prod(after[start:stop]) != before[i] or stop - start < 2:
+        return None
+    return start, stop
+
+
+def _shuffle_transpose(node: Any, channels: int | None = None) -> str | None:
+    """For a reshape node that splits one axis: a following transpose of the split axes.
+
+    ``channels`` is the channel count of the layer producing the reshaped tensor, if known.
+    """
+    fn = node.grad_fn
+    before = getattr(fn, "_saved_self_sym_sizes", None)
+    after = _output_shape(fn)
+    if before is None or after is None:
+        return None
+    before = tuple(int(s) for s in before)
+    split = _split_axis(before, after, _channel_axis(before, channels))
+    if split is None:
+        return None
+    start, stop = split
+    for out in node.outputs:
+        name = _grad_name(out)
+        # moving a singleton axis reorders nothing
+        split = {d for d in range(start, stop) if after[d] > 1}
+        if "transpose" in name:
+            dims = {int(out.grad_fn._saved_dim0) % len(after), int(out.grad_fn._saved_dim1) % len(after)}
+            if dims <= split:
+                return out.grad_fn.name()
+        elif "permute" in name:
+            order = [int(d) % len(after) for d in out.grad_fn._saved_dims]
+            kept = [d for d in order if d in split]
+            if kept != sorted(kept):
+                return out.grad_fn.name()
+    return None
