@@ -33,12 +33,13 @@ BitwidthFn = Callable[[str, nn.Module], Any]
 
 def check_bitwidth(value: Any, layer: str, kind: str) -> int:
     """``value`` as an int if it is a whole number >= 1, else ``ValueError`` (SPEC §5.7)."""
-    if not is_whole_number(value) or int(value.item() if isinstance(value, torch.Tensor) else value) < 1:
+    number = value.item() if is_whole_number(value) and isinstance(value, torch.Tensor) else value
+    if not is_whole_number(value) or int(number) < 1:
         raise ConfigError(
             f"{kind}_bitwidth_fn returned {value!r} for layer {layer!r}; bit-widths must be "
             "whole numbers >= 1 (int, integral float or scalar tensor)."
         )
-    return int(value.item() if isinstance(value, torch.Tensor) else value)
+    return int(number)
 
 
 class WeightTracker:
@@ -106,11 +107,11 @@ class WeightTracker:
         self.weight_bitwidth_fn = weight_bitwidth_fn
         self.activation_bitwidth_fn = activation_bitwidth_fn
         self.integrations = self._select_integrations(integrations)
-        filled: dict[str, Any] = {}
-        for integration in self.integrations:
-            filled.update(integration.tracker_options(model) or {})
         self._user_num_heads = dict(num_heads) if num_heads is not None else None
-        heads = self._user_num_heads if self._user_num_heads is not None else filled.get("num_heads")
+        heads = (
+            self._user_num_heads if self._user_num_heads is not None
+            else self._integration_options().get("num_heads")
+        )
         self._options = StructureOptions(
             num_heads=dict(heads or {}),
             prune_num_heads=prune_num_heads,
@@ -139,12 +140,17 @@ class WeightTracker:
             return tuple(spec for spec in registry.specs() if spec.applies_to(self.model))
         return tuple(registry.get(name) for name in integrations)
 
+    def _integration_options(self) -> dict[str, Any]:
+        """Tracker options the selected integrations read off the model as it is now."""
+        filled: dict[str, Any] = {}
+        for integration in self.integrations:
+            filled.update(integration.tracker_options(self.model) or {})
+        return filled
+
     def _build(self, version: int) -> None:
         if self.integrations and version > 0 and self._user_num_heads is None:
-            filled: dict[str, Any] = {}
-            for integration in self.integrations:
-                filled.update(integration.tracker_options(self.model) or {})
-            self._options = _evolve(self._options, num_heads=dict(filled.get("num_heads") or {}))
+            heads = self._integration_options().get("num_heads") or {}
+            self._options = _evolve(self._options, num_heads=dict(heads))
         ignored = tuple(
             p for integration in self.integrations
             for p in (integration.ignored_parameters(self.model) or ())
