@@ -238,22 +238,17 @@ class Structure:
     # ------------------------------------------------------------------------------ plans
 
     def plan(self, selection: Selection | None = None) -> ReductionPlan:
-        """The reduction plan over every member (or only the selected members)."""
+        """The reduction plan over every member (or only the selected members), cached."""
         if selection is None or selection.is_everything:
             key: Any = None
         else:
-            key = (selection.include, selection.ignore)
-            key = tuple(id(x) if isinstance(x, nn.Module) else x for x in key[0]), tuple(
-                id(x) if isinstance(x, nn.Module) else x for x in key[1]
+            key = tuple(
+                tuple(id(x) if isinstance(x, nn.Module) else x for x in items)
+                for items in (selection.include, selection.ignore)
             )
         if key not in self._plans:
-            keep = None
-            if key is not None:
-                assert selection is not None
-
-                def keep(group: CanonicalUnitGroup, name: str) -> bool:
-                    return selection.selects(name)
-
+            chosen = selection if key is not None else None
+            keep = (lambda group, name: chosen.selects(name)) if chosen is not None else None
             self._plans[key] = ReductionPlan(self.groups, self.resolver, keep)
         return self._plans[key]
 

@@ -12,30 +12,6 @@ def param_of(model, module_name: str, param: str) -> torch.Tensor:
     return obj
 
 
-def slice_at(tensor: torch.Tensor, piece, position: int) -> torch.Tensor:
-    """The elements of ``tensor`` at one position of a member slice, by explicit indexing."""
-    shape = piece.viewed_shape(tuple(tensor.shape))
-    viewed = tensor.reshape(shape)
-    index: list = [slice(None)] * len(shape)
-    rest = position
-    for dim in reversed([d % len(shape) for d in piece.dims]):
-        index[dim] = rest % shape[dim]
-        rest //= shape[dim]
-    return viewed[tuple(index)]
-
-
-def unit_slices(model, groups):
-    """``{global unit id: [tensor slices]}`` by looping over groups, members and positions."""
-    out: dict[int, list[torch.Tensor]] = {}
-    for group in groups:
-        for member in group.members:
-            for piece in member.slices:
-                tensor = param_of(model, member.module_name, piece.param)
-                for position, unit in zip(piece.positions, piece.units):
-                    out.setdefault(group.offset + unit, []).append(slice_at(tensor, piece, position))
-    return out
-
-
 def slice_rows(tensor: torch.Tensor, piece) -> torch.Tensor:
     """``[positions, elements]``: every position of a member slice as one row.
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.utils.prune as prune
 import torchvision
 
-from _oracles import unit_rows, unit_slices
+from _oracles import unit_rows
 from models import MHANet, sequence_input
 from plugin_managers import core_plugin_manager as PM
 from weighttracker_core import PlanError, WeightTracker

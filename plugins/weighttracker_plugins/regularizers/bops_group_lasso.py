@@ -38,8 +38,7 @@ from weighttracker_core import ConfigError, RegularizerSpec, hookimpl
 from ..calculations.cost import read_bitwidths
 from ..calculations.cost_model import CostModel
 from ..trackers._layers import counted_layers
-from .group_lasso import _check_rate
-from .proximal import UnitScaler
+from .proximal import ProximalStep
 
 
 @attrs.frozen(kw_only=True)
@@ -92,7 +91,7 @@ class BopsGroupLasso:
                 "weight would be 0. Select layers listed by tracker.view_structures() that "
                 "have MACs, or use group_lasso."
             )
-        self._scaler: UnitScaler | None = None
+        self._proximal = ProximalStep(self.structure, self.selection, self.plan)
 
     # --------------------------------------------------------------------------- weights
 
@@ -141,18 +140,9 @@ class BopsGroupLasso:
         Returns:
             The factor applied to each global unit (0: the unit is now exactly zero).
         """
-        lr = _check_rate("lr", lr)
-        strength = _check_rate("strength", strength)
-        with torch.no_grad():
-            norms = self.plan.unit_reduce("l2")
-            threshold = (lr * strength) * self.unit_weights().to(device=norms.device, dtype=norms.dtype)
-            factors = torch.where(
-                norms > threshold, 1 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0
-            )
-            if self._scaler is None:
-                self._scaler = UnitScaler(self.structure, self.selection)
-            self._scaler.scale_(factors)
-        return factors
+        return self._proximal(
+            lr, strength, lambda norms: self.unit_weights().to(device=norms.device, dtype=norms.dtype)
+        )
 
 
 @hookimpl

@@ -23,7 +23,6 @@ per unit: every element of unit ``u`` is multiplied by
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
@@ -31,7 +30,7 @@ import torch
 
 from weighttracker_core import ConfigError, RegularizerSpec, hookimpl
 
-from .proximal import UnitScaler
+from .proximal import ProximalStep
 
 WEIGHTINGS = ("sqrt_numel", "none")
 
@@ -46,18 +45,6 @@ class GroupLassoOptions:
     """
 
     weighting: str = attrs.field(default="sqrt_numel", validator=attrs.validators.in_(WEIGHTINGS))
-
-
-def _check_rate(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"proximal_step_ needs a number for {name}=, got {value!r}.")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(
-            f"proximal_step_ needs a finite {name} >= 0, got {value!r}. Pass the optimizer's "
-            "learning rate as lr= and the penalty's multiplier in the loss as strength=."
-        )
-    return value
 
 
 class GroupLasso:
@@ -86,7 +73,7 @@ class GroupLasso:
             self._coefficients = torch.sqrt(numel)
         else:
             self._coefficients = (numel > 0).to(numel.dtype)
-        self._scaler: UnitScaler | None = None
+        self._proximal = ProximalStep(self.structure, self.selection, self.plan)
 
     def coefficients(self, like: torch.Tensor | None = None) -> torch.Tensor:
         """``c_u`` of every global unit (0 for units with no selected element)."""
@@ -143,18 +130,7 @@ class GroupLasso:
                 lasso.proximal_step_(lr=0.1, strength=0.05)
             tracker.prune_zero_units()
         """
-        lr = _check_rate("lr", lr)
-        strength = _check_rate("strength", strength)
-        with torch.no_grad():
-            norms = self.plan.unit_reduce("l2")
-            threshold = (lr * strength) * self.coefficients(norms)
-            factors = torch.where(
-                norms > threshold, 1 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0
-            )
-            if self._scaler is None:
-                self._scaler = UnitScaler(self.structure, self.selection)
-            self._scaler.scale_(factors)
-        return factors
+        return self._proximal(lr, strength, self.coefficients)
 
 
 @hookimpl

@@ -16,11 +16,25 @@ Example: a ``Linear(2, 2)`` whose rows are units 0 and 1 with
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from weighttracker_core import MemberSlice, Selection, Structure, stored_parameter
+from weighttracker_core import ConfigError, MemberSlice, Selection, Structure, stored_parameter
+
+
+def check_rate(name: str, value: Any) -> float:
+    """``value`` as a finite float >= 0, else a ``ConfigError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"proximal_step_ needs a number for {name}=, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(
+            f"proximal_step_ needs a finite {name} >= 0, got {value!r}. Pass the optimizer's "
+            "learning rate as lr= and the penalty's multiplier in the loss as strength=."
+        )
+    return value
 
 
 class _SliceScaler:
@@ -121,3 +135,34 @@ class UnitScaler:
         with torch.no_grad():
             for piece in self._slices:
                 piece.scale_(factors)
+
+
+class ProximalStep:
+    """Block soft-thresholding of canonical units, shared by the group-lasso regularizers.
+
+    ``step(lr, strength, coefficients)`` multiplies every element of unit ``u`` by
+    ``max(0, 1 - lr * strength * c_u / ||w_u||_2)`` in place (no autograd), where
+    ``coefficients(norms)`` gives ``c_u``; it returns those factors. Example: norms
+    ``[5, 0.5]``, ``c = [1, 1]``, ``lr * strength = 1`` give factors ``[0.8, 0.0]``.
+    """
+
+    def __init__(self, structure: Structure, selection: Selection, plan: Any) -> None:
+        self.structure = structure
+        self.selection = selection
+        self.plan = plan
+        self._scaler: UnitScaler | None = None
+
+    def __call__(
+        self, lr: Any, strength: Any, coefficients: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        lr = check_rate("lr", lr)
+        strength = check_rate("strength", strength)
+        with torch.no_grad():
+            norms = self.plan.unit_reduce("l2")
+            threshold = (lr * strength) * coefficients(norms)
+            tiny = torch.finfo(norms.dtype).tiny
+            factors = torch.where(norms > threshold, 1 - threshold / norms.clamp_min(tiny), 0.0)
+            if self._scaler is None:
+                self._scaler = UnitScaler(self.structure, self.selection)
+            self._scaler.scale_(factors)
+        return factors
