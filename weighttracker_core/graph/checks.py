@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch_pruning as tp
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 _OPTYPE = tp.ops.OPTYPE
 _DATA_MOVEMENT = ("permute", "transpose")
+_PASS_THROUGH = (_OPTYPE.ELEMENTWISE, _OPTYPE.RESHAPE, _OPTYPE.CONCAT, _OPTYPE.SPLIT)
 
 
 class GraphChecks:
@@ -127,42 +128,47 @@ class GraphChecks:
             return f"{self._names[node.module]} ({type(node.module).__name__})"
         return node.grad_fn.name() if node.grad_fn is not None else str(node.module)
 
+    def _is_layer(self, node: Any) -> bool:
+        return isinstance(node.module, nn.Module) and node.module in self._names
+
+    def _walk(
+        self, starts: Iterable[Any], *, upward: bool, stop: Callable[[Any], bool] | None = None
+    ) -> Iterator[Any]:
+        """Nodes reachable from ``starts``, each once; a node where ``stop`` holds (default:
+        a layer) is yielded but not walked past."""
+        stop = stop or self._is_layer
+        seen: set[Any] = set()
+        stack = list(starts)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            yield node
+            if not stop(node):
+                stack.extend(node.inputs if upward else node.outputs)
+
     def _upstream_operations(self, node: Any) -> set[Any]:
         """``node`` and the nodes above it up to (and including) the nearest layers."""
-        seen, stack = set(), [node]
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if isinstance(n.module, nn.Module) and n.module in self._names:
-                continue
-            stack.extend(n.inputs)
-        return seen
+        return set(self._walk([node], upward=True))
 
     def _consumer_modules(self, node: Any) -> Iterator[str]:
-        seen, stack = set(), list(node.outputs)
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if isinstance(n.module, nn.Module) and n.module in self._names:
-                yield self._names[n.module]
-                continue
-            stack.extend(n.outputs)
+        """Names of the nearest layers downstream of ``node``."""
+        return (self._names[n.module] for n in self._walk(node.outputs, upward=False) if self._is_layer(n))
 
     def _producer_channels(self, node: Any) -> int | None:
         """Output channels of the nearest layer upstream of ``node``, if any."""
-        seen, stack = set(), list(node.inputs)
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if isinstance(n.module, nn.Module) and n.module in self._names:
-                return self.dg.get_out_channels(n.module)
-            stack.extend(n.inputs)
+        layers = (n for n in self._walk(node.inputs, upward=True) if self._is_layer(n))
+        return next((self.dg.get_out_channels(n.module) for n in layers), None)
+
+    def _upstream_permute(self, node: Any) -> str | None:
+        """A permute/transpose between ``node`` and the nearest upstream layer, if any."""
+        def stop(n: Any) -> bool:
+            return isinstance(n.module, nn.Module) and n.type not in _PASS_THROUGH
+
+        for n in self._walk(node.inputs, upward=True, stop=stop):
+            if not stop(n) and any(word in _grad_name(n) for word in _DATA_MOVEMENT):
+                return n.grad_fn.name()
         return None
 
     def _check_reshapes(self) -> None:
@@ -181,7 +187,7 @@ class GraphChecks:
                 for m in dep.index_mapping
             )
             if flattening:
-                permute = _find_upstream_permute(node)
+                permute = self._upstream_permute(node)
                 if permute is not None:
                     consumer = next(iter(self._consumer_modules(node)), "the output")
                     raise CouplingError(
@@ -260,28 +266,6 @@ def _param_dim_size(owner: nn.Module, attr: str | None, dim: int | None) -> int 
 def _grad_name(node: Any) -> str:
     fn = node.grad_fn
     return fn.name().lower() if fn is not None and hasattr(fn, "name") else ""
-
-
-def _find_upstream_permute(node: Any) -> str | None:
-    """A permute/transpose between ``node`` and the nearest upstream module, if any."""
-    seen, stack = set(), list(node.inputs)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if isinstance(n.module, nn.Module) and n.type not in (
-            _OPTYPE.ELEMENTWISE,
-            _OPTYPE.RESHAPE,
-            _OPTYPE.CONCAT,
-            _OPTYPE.SPLIT,
-        ):
-            continue
-        name = _grad_name(n)
-        if any(word in name for word in _DATA_MOVEMENT):
-            return n.grad_fn.name()
-        stack.extend(n.inputs)
-    return None
 
 
 def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:
