@@ -103,3 +103,16 @@ def conv_input(batch: int = 2, size: int = 8) -> torch.Tensor:
 
 def sequence_input(batch: int = 2, length: int = 5, features: int = 6) -> torch.Tensor:
     return torch.randn(batch, length, features)
+
+
+def globally_pruned_convnet() -> nn.Module:
+    """A ``TinyConvNet`` whose conv and linear weights went through
+    ``torch.nn.utils.prune.global_unstructured`` (L1, 40 % of the weights); seeded, so every
+    call returns the same model."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(1234)
+    model = TinyConvNet()
+    targets = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=0.4)
+    return model
