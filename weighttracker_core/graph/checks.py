@@ -66,7 +66,7 @@ class GraphChecks:
             if chunks is None or numbers != list(range(chunks)) or len(refs) != len(node.outputs):
                 if node.module.offsets is None:
                     continue  # Torch-Pruning does not map indices through it
-                consumer = next(iter(self._consumer_modules(node)), "the model output")
+                consumer = self._first_consumer(node)
                 raise CouplingError(
                     f"Cannot verify how the chunks of {node.grad_fn.name()} feed "
                     f"{consumer}: {chunks} chunks but consumers read outputs {numbers}. "
@@ -115,7 +115,7 @@ class GraphChecks:
                         continue
                     layers = sorted(self._label(n) for n in common if n.module in self._names)
                     source = layers[0] if layers else sorted(self._label(n) for n in common)[0]
-                    consumer = next(iter(self._consumer_modules(node)), "the output")
+                    consumer = self._first_consumer(node)
                     raise CouplingError(
                         f"The inputs of a torch.cat ({node.grad_fn.name()}) feeding {consumer} "
                         f"come from one tensor along two paths (both from {source}); "
@@ -156,6 +156,10 @@ class GraphChecks:
         """Names of the nearest layers downstream of ``node``."""
         return (self._names[n.module] for n in self._walk(node.outputs, upward=False) if self._is_layer(n))
 
+    def _first_consumer(self, node: Any) -> str:
+        """The nearest layer fed by ``node``, for error messages."""
+        return next(iter(self._consumer_modules(node)), "the model output")
+
     def _producer_channels(self, node: Any) -> int | None:
         """Output channels of the nearest layer upstream of ``node``, if any."""
         layers = (n for n in self._walk(node.inputs, upward=True) if self._is_layer(n))
@@ -189,7 +193,7 @@ class GraphChecks:
             if flattening:
                 permute = self._upstream_permute(node)
                 if permute is not None:
-                    consumer = next(iter(self._consumer_modules(node)), "the output")
+                    consumer = self._first_consumer(node)
                     raise CouplingError(
                         f"A {permute} before the flatten ({node.grad_fn.name()}) that feeds "
                         f"{consumer} reorders channels; Torch-Pruning would map them as "
@@ -198,7 +202,7 @@ class GraphChecks:
                     )
             shuffle = _shuffle_transpose(node, self._producer_channels(node))
             if shuffle is not None:
-                consumer = next(iter(self._consumer_modules(node)), "the output")
+                consumer = self._first_consumer(node)
                 raise CouplingError(
                     f"A channel shuffle (view, {shuffle}, reshape) feeds {consumer}: "
                     "Torch-Pruning treats it as identity and would couple the wrong "

@@ -20,11 +20,11 @@ from typing import IO, Any
 
 import attrs
 import torch
-import yaml
 from torch import nn
 
 from weighttracker_core import ConfigError
 
+from ._config_io import config_from_dict, load_yaml
 from .mask_schedulers import ConstantSparsityScheduler, PolynomialDecayScheduler, to_scheduler
 
 __all__ = ["GRANULARITIES", "SUPPORTED_MODULES", "MagnitudePrunerConfig", "ModuleMagnitudePrunerConfig"]
@@ -32,14 +32,6 @@ __all__ = ["GRANULARITIES", "SUPPORTED_MODULES", "MagnitudePrunerConfig", "Modul
 GRANULARITIES = ("per_scalar", "per_channel", "per_kernel")
 # Layers the global config covers; type and name configs may name other layers.
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _check_keys(owner: str, given: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
-    unknown = [k for k in given if k not in allowed]
-    if unknown:
-        raise ConfigError(
-            f"Unknown key {unknown[0]!r} in {owner}; allowed keys: {', '.join(allowed)}."
-        )
 
 
 def _ratio(value: Any) -> float:
@@ -102,16 +94,6 @@ def _granularity(_inst: Any, _attribute: attrs.Attribute, value: Any) -> None:
 def _param_name(_inst: Any, _attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, str) or not value.isidentifier():
         raise ConfigError(f"param_name={value!r} must be the name of a parameter, such as 'weight'.")
-
-
-def _load_yaml(yml: IO[str] | str | os.PathLike[str]) -> Any:
-    if hasattr(yml, "read"):
-        return yaml.safe_load(yml)
-    try:
-        with open(os.fspath(yml), encoding="utf-8") as stream:
-            return yaml.safe_load(stream)
-    except OSError as err:
-        raise ConfigError(f"Cannot read the YAML config {yml!r}: {err.strerror}.") from err
 
 
 @attrs.frozen(kw_only=True)
@@ -180,15 +162,12 @@ class ModuleMagnitudePrunerConfig:
         Raises:
             ConfigError: For an unknown key (naming it and the allowed keys) or a bad value.
         """
-        if not isinstance(config_dict, Mapping):
-            raise ConfigError(f"A module config must be a dict, got {config_dict!r}.")
-        _check_keys("ModuleMagnitudePrunerConfig", config_dict, tuple(f.name for f in attrs.fields(cls)))
-        return cls(**config_dict)
+        return config_from_dict(cls, config_dict, "ModuleMagnitudePrunerConfig")
 
     @classmethod
     def from_yaml(cls, yml: IO[str] | str | os.PathLike[str]) -> ModuleMagnitudePrunerConfig:
         """Build from a YAML stream or the path of a YAML file."""
-        return cls.from_dict(_load_yaml(yml) or {})
+        return cls.from_dict(load_yaml(yml) or {})
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values (lists, not tuples), ready for ``yaml.safe_dump`` and ``from_dict``."""
@@ -299,15 +278,12 @@ class MagnitudePrunerConfig:
         Raises:
             ConfigError: For an unknown key at any level (naming it and the allowed keys).
         """
-        if not isinstance(config_dict, Mapping):
-            raise ConfigError(f"A pruner config must be a dict, got {config_dict!r}.")
-        _check_keys("MagnitudePrunerConfig", config_dict, tuple(f.name for f in attrs.fields(cls)))
-        return cls(**config_dict)
+        return config_from_dict(cls, config_dict, "MagnitudePrunerConfig")
 
     @classmethod
     def from_yaml(cls, yml: IO[str] | str | os.PathLike[str]) -> MagnitudePrunerConfig:
         """Build from a YAML stream or the path of a YAML file."""
-        return cls.from_dict(_load_yaml(yml) or {})
+        return cls.from_dict(load_yaml(yml) or {})
 
     def as_dict(self) -> dict[str, Any]:
         """Plain nested values; class keys of ``module_type_configs`` become their full names."""

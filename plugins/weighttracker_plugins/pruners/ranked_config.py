@@ -15,6 +15,8 @@ from typing import Any
 import attrs
 from torch import nn
 
+from ._config_io import config_from_dict, load_yaml
+
 SCOPES = ("local", "global", "isomorphic")
 APPLY_MODES = ("physical", "mask")
 NORMALIZERS = (None, "mean", "max", "sum", "standardization", "gaussian")
@@ -206,27 +208,12 @@ class RankedPrunerConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RankedPrunerConfig:
         """Build from a plain dict; unknown keys are an error listing the accepted ones."""
-        allowed = {f.name for f in attrs.fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} for the ranked pruner; accepted: {sorted(allowed)}."
-            )
-        return cls(**dict(data))
+        return config_from_dict(cls, data, "the ranked pruner's config", noun="option")
 
     @classmethod
-    def from_yaml(cls, text_or_path: str) -> RankedPrunerConfig:
-        """Build from YAML text or a path to a YAML file (only plain options fit in YAML)."""
-        import pathlib
-
-        import yaml
-
-        path = pathlib.Path(text_or_path)
-        text = path.read_text() if "\n" not in text_or_path and path.is_file() else text_or_path
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, Mapping):
-            raise ValueError(f"The YAML config must be a mapping of options, got {type(data).__name__}.")
-        return cls.from_dict(data)
+    def from_yaml(cls, source: Any) -> RankedPrunerConfig:
+        """Build from YAML text, a stream or a file path (only plain options fit in YAML)."""
+        return cls.from_dict(load_yaml(source) or {})
 
     def as_dict(self) -> dict[str, Any]:
         """The options as a dict (modules and callables are kept as objects)."""
