@@ -16,7 +16,10 @@ import attrs
 from torch import nn
 
 from .errors import ConfigError, CouplingError, UnsupportedModuleError
-from .registry import UnitRuleRegistry
+from .graph import RawItem
+from .heads import HEAD_FN, AttentionLayout, HeadLayout, unit_rows
+from .layouts import LayoutResolver
+from .registry import TypedRegistry, UnitRuleRegistry
 from .specs import LayerCategory, UnitRule, UnwrappedParameter
 from .units import (
     CanonicalMember,
@@ -29,7 +32,7 @@ from .units import (
 )
 
 if TYPE_CHECKING:
-    from .graph import DependencyGraphHandle, RawGroup, RawItem
+    from .graph import DependencyGraphHandle, RawGroup
 
 
 @attrs.frozen(kw_only=True)
@@ -67,28 +70,32 @@ def module_table(
     A rule claims its module's whole subtree (``nn.MultiheadAttention`` owns
     ``out_proj``), so submodules of a covered module are not listed again. Parameters
     named in ``unwrapped`` (Torch-Pruning's unwrapped parameters) are covered by the
-    unwrapped-parameter rule when one is registered.
+    unwrapped-parameter rule when one is registered. A parameter shared by two layers
+    (tied embeddings) is listed under both: each layer's MACs count, while trackers count
+    its elements once (``Structure.canonical_param``).
     """
     claimed: set[int] = set()
     if rules.rule_for(UnwrappedParameter) is not None:
         named = dict(model.named_parameters())
         claimed.update(id(named[n]) for n in unwrapped if n in named)
+    inside: set[int] = set()
     infos: list[ModuleInfo] = []
     uncovered: list[str] = []
     for name, module in model.named_modules():
-        if any(id(p) in claimed for p in module.parameters(recurse=False)) and not any(
-            id(p) not in claimed for p in module.parameters(recurse=False)
-        ):
+        if id(module) in inside:
+            continue
+        direct = list(module.parameters(recurse=False))
+        if direct and all(id(p) in claimed for p in direct):
             continue
         rule = rules.rule_for(type(module))
         if rule is None or isinstance(module, nn.Parameter):
-            if any(id(p) not in claimed for p in module.parameters(recurse=False)):
+            if any(id(p) not in claimed for p in direct):
                 uncovered.append(f"{name or '<model>'} ({type(module).__name__})")
             continue
-        own = [(n, p) for n, p in module.named_parameters() if id(p) not in claimed]
+        own = [(n, p) for n, p in module.named_parameters(remove_duplicate=False) if id(p) not in claimed]
         if not own:
             continue
-        claimed.update(id(p) for _, p in own)
+        inside.update(id(m) for m in module.modules() if m is not module)
         prefix = f"{name}." if name else ""
         weights = tuple(
             prefix + w for w in rule.weight_params if get_param(module, w) is not None
@@ -101,7 +108,7 @@ def module_table(
                 rule=rule.name,
                 category=rule.category,
                 weight_params=weights,
-                param_names=tuple(prefix + n for n, _ in own),
+                param_names=tuple(dict.fromkeys(prefix + n for n, _ in own)),
             )
         )
     return tuple(infos), uncovered
@@ -113,9 +120,13 @@ class GroupBuilder:
     Args:
         handle: The traced graph.
         rules: Unit-rule registry.
-        num_heads: ``{fused qkv Linear or nn.MultiheadAttention: heads}``.
-        prune_num_heads: Build a group whose units are whole heads.
-        prune_head_dims: Build a group whose units are one dimension of every head.
+        num_heads: ``{fused qkv Linear or nn.MultiheadAttention: heads}``, and for separate
+            projections ``{q_proj: query heads, k_proj: kv heads, v_proj: kv heads}``.
+        prune_num_heads: Build groups whose units are whole heads (and kv heads).
+        prune_head_dims: Build groups whose units are one dimension of every head.
+        attention_layouts: Declared separate-projection attention.
+        layout_rules: Attention layout rules of the plugins.
+        prune_model_outputs: Keep groups that change the model's output width.
     """
 
     def __init__(
@@ -127,17 +138,21 @@ class GroupBuilder:
         prune_num_heads: bool = False,
         prune_head_dims: bool = True,
         untrusted_params: set[str] | frozenset[str] = frozenset(),
+        attention_layouts: Sequence[AttentionLayout] = (),
+        layout_rules: TypedRegistry[Any] | None = None,
+        prune_model_outputs: bool = False,
     ) -> None:
         self.handle = handle
         self.untrusted_params = untrusted_params
         self.rules = rules
         self.model = handle.model
-        self.num_heads = dict(num_heads or {})
         self.prune_num_heads = prune_num_heads
         self.prune_head_dims = prune_head_dims
+        self.prune_model_outputs = prune_model_outputs
         names = {m: n for n, m in self.model.named_modules()}
+        self.num_heads = dict(num_heads or {})
         for module, heads in self.num_heads.items():
-            if module not in names:
+            if not isinstance(module, nn.Module) or module not in names:
                 raise ConfigError(
                     f"num_heads names a {type(module).__name__} that is not part of the "
                     "model; pass {model.<submodule>: heads}."
@@ -147,19 +162,43 @@ class GroupBuilder:
                     f"num_heads[{names[module]}] must be a whole number >= 1, got {heads!r}."
                 )
         self._names = names
+        self._canonical = _canonical_param_names(self.model)
         self.skipped: list[str] = []
+        self.output_groups: list[str] = []
+        resolver = LayoutResolver(handle, names, self.num_heads, attention_layouts, layout_rules)
+        self.layouts: tuple[HeadLayout, ...] = tuple(resolver.resolve())
+        self._layout_used = resolver.used_num_heads
+        self._fill_mha_heads()
+
+    def _fill_mha_heads(self) -> None:
+        """``num_heads`` of every ``nn.MultiheadAttention`` the user did not list."""
+        for module in self.handle.traced_modules():
+            if isinstance(module, nn.MultiheadAttention) and module not in self.num_heads:
+                if module._qkv_same_embed_dim or self.prune_num_heads:
+                    self.num_heads[module] = int(module.num_heads)
 
     # ------------------------------------------------------------------------------ build
 
     def build(self) -> tuple[CanonicalUnitGroup, ...]:
+        separate = {self._names[m] for m in self._layout_used}
+        projections = [
+            self.model.get_submodule(name)
+            for layout in self.layouts for name in (layout.q, layout.k, layout.v)
+        ]
+        fused = [m for m in self.num_heads if not isinstance(m, nn.MultiheadAttention)
+                 and self._names[m] not in separate and m not in projections]
         drafts: list[tuple[str, str, str, str, int, list[CanonicalMember]]] = []
+        used: set[nn.Module] = set(self._layout_used)
         for raw in self.handle.groups(
-            attention_roots=list(self.num_heads), untrusted_params=sorted(self.untrusted_params)
+            coverage_exempt=fused, skip_roots=projections,
+            untrusted_params=sorted(self.untrusted_params),
         ):
-            if raw.root_module in self.num_heads and not isinstance(
-                raw.root_module, nn.MultiheadAttention
-            ):
+            if raw.root_module in self.num_heads and not isinstance(raw.root_module, nn.MultiheadAttention):
+                used.add(raw.root_module)
                 drafts.extend(self._head_drafts(raw))
+                continue
+            if raw.feeds_output and not self.prune_model_outputs:
+                self.output_groups.append(f"{raw.root_name}:{raw.pruning_fn}")
                 continue
             members = self._members(raw)
             if members is None:
@@ -170,20 +209,51 @@ class GroupBuilder:
                 (f"{raw.root_name}:{raw.pruning_fn}", kind, raw.root_name, raw.pruning_fn,
                  raw.n_root, members)
             )
+        for layout in self.layouts:
+            drafts.extend(self._layout_drafts(layout))
         for module, heads in self.num_heads.items():
             if isinstance(module, nn.MultiheadAttention):
+                used.add(module)
                 drafts.extend(self._mha_head_drafts(module, heads))
+        for module in self.num_heads:
+            if module not in used and module not in projections:
+                raise ConfigError(
+                    f"num_heads names {self._names[module]} ({type(module).__name__}), which is not "
+                    "a projection of an attention the forward shows: keys must be a fused qkv "
+                    "nn.Linear whose output channels start a group, an nn.MultiheadAttention, or "
+                    "the q_proj / k_proj / v_proj of an attention with separate projections."
+                )
         groups = []
         offset = 0
         for gid, (name, kind, root, fn, n_units, members) in enumerate(drafts):
             groups.append(
                 CanonicalUnitGroup(
                     id=gid, name=name, kind=kind, n_units=n_units, offset=offset,
-                    root_module=root, pruning_fn=fn, members=tuple(members),
+                    root_module=root, pruning_fn=fn, members=tuple(self._deduplicated(members)),
                 )
             )
             offset += n_units
         return tuple(groups)
+
+    def _deduplicated(self, members: list[CanonicalMember]) -> list[CanonicalMember]:
+        """Members without slices of a tied parameter that an earlier member already owns.
+
+        An embedding tied to an output layer is one parameter reached through two modules:
+        its positions must count once (metrics, the group lasso), not once per module.
+        """
+        claimed: set[tuple[str, tuple[int, ...], Any, tuple[int, ...]]] = set()
+        out = []
+        for member in members:
+            kept = []
+            for piece in member.slices:
+                full = f"{member.module_name}.{piece.param}" if member.module_name else piece.param
+                key = (self._canonical.get(full, full), piece.dims, piece.view, piece.positions)
+                if key in claimed:
+                    continue
+                claimed.add(key)
+                kept.append(piece)
+            out.append(member if len(kept) == len(member.slices) else attrs.evolve(member, slices=tuple(kept)))
+        return out
 
     # ---------------------------------------------------------------------------- members
 
@@ -328,6 +398,40 @@ class GroupBuilder:
             drafts.append((f"{name}:{fn_label}", str(kind), name, raw.pruning_fn, n_units, members))
         return drafts
 
+    def _layout_drafts(self, layout: HeadLayout) -> list[Any]:
+        """Head, kv-head and head-dim groups of one separate-projection attention."""
+        kinds = []
+        if self.prune_num_heads:
+            kinds.append("head")
+            if layout.grouped:
+                kinds.append("kv_head")
+        if self.prune_head_dims:
+            if layout.rotary == "unknown":
+                raise CouplingError(
+                    f"{layout.name}: the query path of {layout.q} rotates head dimensions in a way "
+                    "weighttracker does not recognise (not rotate_half halves or interleaved "
+                    "pairs), so head-dimension units cannot be built. Pass prune_head_dims=False "
+                    "(whole heads still work), or declare the rotation with attention_layouts="
+                    "[AttentionLayout(..., rotary='half' or 'interleaved')]."
+                )
+            kinds.append("head_dim")
+        drafts = []
+        for kind in kinds:
+            members = []
+            for module_name, axis, positions, units in unit_rows(layout, kind):
+                module = self.model.get_submodule(module_name)
+                rule = self.rules.rule_for(type(module))
+                if rule is None:
+                    raise UnsupportedModuleError(
+                        f"{layout.name}: no unit rule covers {module_name} ({type(module).__name__}); "
+                        "register one to get head units."
+                    )
+                item = _raw_item(module_name, module, axis, HEAD_FN[kind], positions, units)
+                members.append(self._member(item, rule))
+            fn = HEAD_FN[kind]
+            drafts.append((f"{layout.q}:{fn}", kind, layout.q, fn, layout.n_units(kind), members))
+        return drafts
+
     def _mha_head_drafts(self, mha: nn.MultiheadAttention, heads: int) -> list[Any]:
         """Head / head-dim groups inside one ``nn.MultiheadAttention``."""
         name = self._names[mha]
@@ -397,6 +501,24 @@ def _reads_one_chunk(item: RawItem, width: int) -> bool:
     )
 
 
+def _raw_item(
+    name: str, module: nn.Module, axis: PruneAxis, fn: str, positions: Sequence[int], units: Sequence[int]
+) -> Any:
+    return RawItem(
+        module_name=name, module=module, param_name=None, pruning_dim=None, axis=axis,
+        pruning_fn=fn, idxs=tuple(positions), root_idxs=tuple(units),
+    )
+
+
+def _canonical_param_names(model: nn.Module) -> dict[str, str]:
+    """Every name a parameter is reachable by -> the name ``named_parameters()`` gives it."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(param), name)
+    return out
+
+
 def _member_slice(spec: ParamSlice, idxs: Sequence[int], units: Sequence[int]) -> MemberSlice:
     return MemberSlice(
         param=spec.param,
@@ -405,6 +527,21 @@ def _member_slice(spec: ParamSlice, idxs: Sequence[int], units: Sequence[int]) -
         role=spec.role,
         positions=tuple(idxs),
         units=tuple(units),
+    )
+
+
+def warn_untraced(names: Sequence[str]) -> None:
+    """A warning naming layers with parameters that the traced forward never ran."""
+    if not names:
+        return
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    warnings.warn(
+        f"weighttracker: the traced forward never runs these layers: {shown}. They belong to "
+        "no unit and a physical prune does not adapt them: a forward that uses them (often "
+        "train mode, e.g. auxiliary heads) would fail on the pruned model. Remove them before "
+        "pruning (e.g. aux_logits=False), or trace a forward that runs them (forward_fn=).",
+        UserWarning,
+        stacklevel=3,
     )
 
 

@@ -14,6 +14,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .specs import (
+        AttentionLayoutRule,
         CalculationSpec,
         ImportanceSpec,
         IntegrationSpec,
@@ -98,6 +99,17 @@ def wt_register_model_sources() -> tuple[ModelSourceSpec, ...]:
     """
 
 
+@hookspec
+def wt_register_attention_layouts() -> tuple[AttentionLayoutRule, ...]:
+    """Return attention layout rules: how an attention module's projections form heads.
+
+    A rule covers module types (and subclasses, nearest ancestor wins) and maps one such
+    module to an ``AttentionLayout`` of its q / k / v / o projections, or ``None``. Needed
+    only where the traced forward does not show the heads (the tracker reads them off
+    the graph otherwise). Two rules for one type raise ``DuplicateNameError``. Added in 0.2.
+    """
+
+
 HOOK_NAMES = (
     "wt_register_unit_rules",
     "wt_register_calculations",
@@ -107,4 +119,5 @@ HOOK_NAMES = (
     "wt_register_pruners",
     "wt_register_integrations",
     "wt_register_model_sources",
+    "wt_register_attention_layouts",
 )

@@ -17,6 +17,7 @@ import attrs
 from .errors import DuplicateNameError, PluginError, UnknownNameError
 from .manager import PluginManager
 from .specs import (
+    AttentionLayoutRule,
     CalculationSpec,
     ImportanceSpec,
     IntegrationSpec,
@@ -79,14 +80,14 @@ class Registry(Generic[SpecT]):
         return [self._entries[name].spec for name in self.names()]
 
 
-class UnitRuleRegistry(Registry[UnitRule]):
-    """Unit rules by name, plus lookup by module type through the MRO."""
+class TypedRegistry(Registry[SpecT]):
+    """Specs by name, plus lookup by module type through the MRO (unit rules, layouts)."""
 
-    def __init__(self, entries: dict[str, Entry[UnitRule]], by_type: dict[type, str]) -> None:
-        super().__init__("unit rule", entries)
+    def __init__(self, kind: str, entries: dict[str, Entry[SpecT]], by_type: dict[type, str]) -> None:
+        super().__init__(kind, entries)
         self._by_type = by_type
 
-    def rule_for(self, module_type: type) -> UnitRule | None:
+    def rule_for(self, module_type: type) -> SpecT | None:
         """The rule of the nearest registered ancestor of ``module_type``, or ``None``."""
         for klass in module_type.__mro__:
             name = self._by_type.get(klass)
@@ -96,6 +97,13 @@ class UnitRuleRegistry(Registry[UnitRule]):
 
     def covered_types(self) -> tuple[type, ...]:
         return tuple(self._by_type)
+
+
+class UnitRuleRegistry(TypedRegistry[UnitRule]):
+    """Unit rules by name, plus lookup by module type through the MRO."""
+
+    def __init__(self, entries: dict[str, Entry[UnitRule]], by_type: dict[type, str]) -> None:
+        super().__init__("unit rule", entries, by_type)
 
 
 @attrs.frozen
@@ -110,6 +118,7 @@ class Registries:
     pruners: Registry[PrunerSpec]
     integrations: Registry[IntegrationSpec]
     model_sources: Registry[ModelSourceSpec]
+    attention_layouts: TypedRegistry[AttentionLayoutRule]
 
 
 _KINDS: tuple[tuple[str, str, type, str], ...] = (
@@ -122,7 +131,9 @@ _KINDS: tuple[tuple[str, str, type, str], ...] = (
     ("pruners", "wt_register_pruners", PrunerSpec, "pruner"),
     ("integrations", "wt_register_integrations", IntegrationSpec, "integration"),
     ("model_sources", "wt_register_model_sources", ModelSourceSpec, "model source"),
+    ("attention_layouts", "wt_register_attention_layouts", AttentionLayoutRule, "attention layout rule"),
 )
+_TYPED = ("unit_rules", "attention_layouts")
 
 
 def contributions(pm: PluginManager, hook: str) -> list[tuple[str, Any]]:
@@ -169,12 +180,12 @@ def build_registries(pm: PluginManager) -> Registries:
                     f"Block one of them with WEIGHTTRACKER_DISABLE_PLUGINS."
                 )
             entries[key] = Entry(spec, plugin)
-            if isinstance(spec, UnitRule):
+            if attr in _TYPED:
                 for module_type in spec.module_types:
                     if module_type in by_type:
                         other = by_type[module_type]
                         raise DuplicateNameError(
-                            f"Two unit rules cover {module_type.__qualname__}: {other!r} of "
+                            f"Two {kind}s cover {module_type.__qualname__}: {other!r} of "
                             f"plugin {pm.describe(entries[other].plugin)} and {key!r} of "
                             f"plugin {pm.describe(plugin)}. Register a rule for a subclass "
                             "instead, or block one plugin."
@@ -182,6 +193,8 @@ def build_registries(pm: PluginManager) -> Registries:
                     by_type[module_type] = key
         if attr == "unit_rules":
             built[attr] = UnitRuleRegistry(entries, by_type)
+        elif attr in _TYPED:
+            built[attr] = TypedRegistry(kind, entries, by_type)
         else:
             built[attr] = Registry(kind, entries)
     pm._wt_registries = Registries(**built)

@@ -299,6 +299,21 @@ class ModelSourceSpec:
 
 
 @attrs.frozen(kw_only=True)
+class AttentionLayoutRule:
+    """How modules of some types hold an attention with separate projections.
+
+    ``layout(module)`` returns an :class:`~weighttracker_core.heads.AttentionLayout` built
+    from the module's own submodules and attributes (``module.q_proj``, ``module.num_heads``,
+    ...), or ``None`` when that instance is not one.
+    """
+
+    name: str
+    module_types: tuple[type, ...] = attrs.field(converter=tuple)
+    layout: Callable[[Any], Any]
+    summary: str = ""
+
+
+@attrs.frozen(kw_only=True)
 class UnwrappedParameter:
     """A parameter outside any covered layer (``cls_token``, ``pos_embed``, ...).
 

@@ -7,6 +7,7 @@ built for and refuse to run on a newer one.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,13 +15,27 @@ import attrs
 import torch
 from torch import nn
 
-from .canonical import GroupBuilder, ModuleInfo, module_table, warn_uncovered
+from .canonical import GroupBuilder, ModuleInfo, module_table, warn_uncovered, warn_untraced
 from .errors import ConfigError, UnitIndexError
 from .graph import DependencyGraphHandle
+from .heads import HeadLayout
 from .plans import ParamResolver, ReductionPlan
 from .registry import Registries
 from .specs import LayerCategory
 from .units import CanonicalUnitGroup
+
+
+_MODEL_VERSIONS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def model_version(model: nn.Module) -> int:
+    """How many physical prunes through any tracker this model has been through."""
+    return _MODEL_VERSIONS.get(model, 0)
+
+
+def set_model_version(model: nn.Module, version: int) -> None:
+    """Record a physical prune (``version + 1``), or undo one that was rolled back."""
+    _MODEL_VERSIONS[model] = version
 
 
 @attrs.frozen(kw_only=True)
@@ -36,6 +51,8 @@ class StructureOptions:
     forward_fn: Callable[[nn.Module, Any], Any] | None = None
     output_transform: Callable[[Any], Any] | None = None
     ignored_params: tuple[nn.Parameter, ...] = ()  # from integrations, re-read every build
+    attention_layouts: tuple[Any, ...] = ()
+    prune_model_outputs: bool = False
 
 
 class Selection:
@@ -112,6 +129,8 @@ class Structure:
         self.registries = registries
         self.options = options
         self.version = version
+        #: The model's prune count when this structure was built (see ``model_version``).
+        self.model_version = model_version(model)
         rules = registries.unit_rules
         roots = options.root_module_types
         if roots is None:
@@ -145,11 +164,20 @@ class Structure:
             prune_num_heads=options.prune_num_heads,
             prune_head_dims=options.prune_head_dims,
             untrusted_params=untrusted,
+            attention_layouts=options.attention_layouts,
+            layout_rules=registries.attention_layouts,
+            prune_model_outputs=options.prune_model_outputs,
         )
         self.groups: tuple[CanonicalUnitGroup, ...] = builder.build()
+        #: Separate-projection attention, by the name of its ``q_proj`` (head groups' root).
+        self.layouts: dict[str, HeadLayout] = {layout.q: layout for layout in builder.layouts}
+        #: Groups left out because they would change the model's outputs.
+        self.output_groups = tuple(builder.output_groups)
         self.uncovered = tuple(uncovered)
         self.skipped_groups = tuple(builder.skipped)
+        self.canonical_param = _canonical_names(model)
         warn_uncovered(self.uncovered, self.skipped_groups)
+        warn_untraced(self.untraced_modules())
         self.num_units = sum(g.n_units for g in self.groups)
         self.resolver = ParamResolver(model)
         self._plans: dict[Any, ReductionPlan] = {}
@@ -177,6 +205,24 @@ class Structure:
             else:
                 trusted.append(name)
         return trusted, untrusted
+
+    @property
+    def current(self) -> bool:
+        """Whether no tracker has pruned the model physically since this was built."""
+        return self.model_version == model_version(self.model)
+
+    def untraced_modules(self) -> list[str]:
+        """Layers with parameters that the traced forward never ran (aux heads, say)."""
+        traced = set(self.handle.traced_modules())
+        covered = {id(m) for m in traced for m in m.modules()}
+        out = []
+        for name, module in self.model.named_modules():
+            if id(module) in covered or module is self.model:
+                continue
+            if any(True for _ in module.parameters(recurse=False)) and self.registries.unit_rules.rule_for(type(module)):
+                out.append(name)
+        unwrapped = {n for n, _ in self.handle.unwrapped()}
+        return [n for n in out if not any(p.startswith(n + ".") for p in unwrapped)]
 
     # ---------------------------------------------------------------------------- lookups
 
@@ -251,6 +297,12 @@ class Structure:
             keep = (lambda group, name: chosen.selects(name)) if chosen is not None else None
             self._plans[key] = ReductionPlan(self.groups, self.resolver, keep)
         return self._plans[key]
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name a parameter is reachable by -> its ``named_parameters()`` name."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _pairs(value: Any) -> list[tuple[Any, Any]]:

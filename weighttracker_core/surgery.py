@@ -25,12 +25,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import PruningError, WeightTrackerError
+from .heads import AttentionChange, HeadLayout, plan_removal, removed_rows
 from .specs import HeadPruner
 from .structure import Structure
-from .units import CanonicalUnitGroup
+from .units import CanonicalUnitGroup, PruneAxis
 from .views import short_list
 
-HEAD_FNS = ("prune_num_heads", "prune_head_dims")
+HEAD_FNS = ("prune_num_heads", "prune_head_dims", "prune_kv_heads")
 
 
 @attrs.frozen(kw_only=True)
@@ -44,6 +45,7 @@ class PruneReport:
         params_before: Parameter elements in the model before.
         params_after: Parameter elements after (equal to ``params_before`` on a dry run).
         dry_run: Whether the model was left unchanged on purpose.
+        left_zero: ``{group name: why}`` for zero units a ``prune_zero_units`` left in place.
     """
 
     units: dict[str, list[int]]
@@ -51,6 +53,7 @@ class PruneReport:
     params_before: int
     params_after: int
     dry_run: bool
+    left_zero: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def num_units(self) -> int:
@@ -67,6 +70,8 @@ class PruneReport:
             lines.append(f"  {name}: units {short_list(units)}")
         if not self.dry_run:
             lines.append(f"  parameters: {self.params_before} -> {self.params_after}")
+        for name, why in self.left_zero.items():
+            lines.append(f"  {name}: {why}")
         return "\n".join(lines)
 
 
@@ -174,13 +179,22 @@ def resolve_request(
 
 @attrs.define
 class _Operation:
-    """One pruning call: Torch-Pruning on ``root`` with ``fn``, or a head pruner."""
+    """One pruning call: Torch-Pruning on ``root`` with ``fn``, a head pruner, or the heads
+    of a separate-projection attention (``layout``, with units per kind)."""
 
     root: str
     fn: str
     groups: list[CanonicalUnitGroup] = attrs.field(factory=list)
     idxs: set[int] = attrs.field(factory=set)
     head_pruner: HeadPruner | None = None
+    layout: HeadLayout | None = None
+    units: dict[str, set[int]] = attrs.field(factory=dict)
+    change: AttentionChange | None = None
+
+    @property
+    def late(self) -> bool:
+        """Head pruning runs after Torch-Pruning's channel pruning (see ``prune_units``)."""
+        return self.head_pruner is not None or self.layout is not None
 
 
 def _operations(structure: Structure, request: Mapping[int, set[int]]) -> list[_Operation]:
@@ -194,6 +208,13 @@ def _operations(structure: Structure, request: Mapping[int, set[int]]) -> list[_
     for group_id, units in request.items():
         group = structure.groups[group_id]
         root = group.root_member
+        layout = structure.layouts.get(group.root_module) if group.pruning_fn in HEAD_FNS else None
+        if layout is not None:
+            op = ops.setdefault((group.root_module, "layout"),
+                                _Operation(group.root_module, "layout", layout=layout))
+            op.groups.append(group)
+            op.units.setdefault(str(group.kind), set()).update(units)
+            continue
         if root.pruning_fn in HEAD_FNS:
             module = structure.module(group.root_module)
             rule = rules.rule_for(type(module))
@@ -259,12 +280,83 @@ def _check(structure: Structure, request: Mapping[int, set[int]], ops: list[_Ope
                     f"{member.module_name} ({rule.name}): {reason}."
                 )
     for op in ops:
+        if op.layout is not None:
+            change = plan_removal(op.layout, op.units.get("head", ()), op.units.get("kv_head", ()),
+                                  op.units.get("head_dim", ()))
+            if isinstance(change, str):
+                names = ", ".join(g.name for g in op.groups)
+                raise PruningError(f"Cannot remove heads of {op.layout.name} ({names}): {change}.")
+            if change.removed_dims and op.layout.rotary is not None:
+                raise PruningError(
+                    f"Cannot remove head dimensions of {op.layout.name} physically: it uses rotary "
+                    "embeddings, whose frequencies the model computes from head_dim, so the kept "
+                    "dimension pairs would rotate at other frequencies than before. Fake pruning "
+                    "and metrics work on these units; physically remove whole heads instead."
+                )
+            op.change = change
+            continue
         if op.head_pruner is None:
             continue
         reason = op.head_pruner.check_heads(structure.module(op.root), sorted(op.idxs))
         if reason:
             names = ", ".join(g.name for g in op.groups)
             raise PruningError(f"Cannot remove heads of {op.root} ({names}): {reason}.")
+
+
+def attention_changes(
+    structure: Structure, units: Mapping[int, Iterable[int]]
+) -> dict[str, AttentionChange]:
+    """What a valid request removes from each separate-projection attention (by name)."""
+    request = {g: set(u) for g, u in units.items() if u}
+    ops = _operations(structure, request)
+    _check(structure, request, ops)
+    return {op.layout.name: op.change for op in ops if op.layout is not None and op.change is not None}
+
+
+def _prune_heads(structure: Structure, op: _Operation) -> None:
+    """Cut the q / k / v rows and o columns of the heads and dimensions ``op`` removes."""
+    layout, change = op.layout, op.change
+    assert layout is not None and change is not None
+    q_rows, kv_rows = removed_rows(layout, change)
+    handle = structure.handle
+    if q_rows:
+        handle.prune_layer(structure.module(layout.q), PruneAxis.OUT_CHANNEL, q_rows)
+        handle.prune_layer(structure.module(layout.o), PruneAxis.IN_CHANNEL, q_rows)
+    if kv_rows:
+        for name in (layout.k, layout.v):
+            handle.prune_layer(structure.module(name), PruneAxis.OUT_CHANNEL, kv_rows)
+
+
+def tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """``(module, attribute)`` places of every parameter reachable from more than one."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                places.setdefault(id(param), []).append((module, attr))
+    return [p for p in places.values() if len(p) > 1]
+
+
+def retie_(ties: list[list[tuple[nn.Module, str]]]) -> None:
+    """Point every place of a tie at the first place's (pruned) parameter again.
+
+    Torch-Pruning replaces the parameter of each layer it cuts; a tied embedding and output
+    layer then hold two copies with equal values. The tie is restored when the copies agree.
+    """
+    for places in ties:
+        first_module, first_attr = places[0]
+        param = first_module._parameters[first_attr]
+        for module, attr in places[1:]:
+            other = module._parameters[attr]
+            if other is param or other is None or param is None:
+                continue
+            if other.shape != param.shape or not torch.equal(other.detach(), param.detach()):
+                raise PruningError(
+                    f"A tied parameter ({type(first_module).__name__}.{first_attr} and "
+                    f"{type(module).__name__}.{attr}) was cut differently in its two places; the tie "
+                    "cannot be kept."
+                )
+            module._parameters[attr] = param
 
 
 def prune_units(
@@ -304,15 +396,19 @@ def prune_units(
         return PruneReport(units=report_units, tp_indices=report_idxs, params_before=before,
                            params_after=before, dry_run=dry_run)
     snapshot = ModelSnapshot(structure.model)
+    ties = tied_parameters(structure.model)
     try:
         # Torch-Pruning first: it maps indices through the traced graph, whose shapes the
         # head pruners would otherwise have changed under it.
-        for op in sorted(ops, key=lambda o: o.head_pruner is not None):
+        for op in sorted(ops, key=lambda o: o.late):
             module = structure.module(op.root)
-            if op.head_pruner is not None:
+            if op.layout is not None:
+                _prune_heads(structure, op)
+            elif op.head_pruner is not None:
                 op.head_pruner.prune_heads(module, sorted(op.idxs))
             else:
                 structure.handle.prune(module, op.fn, sorted(op.idxs))
+        retie_(ties)
         after_prune()
         try:
             rebuild()

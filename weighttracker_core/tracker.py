@@ -9,7 +9,7 @@ import attrs
 import torch
 from torch import nn
 
-from . import masking, surgery
+from . import masking, options as opt, surgery
 from .consumers import (
     ConsumerContext,
     PrunerHandle,
@@ -20,12 +20,13 @@ from .consumers import (
     is_whole_number,
 )
 from .dag import CalculationGraph
-from .errors import ConfigError
+from .errors import ConfigError, StaleConsumerError
+from .heads import AttentionChange, AttentionLayout
 from .manager import PluginManager, default_plugin_manager, derive_plugin_manager
 from .registry import Registries, build_registries
 from .specs import IntegrationSpec, LayerCategory
-from .structure import Structure, StructureOptions
-from .units import CanonicalUnitGroup
+from .structure import Structure, StructureOptions, model_version, set_model_version
+from .units import CanonicalUnitGroup, PruneAxis
 from .views import BitwidthView, StructureView, ZeroUnitsView
 
 BitwidthFn = Callable[[str, nn.Module], Any]
@@ -48,10 +49,20 @@ class WeightTracker:
     Args:
         model: The model; it is traced once with ``example_inputs``.
         example_inputs: A tensor, a tuple of positional inputs or a dict of keyword inputs.
-        num_heads: ``{fused qkv nn.Linear or nn.MultiheadAttention: heads}``; integrations
-            may fill it in.
-        prune_num_heads: Add groups whose units are whole attention heads.
-        prune_head_dims: Add groups whose units are one dimension of every head.
+        num_heads: ``{fused qkv nn.Linear or nn.MultiheadAttention: heads}``, and for
+            attention with separate projections ``{q_proj: query heads, k_proj: kv heads,
+            v_proj: kv heads}``. Usually not needed: ``nn.MultiheadAttention`` and separate
+            projections show their heads in the traced forward, and integrations fill in
+            the rest.
+        prune_num_heads: Add groups whose units are whole attention heads (and, under
+            grouped-query attention, whole key/value heads).
+        prune_head_dims: Add groups whose units are one dimension of every head (pairs of
+            dimensions under rotary embeddings).
+        attention_layouts: ``AttentionLayout`` objects for attention whose heads the traced
+            forward does not show.
+        prune_model_outputs: Also make units of channels that are model outputs (a
+            classifier's classes, an ``lm_head``'s vocabulary); off by default, since
+            pruning them changes the model's interface.
         ignored_layers: Modules whose output channels are never units.
         unwrapped_parameters: ``{parameter: dim}`` for parameters outside standard layers.
         root_module_types: Layer types whose output channels start groups.
@@ -59,8 +70,10 @@ class WeightTracker:
         output_transform: Maps model outputs to the tensors to trace from.
         post_prune_hooks: ``hook(tracker)`` callables run after every physical prune.
             While they run, ``tracker.pruned_units`` is ``{group name: local unit ids}``
-            of the units just removed and ``tracker.structure`` is still the structure
-            from before the prune (it is rebuilt after the hooks).
+            of the units just removed, ``tracker.pruned_attention`` is ``{attention name:
+            AttentionChange}`` for attention with separate projections (new head counts and
+            the kept heads), and ``tracker.structure`` is still the structure from before
+            the prune (it is rebuilt after the hooks).
         weight_bitwidth_fn: ``(name, module) -> bits`` for counted layers (default 32).
         activation_bitwidth_fn: ``(name, module) -> bits`` (default 32).
         plugins: Extra plugin modules or objects for this tracker only.
@@ -77,6 +90,8 @@ class WeightTracker:
         num_heads: Mapping[nn.Module, int] | None = None,
         prune_num_heads: bool = False,
         prune_head_dims: bool = True,
+        attention_layouts: Sequence[AttentionLayout] | None = None,
+        prune_model_outputs: bool = False,
         ignored_layers: Sequence[nn.Module] | None = None,
         unwrapped_parameters: Any = None,
         root_module_types: Sequence[type] | None = None,
@@ -97,33 +112,32 @@ class WeightTracker:
         self.registries: Registries = build_registries(self.plugin_manager)
         self.model = model
         self.example_inputs = example_inputs
-        self.post_prune_hooks = tuple(post_prune_hooks)
-        for hook in self.post_prune_hooks:
-            if not callable(hook):
-                raise ConfigError(f"post_prune_hooks must be callables, got {hook!r}.")
-        for label, fn in (("weight", weight_bitwidth_fn), ("activation", activation_bitwidth_fn)):
-            if fn is not None and not callable(fn):
-                raise ConfigError(f"{label}_bitwidth_fn must be callable (name, module) -> int.")
-        self.weight_bitwidth_fn = weight_bitwidth_fn
-        self.activation_bitwidth_fn = activation_bitwidth_fn
-        self.integrations = self._select_integrations(integrations)
-        self._user_num_heads = dict(num_heads) if num_heads is not None else None
-        heads = (
-            self._user_num_heads if self._user_num_heads is not None
-            else self._integration_options().get("num_heads")
+        self.post_prune_hooks = opt.check_hooks(post_prune_hooks)
+        signature = "(name, module) -> int"
+        self.weight_bitwidth_fn = opt.check_callable(weight_bitwidth_fn, "weight_bitwidth_fn", signature)
+        self.activation_bitwidth_fn = opt.check_callable(
+            activation_bitwidth_fn, "activation_bitwidth_fn", signature
         )
+        self.integrations = self._select_integrations(integrations)
+        self._user_num_heads = opt.check_num_heads(num_heads)
+        self._user_layouts = opt.check_layouts(attention_layouts)
+        filled = self._integration_options()
+        heads = self._user_num_heads if self._user_num_heads is not None else filled.get("num_heads")
         self._options = StructureOptions(
             num_heads=dict(heads or {}),
-            prune_num_heads=prune_num_heads,
-            prune_head_dims=prune_head_dims,
-            ignored_layers=tuple(ignored_layers or ()),
+            prune_num_heads=opt.check_bool(prune_num_heads, "prune_num_heads"),
+            prune_head_dims=opt.check_bool(prune_head_dims, "prune_head_dims"),
+            ignored_layers=opt.check_modules(model, ignored_layers, "ignored_layers"),
             unwrapped_parameters=unwrapped_parameters,
-            root_module_types=None if root_module_types is None else tuple(root_module_types),
-            forward_fn=forward_fn,
-            output_transform=output_transform,
+            root_module_types=opt.check_module_types(root_module_types, "root_module_types"),
+            forward_fn=opt.check_callable(forward_fn, "forward_fn", "(model, example_inputs) -> output"),
+            output_transform=opt.check_callable(output_transform, "output_transform", "(output) -> tensors"),
+            attention_layouts=self._layouts(filled),
+            prune_model_outputs=opt.check_bool(prune_model_outputs, "prune_model_outputs"),
         )
         self._trackers: dict[str, TrackerHandle] = {}
         self.pruned_units: dict[str, list[int]] | None = None
+        self.pruned_attention: dict[str, AttentionChange] | None = None
         self._build(version=0)
 
     # ------------------------------------------------------------------------- structure
@@ -147,10 +161,18 @@ class WeightTracker:
             filled.update(integration.tracker_options(self.model) or {})
         return filled
 
+    def _layouts(self, filled: Mapping[str, Any]) -> tuple[AttentionLayout, ...]:
+        """The user's attention layouts, else those the integrations declare."""
+        if self._user_layouts:
+            return self._user_layouts
+        return opt.check_layouts(filled.get("attention_layouts"))
+
     def _build(self, version: int) -> None:
-        if self.integrations and version > 0 and self._user_num_heads is None:
-            heads = self._integration_options().get("num_heads") or {}
-            self._options = _evolve(self._options, num_heads=dict(heads))
+        if self.integrations and version > 0:
+            filled = self._integration_options()
+            if self._user_num_heads is None:
+                self._options = _evolve(self._options, num_heads=dict(filled.get("num_heads") or {}))
+            self._options = _evolve(self._options, attention_layouts=self._layouts(filled))
         ignored = tuple(
             p for integration in self.integrations
             for p in (integration.ignored_parameters(self.model) or ())
@@ -162,6 +184,16 @@ class WeightTracker:
         self.structure.weight_bitwidth_fn = self.weight_bitwidth_fn  # type: ignore[attr-defined]
         self.structure.activation_bitwidth_fn = self.activation_bitwidth_fn  # type: ignore[attr-defined]
         self.graph = CalculationGraph(self.registries.calculations, self.structure)
+
+    def check_current(self) -> None:
+        """Raise if another tracker pruned this model physically since this one was built."""
+        if not self.structure.current:
+            raise StaleConsumerError(
+                "This WeightTracker was built before another WeightTracker on the same model "
+                "pruned it physically: its groups describe layers that no longer have those "
+                "shapes. Build a new WeightTracker(model, example_inputs, ...) for the pruned "
+                "model."
+            )
 
     @property
     def groups(self) -> tuple[CanonicalUnitGroup, ...]:
@@ -200,6 +232,7 @@ class WeightTracker:
         ``normalization_macs_pr_module`` go to every listed tracker that accepts them; an
         option none of them accepts is an error.
         """
+        self.check_current()
         kinds = list(kind_or_kinds) if isinstance(kind_or_kinds, (list, tuple)) else [kind_or_kinds]
         if not kinds:
             raise ConfigError("create_tracker needs at least one tracker name.")
@@ -229,6 +262,7 @@ class WeightTracker:
 
         One evaluation is shared, so a calculation several trackers need runs once.
         """
+        self.check_current()
         evaluation = self.graph.evaluation()
         out: dict[str, Any] = {}
         for handle in dict.fromkeys(self._trackers.values()):
@@ -246,6 +280,7 @@ class WeightTracker:
         self, kind: Any, *, include: Sequence[Any] = (), ignore: Sequence[Any] = (), **options: Any
     ) -> RegularizerHandle:
         """A callable returning a differentiable scalar (SPEC §6)."""
+        self.check_current()
         spec = self.registries.regularizers.get(kind)
         opts = build_options("regularizer", spec.name, spec.options, options)
         self.graph.validate(spec.requires, consumer=f"regularizer {spec.name}")
@@ -254,6 +289,7 @@ class WeightTracker:
 
     def create_pruner(self, name: Any, *, config: Any = None, **options: Any) -> PrunerHandle:
         """A pruning algorithm (SPEC §10); ``config`` is a dict or the pruner's config object."""
+        self.check_current()
         spec = self.registries.pruners.get(name)
         if config is not None and options:
             raise ConfigError("Pass either config= or keyword options to create_pruner, not both.")
@@ -279,10 +315,12 @@ class WeightTracker:
 
     def fake_prune_unit(self, group_id: int, unit_id: int) -> None:
         """Zero every weight of one unit in every coupled layer (shapes unchanged)."""
+        self.check_current()
         masking.fake_prune_units_(self.structure, {group_id: [unit_id]})
 
     def fake_prune_units(self, units: Mapping[int, Iterable[int]]) -> None:
         """Zero several units: ``{group id: [unit ids]}``."""
+        self.check_current()
         masking.fake_prune_units_(self.structure, units)
 
     def zero_units(self, ignore: Sequence[Any] = ()) -> dict[int, list[int]]:
@@ -290,6 +328,7 @@ class WeightTracker:
 
         Weights of layers selected by ``ignore`` are not looked at.
         """
+        self.check_current()
         selection = self.structure.selection((), ignore)
         plan = self.structure.plan(selection)
         with torch.no_grad():
@@ -328,23 +367,43 @@ class WeightTracker:
     ) -> surgery.PruneReport:
         """Physically remove every zero unit.
 
-        ``ignore`` only changes zero detection; ``ignore_prune`` skips every group that
-        touches one of those modules; ``dry_run`` reports without changing anything.
+        ``ignore`` only changes zero detection. ``ignore_prune`` keeps the listed modules'
+        output widths: groups that cut their output channels (or features) are left as they
+        are, while groups that only cut their inputs are still pruned. ``dry_run`` reports
+        without changing anything. The report's ``left_zero`` names zero units left in place
+        and why.
         """
+        self.check_current()
+        if not isinstance(dry_run, bool):
+            raise ConfigError(f"dry_run must be True or False, got {dry_run!r}.")
+        ignore = opt.check_selection(self.model, ignore, "ignore")
+        blocked_by = opt.check_selection(self.model, ignore_prune, "ignore_prune")
         zero = self.zero_units(ignore)
-        if ignore_prune:
-            blocked = self.structure.selection(ignore_prune, ())
-            zero = {
-                gid: units for gid, units in zero.items()
-                if not any(blocked.selects(m.module_name) for m in self.groups[gid].members)
-            }
-        return self._prune(zero, dry_run=dry_run)
+        left: dict[str, str] = {}
+        if blocked_by:
+            blocked = self.structure.selection(blocked_by, ())
+            for gid in list(zero):
+                group = self.groups[gid]
+                cut = [m.module_name for m in group.members
+                       if m.axis is not PruneAxis.IN_CHANNEL and blocked.selects(m.module_name)]
+                if cut:
+                    left[group.name] = (
+                        f"{len(zero.pop(gid))} zero units left in place: ignore_prune keeps the "
+                        f"output width of {cut[0]}"
+                    )
+        report = self._prune(zero, dry_run=dry_run)
+        return attrs.evolve(report, left_zero={**report.left_zero, **left})
 
     prune_zero_structures = prune_zero_units
 
     def _prune(self, units: Mapping[int, Iterable[int]], dry_run: bool) -> surgery.PruneReport:
+        self.check_current()
+        if not isinstance(dry_run, bool):
+            raise ConfigError(f"dry_run must be True or False, got {dry_run!r}.")
         units = {gid: sorted(ids) for gid, ids in masking.check_units(self.structure, units).items()}
         removed_heads = self._removed_heads(units)
+        changes = surgery.attention_changes(self.structure, units)
+        version = model_version(self.model)
 
         def after() -> None:
             # hooks see what is being removed, numbered as in self.structure (still the
@@ -353,6 +412,7 @@ class WeightTracker:
                 self.structure.group(gid).name: sorted({int(u) for u in local})
                 for gid, local in units.items() if local
             }
+            self.pruned_attention = dict(changes)
             try:
                 for integration in self.integrations:
                     if integration.after_prune is not None:
@@ -361,21 +421,21 @@ class WeightTracker:
                     hook(self)
             finally:
                 self.pruned_units = None
+                self.pruned_attention = None
 
-        old = (self.structure, self.graph, self._options, dict(self._trackers))
+        old = (self.structure, self.graph, self._options, dict(self._trackers),
+               self._user_num_heads, self._user_layouts)
 
         def rebuild() -> None:
-            if self._user_num_heads is not None and removed_heads:
-                for module, n in removed_heads.items():
-                    self._user_num_heads[module] -= n
-                self._options = _evolve(self._options, num_heads=dict(self._user_num_heads))
+            self._count_removed_heads(removed_heads, changes)
+            set_model_version(self.model, version + 1)
             self._build(version=self.structure.version + 1)
             self._trackers.clear()
 
         def on_failure() -> None:  # the model is already restored
-            self.structure, self.graph, self._options, self._trackers = old
-            if self._user_num_heads is not None:
-                self._user_num_heads = dict(old[2].num_heads)
+            set_model_version(self.model, version)
+            (self.structure, self.graph, self._options, self._trackers,
+             self._user_num_heads, self._user_layouts) = old
             try:
                 # Torch-Pruning's graph bookkeeping may be half-updated: trace afresh
                 self._build(version=self.structure.version)
@@ -386,18 +446,50 @@ class WeightTracker:
                                    rebuild=rebuild, on_failure=on_failure)
 
     def _removed_heads(self, units: Mapping[int, Iterable[int]]) -> dict[nn.Module, int]:
+        """Heads removed from fused qkv projections and ``nn.MultiheadAttention``."""
         out: dict[nn.Module, int] = {}
         for gid, local in units.items():
             group = self.structure.group(gid)
-            if group.kind == "head":
+            if group.kind == "head" and group.root_module not in self.structure.layouts:
                 module = self.structure.module(group.root_module)
                 out[module] = out.get(module, 0) + len(set(local))
         return out
+
+    def _count_removed_heads(
+        self, removed: Mapping[nn.Module, int], changes: Mapping[str, AttentionChange]
+    ) -> None:
+        """Bring the user's ``num_heads`` and ``attention_layouts`` to the pruned counts."""
+        if self._user_num_heads is not None:
+            heads = dict(self._user_num_heads)
+            for module, n in removed.items():
+                if module in heads:
+                    heads[module] -= n
+            for change in changes.values():
+                for name, count in ((change.q_proj, change.num_heads), (change.k_proj, change.num_kv_heads),
+                                    (change.v_proj, change.num_kv_heads)):
+                    module = self.structure.module(name)
+                    if module in heads:
+                        heads[module] = count
+            self._user_num_heads = heads
+            self._options = _evolve(self._options, num_heads=dict(heads))
+        if self._user_layouts and changes:
+            by_q = {change.q_proj: change for change in changes.values()}
+            names = {id(m): n for n, m in self.model.named_modules()}
+            updated = []
+            for layout in self._user_layouts:
+                change = by_q.get(names.get(id(layout.q_proj), ""))
+                if change is not None:
+                    layout = attrs.evolve(layout, num_heads=change.num_heads, num_kv_heads=change.num_kv_heads,
+                                          head_dim=change.head_dim)
+                updated.append(layout)
+            self._user_layouts = tuple(updated)
+            self._options = _evolve(self._options, attention_layouts=self._user_layouts)
 
     # ------------------------------------------------------------------------- bit-widths
 
     def bitwidths(self, include: Sequence[Any] = (), ignore: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Weight and activation bit-widths of every counted (weighted) layer."""
+        self.check_current()
         selection = self.structure.selection(include, ignore)
         rows = []
         for info in self.structure.selected_modules(selection, (LayerCategory.WEIGHTED,)):

@@ -59,7 +59,7 @@ def test_conv_residual_unit_owns_every_coupled_slice(unit):
 
 def test_linear_head_unit():
     model = TinyConvNet()
-    tracker = WeightTracker(model, conv_input())
+    tracker = WeightTracker(model, conv_input(), prune_model_outputs=True)
     before = snapshot(model)
     tracker.fake_prune_unit(group_of(tracker, "fc").id, 2)
     assert_zeroed_exactly(model, before, {"fc.weight": [2], "fc.bias": [2]})

@@ -71,7 +71,8 @@ def group(tracker, root):
 @pytest.fixture
 def tiny():
     model = TinyConvNet().eval()
-    return model, WeightTracker(model, conv_input(), plugins=[ConsumersPlugin()])
+    # the classifier's outputs are units too: these tests prune the fc group
+    return model, WeightTracker(model, conv_input(), plugins=[ConsumersPlugin()], prune_model_outputs=True)
 
 
 # ---------------------------------------------------------------------- view_zero_units
@@ -157,17 +158,22 @@ def test_ignore_changes_only_zero_detection_and_the_whole_group_is_pruned(tiny):
     assert model.bn1.num_features == 7 and torch.equal(model.bn1.weight, bn1[keep])
 
 
-def test_ignore_prune_blocks_groups_touching_those_modules(tiny):
+def test_ignore_prune_keeps_the_output_width_of_those_modules(tiny):
     model, tracker = tiny
-    conv1, conv3 = group(tracker, "conv1"), group(tracker, "conv3")
-    tracker.fake_prune_units({conv1.id: [0], conv3.id: [5]})
-    report = tracker.prune_zero_units(ignore_prune=[model.fc])  # conv3's group reaches fc
-    assert report.units == {conv1.name: [0]}
-    assert model.conv1.out_channels == 7 and model.conv3.out_channels == 16
+    conv1, conv3, fc = group(tracker, "conv1"), group(tracker, "conv3"), group(tracker, "fc")
+    tracker.fake_prune_units({conv1.id: [0], conv3.id: [5], fc.id: [2]})
+    # fc keeps its 5 outputs; conv3's group only cuts fc's inputs, so it is still pruned
+    report = tracker.prune_zero_units(ignore_prune=[model.fc])
+    assert report.units == {conv1.name: [0], conv3.name: [5]}
+    assert report.left_zero == {fc.name: "1 zero units left in place: ignore_prune keeps the output width of fc"}
+    assert "left in place" in str(report)
+    assert model.conv1.out_channels == 7 and model.conv3.out_channels == 15 and model.fc.out_features == 5
+    assert model.fc.in_features == 15
+    tracker.fake_prune_units({group(tracker, "conv3").id: [3]})
     version = tracker.structure.version
-    report = tracker.prune_zero_units(ignore_prune=[nn.BatchNorm2d])  # every group left has one
-    assert report.num_units == 0 and tracker.structure.version == version
-    assert model.conv3.out_channels == 16
+    report = tracker.prune_zero_units(ignore_prune=[nn.BatchNorm2d])  # every conv group cuts a BN
+    assert report.units == {group(tracker, "fc").name: [2]} and tracker.structure.version == version + 1
+    assert model.conv3.out_channels == 15 and model.fc.out_features == 4
 
 
 def test_dry_run_reports_and_changes_nothing(tiny):

@@ -15,25 +15,29 @@ from torch import nn
 from models import CatNet, MHANet, TinyConvNet, conv_input, sequence_input
 
 
+# the classifiers' outputs are units too, so that their groups are counted as well
+OUTPUTS = {"prune_model_outputs": True}
+
+
 def _resnet18():
-    return torchvision.models.resnet18(num_classes=10), conv_input(1, 32), {}
+    return torchvision.models.resnet18(num_classes=10), conv_input(1, 32), dict(OUTPUTS)
 
 
 def _mobilenet_v2():
-    return torchvision.models.mobilenet_v2(num_classes=10), conv_input(1, 32), {}
+    return torchvision.models.mobilenet_v2(num_classes=10), conv_input(1, 32), dict(OUTPUTS)
 
 
 def _catnet():
-    return CatNet(), conv_input(1), {}
+    return CatNet(), conv_input(1), dict(OUTPUTS)
 
 
 def _tiny():
-    return TinyConvNet(), conv_input(1), {}
+    return TinyConvNet(), conv_input(1), dict(OUTPUTS)
 
 
 def _mhanet():
     model = MHANet()
-    return model, sequence_input(1), {"num_heads": {model.attn: 4}, "prune_num_heads": True}
+    return model, sequence_input(1), {"num_heads": {model.attn: 4}, "prune_num_heads": True, **OUTPUTS}
 
 
 CASES = {

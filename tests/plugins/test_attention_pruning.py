@@ -319,7 +319,7 @@ def test_mha_with_separate_kdim_refuses_physical_embedding_prune():
 
     model = KDimNet()
     inputs = (sequence_input(), torch.randn(2, 4, 5))
-    tracker = WeightTracker(model, inputs)
+    tracker = WeightTracker(model, inputs, prune_model_outputs=True)
     group = next(g for g in tracker.groups if "attn" in g.module_names())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     with pytest.raises(PruningError, match="kdim"):

@@ -109,7 +109,7 @@ def test_hand_worked_example():
     # 1024 * (8/4 + 4/4) = 3072, the output unit 1024 * 4 = 4096; mean 3276.8 ->
     # lambda = 0.9375 (hidden) and 1.25 (output)
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
-    tracker = WeightTracker(model, torch.randn(1, 2))
+    tracker = WeightTracker(model, torch.randn(1, 2), prune_model_outputs=True)
     penalty = tracker.create_regularizer("bops_group_lasso")
     hidden = next(g for g in tracker.groups if g.root_module == "0")
     out = next(g for g in tracker.groups if g.root_module == "2")
@@ -129,8 +129,11 @@ def test_differentiable_finite_at_zero_units_and_repeatable():
     assert first.item() == second.item()
     assert first.requires_grad and first.dim() == 0
     first.backward()
-    for param in model.parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all()
+    owned = {f"{m.module_name}.{p.param}" for g in tracker.groups for m, p in g.iter_slices()}
+    assert "fc.bias" not in owned  # the classifier's outputs are no units: no pressure on them
+    for name, param in model.named_parameters():
+        if name in owned:
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert (model.conv3.weight.grad[:2] == 0).all()
     assert (model.conv3.weight.grad[2:] != 0).any()
 

@@ -31,7 +31,7 @@ def test_hand_worked_mlp():
     # Linear(3, 4) -> ReLU -> Linear(4, 2); hidden feature 1 zero in both layers:
     # row 1 of the first weight (3) + column 1 of the second (2) = 5 weights, 1 bias.
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    tracker = WeightTracker(model, torch.randn(1, 3))
+    tracker = WeightTracker(model, torch.randn(1, 3), prune_model_outputs=True)
     hidden = _group(tracker, "0:prune_out_channels")
     tracker.fake_prune_unit(hidden.id, 1)
     out = _summary(tracker)

@@ -32,7 +32,7 @@ class GroupedNet(nn.Module):
 def make(kind):
     if kind == "tiny":
         model = TinyConvNet()
-        return model, WeightTracker(model, conv_input())
+        return model, WeightTracker(model, conv_input(), prune_model_outputs=True)
     if kind == "cat":
         model = CatNet()
         return model, WeightTracker(model, conv_input())

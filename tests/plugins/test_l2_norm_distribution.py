@@ -86,8 +86,8 @@ def test_include_and_ignore_restrict_the_norms():
         expected = float(torch.quantile(torch.tensor(sums, dtype=torch.float64).sqrt(), 0.5))
         assert out[group.name]["p50"] == pytest.approx(expected, rel=1e-5)
     only_fc = _dist(tracker, include=[model.fc])["groups"]
-    # fc is the root of its own group and an input-side member of conv3's group
-    assert set(only_fc) == {"fc:prune_out_channels", "conv3:prune_out_channels"}
+    # fc is an input-side member of conv3's group (its own outputs are the model's: no units)
+    assert set(only_fc) == {"conv3:prune_out_channels"}
 
 
 @pytest.mark.parametrize("bad", [{"quantiles": [0.5, 1.5]}, {"quantiles": [-0.1]}, {"threshold": -1.0},

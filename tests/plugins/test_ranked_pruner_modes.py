@@ -213,7 +213,7 @@ def test_taylor_pruning_removes_the_lowest_first_order_terms():
 
 def test_callable_importance_and_unscorable_groups():
     model = TinyConvNet()
-    tracker = WeightTracker(model, conv_input())
+    tracker = WeightTracker(model, conv_input(), prune_model_outputs=True)
     calls = []
 
     def by_index(values):  # higher unit ids are more important; the fc group is unscorable
@@ -268,7 +268,7 @@ def test_ignored_layers_and_max_pruning_ratio():
     assert model.conv3.out_channels == 16  # bn3 sits on conv3's output side
     assert model.conv1.out_channels == 5  # 8 * (1 - 0.4) = 4.8: at most 40% go
     typed = TinyConvNet()
-    typed_tracker = WeightTracker(typed, conv_input())
+    typed_tracker = WeightTracker(typed, conv_input(), prune_model_outputs=True)
     typed_tracker.create_pruner("ranked", pruning_ratio=0.5, ignored_layers=[nn.BatchNorm2d]).step()
     assert (typed.conv1.out_channels, typed.conv3.out_channels, typed.fc.out_features) == (8, 16, 2)
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from .handle import (
-    DependencyGraphHandle,
-    RawGroup,
-    RawItem,
-    call_model,
-    describe_inputs,
-    preserved_modes,
-)
+from .attention import ROTARY_HALF, ROTARY_INTERLEAVED, ROTARY_UNKNOWN, FoundAttention
+from .handle import DependencyGraphHandle
+from .records import RawGroup, RawItem
+from .tracing import call_model, describe_inputs, preserved_modes
 
 __all__ = [
+    "ROTARY_HALF",
+    "ROTARY_INTERLEAVED",
+    "ROTARY_UNKNOWN",
     "DependencyGraphHandle",
+    "FoundAttention",
     "RawGroup",
     "RawItem",
     "call_model",

@@ -1,17 +1,23 @@
-"""Couplings Torch-Pruning is known to get wrong: repaired or refused (SPEC §3.1).
+"""Couplings Torch-Pruning is known to get wrong: repaired or refused, group by group.
+
+Every refusal names the operation, the layer it feeds and the root layers whose groups
+pass through it; adding those roots to ``ignored_layers`` leaves the operation out of
+every group, so the rest of the model still gets units.
 
 * ``torch.split`` / ``torch.unbind``: Torch-Pruning gives the i-th *traced consumer* the
   i-th chunk, but consumers are traced in graph order, not chunk order. The consumers are
-  re-ordered by the autograd output number they read, and splits whose chunks cannot be
-  matched one-to-one to consumers are refused.
+  re-ordered by the autograd output number they read; a split whose chunks cannot be
+  matched one-to-one to consumers is refused for the groups passing through it.
 * A flatten (``view`` / ``reshape`` that folds spatial positions into features) preceded by
   a ``permute`` / ``transpose``: Torch-Pruning assumes channel-major order. Refused.
 * Channel shuffles (``view`` that splits the channel axis, a transpose of the split axes,
   ``reshape`` back): Torch-Pruning treats them as identity. Refused.
-* A ``torch.cat`` fed by one tensor along two paths: the index mapping loops. Refused, and
-  the group search is bounded in case another graph makes it loop.
-* Groups in which only some of the root's channels reach any consumer (e.g. a fused
-  ``qkv`` projection without ``num_heads``), indices out of range or repeated: refused.
+* A ``torch.cat`` fed by one tensor along two paths: the index mapping loops. Refused
+  before Torch-Pruning searches such a group, and the search is bounded anyway. Slices of
+  one tensor that partition the concatenated axis (``rotate_half`` of rotary embeddings)
+  are fine and not refused.
+* Groups in which only some of the root's channels reach any consumer, or none does while
+  the root does not feed the model's output, indices out of range or repeated: refused.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from ..errors import CouplingError
 from ..units import PruneAxis
 
 if TYPE_CHECKING:
-    from .handle import RawGroup
+    from .records import RawGroup
 
 _OPTYPE = tp.ops.OPTYPE
 _DATA_MOVEMENT = ("permute", "transpose")
@@ -46,14 +52,14 @@ class GraphChecks:
     def __init__(self, dg: Any, names: dict[nn.Module, str]) -> None:
         self.dg = dg
         self._names = names
+        self._refused: dict[Any, str] = {}  # operation node -> why groups through it are refused
+        self._loops: dict[Any, str] = {}  # cat nodes whose index mapping would loop
+        self._reshapes_checked = False
 
-    def before_groups(self) -> None:
-        """Graph-wide checks, run before any group is enumerated."""
-        self._check_reshapes()
-        self._check_concat_inputs()
+    # ------------------------------------------------------------------------ graph-wide
 
     def fix_chunk_order(self) -> None:
-        """Give the i-th consumer of a split/unbind the i-th chunk, or refuse."""
+        """Give the i-th consumer of a split/unbind the i-th chunk; remember what cannot be."""
         for node in list(self.dg.module2node.values()):
             if node.type not in (_OPTYPE.SPLIT, _OPTYPE.UNBIND) or not node.outputs:
                 continue
@@ -66,22 +72,97 @@ class GraphChecks:
             if chunks is None or numbers != list(range(chunks)) or len(refs) != len(node.outputs):
                 if node.module.offsets is None:
                     continue  # Torch-Pruning does not map indices through it
-                consumer = self._first_consumer(node)
-                raise CouplingError(
+                self._refused[node] = (
                     f"Cannot verify how the chunks of {node.grad_fn.name()} feed "
-                    f"{consumer}: {chunks} chunks but consumers read outputs {numbers}. "
-                    "Unused or repeated chunks break Torch-Pruning's index mapping. Add "
-                    "the layers before this split to ignored_layers."
+                    f"{self._first_consumer(node)}: {chunks} chunks but consumers read outputs "
+                    f"{numbers}. Unused or repeated chunks break Torch-Pruning's index mapping."
                 )
+                continue
             node.outputs[:] = [out for _, out in sorted(refs, key=lambda r: r[0])]
+
+    def _find_operations(self) -> None:
+        """Reshapes and cats that no group may pass through (found once, lazily)."""
+        if self._reshapes_checked:
+            return
+        self._reshapes_checked = True
+        for node in self.dg.module2node.values():
+            if node.type == _OPTYPE.RESHAPE:
+                reason = self._reshape_problem(node)
+                if reason:
+                    self._refused[node] = reason
+            elif node.type == _OPTYPE.CONCAT:
+                reason = self._concat_problem(node)
+                if reason:
+                    self._loops[node] = reason
+
+    # ------------------------------------------------------------------------- per group
+
+    def reachable(self, node: Any, fn: Callable[..., Any], blocked: set[Any] = frozenset()) -> set[Any]:  # type: ignore[assignment]
+        """Nodes a group rooted at ``node`` / ``fn`` can reach (no index mapping: cheap)."""
+        seen: set[tuple[Any, Any]] = set()
+        nodes: set[Any] = set()
+        stack = [(node, fn)]
+        while stack:
+            current, handler = stack.pop()
+            if (current, handler) in seen:
+                continue
+            seen.add((current, handler))
+            nodes.add(current)
+            for dep in current.dependencies:
+                if dep.is_triggered_by(handler):
+                    stack.append((dep.target, dep.handler))
+        return nodes
+
+    def before_group(
+        self, root: nn.Module, fn: Callable[..., Any], roots: Callable[[], Iterable[nn.Module]]
+    ) -> None:
+        """Refuse, before Torch-Pruning searches it, a group through a looping cat.
+
+        ``roots`` gives every root that would still be searched (for the advice).
+        """
+        self._find_operations()
+        if not self._loops:
+            return
+        reached = self.reachable(self.dg.module2node[root], fn)
+        for cat, reason in self._loops.items():
+            if cat in reached:
+                raise CouplingError(reason + self._advice(cat, roots()))
+
+    def check_operations(self, group: Any, roots: Callable[[], Iterable[nn.Module]]) -> None:
+        """Refuse a group that passes through an operation Torch-Pruning maps wrongly."""
+        self._find_operations()
+        if not self._refused:
+            return
+        for item in group.items:
+            reason = self._refused.get(item.dep.target)
+            if reason is not None:
+                raise CouplingError(reason + self._advice(item.dep.target, roots()))
+
+    def _advice(self, node: Any, roots: Iterable[nn.Module]) -> str:
+        """Which roots to ignore so that no group passes through ``node``."""
+        through = []
+        for root in roots:
+            pruner = self.dg.get_pruner_of_module(root)
+            if pruner is None:
+                continue
+            if node in self.reachable(self.dg.module2node[root], pruner.prune_out_channels):
+                through.append(self._names[root])
+        if not through:
+            return ""
+        shown = ", ".join(f"model.{n}" for n in through[:8]) + (", ..." if len(through) > 8 else "")
+        return (
+            f" The groups of {', '.join(through[:8])}{' ...' if len(through) > 8 else ''} pass "
+            f"through it: add them to ignored_layers (ignored_layers=[{shown}]) to leave "
+            "this part of the model out, or restructure that part of the forward."
+        )
 
     @contextlib.contextmanager
     def bounded_search(self) -> Iterator[None]:
         """Stop Torch-Pruning's group search if it keeps adding dependencies.
 
-        Some graphs (a tensor reaching one ``cat`` through two paths, say) make its index
-        mapping produce ever larger index sets, and the search never ends. A group never
-        needs more entries than a small multiple of the graph's nodes.
+        Some graphs make its index mapping produce ever larger index sets, and the search
+        never ends. A group never needs more entries than a small multiple of the graph's
+        nodes.
         """
         limit = 10 * len(self.dg.module2node) + 1000
         original = tp.dependency.group.Group.add_dep
@@ -102,26 +183,58 @@ class GraphChecks:
         finally:
             tp.dependency.group.Group.add_dep = original  # type: ignore[method-assign]
 
-    def _check_concat_inputs(self) -> None:
-        """Refuse a ``torch.cat`` whose inputs come from one tensor through two paths."""
-        for node in self.dg.module2node.values():
-            if node.type != _OPTYPE.CONCAT:
-                continue
-            reach = [self._upstream_operations(start) for start in node.inputs]
-            for i, first in enumerate(reach):
-                for second in reach[i + 1 :]:
-                    common = first & second
-                    if not common:
-                        continue
-                    layers = sorted(self._label(n) for n in common if n.module in self._names)
-                    source = layers[0] if layers else sorted(self._label(n) for n in common)[0]
-                    consumer = self._first_consumer(node)
-                    raise CouplingError(
-                        f"The inputs of a torch.cat ({node.grad_fn.name()}) feeding {consumer} "
-                        f"come from one tensor along two paths (both from {source}); "
-                        "Torch-Pruning cannot map its channels. Add the layers before the cat "
-                        "to ignored_layers."
-                    )
+    # ---------------------------------------------------------------- problem operations
+
+    def _concat_problem(self, node: Any) -> str | None:
+        """A ``torch.cat`` whose inputs come from one tensor through two paths."""
+        reach = [self._upstream_operations(start) for start in node.inputs]
+        if _partitioning_slices(node):
+            return None
+        for i, first in enumerate(reach):
+            for second in reach[i + 1 :]:
+                common = first & second
+                if not common:
+                    continue
+                layers = sorted(self._label(n) for n in common if n.module in self._names)
+                source = layers[0] if layers else sorted(self._label(n) for n in common)[0]
+                return (
+                    f"The inputs of a torch.cat ({node.grad_fn.name()}) feeding "
+                    f"{self._first_consumer(node)} come from one tensor along two paths (both "
+                    f"from {source}); Torch-Pruning cannot map its channels."
+                )
+        return None
+
+    def _reshape_problem(self, node: Any) -> str | None:
+        flattening = any(
+            type(m).__name__ == "_FlattenIndexMapping"
+            for dep in node.dependencies
+            for m in dep.index_mapping
+        ) or any(
+            type(m).__name__ == "_FlattenIndexMapping"
+            for n in node.inputs
+            for dep in n.dependencies
+            if dep.target is node
+            for m in dep.index_mapping
+        )
+        if flattening:
+            permute = self._upstream_permute(node)
+            if permute is not None:
+                consumer = self._first_consumer(node)
+                return (
+                    f"A {permute} before the flatten ({node.grad_fn.name()}) that feeds "
+                    f"{consumer} reorders channels; Torch-Pruning would map them as "
+                    "channel-major and couple the wrong features. Flatten in NCHW order."
+                )
+        shuffle = _shuffle_transpose(node, self._producer_channels(node))
+        if shuffle is not None:
+            consumer = self._first_consumer(node)
+            return (
+                f"A channel shuffle (view, {shuffle}, reshape) feeds {consumer}: "
+                "Torch-Pruning treats it as identity and would couple the wrong channels."
+            )
+        return None
+
+    # --------------------------------------------------------------------------- walking
 
     def _label(self, node: Any) -> str:
         if isinstance(node.module, nn.Module) and node.module in self._names:
@@ -152,13 +265,22 @@ class GraphChecks:
         """``node`` and the nodes above it up to (and including) the nearest layers."""
         return set(self._walk([node], upward=True))
 
-    def _consumer_modules(self, node: Any) -> Iterator[str]:
+    def consumer_modules(self, node: Any) -> Iterator[str]:
         """Names of the nearest layers downstream of ``node``."""
         return (self._names[n.module] for n in self._walk(node.outputs, upward=False) if self._is_layer(n))
 
     def _first_consumer(self, node: Any) -> str:
         """The nearest layer fed by ``node``, for error messages."""
-        return next(iter(self._consumer_modules(node)), "the model output")
+        return next(iter(self.consumer_modules(node)), "the model output")
+
+    def feeds_output(self, node: Any) -> bool:
+        """Whether ``node``'s output reaches a model output without passing another layer."""
+        for n in self._walk(node.outputs, upward=False):
+            if self._is_layer(n):
+                continue
+            if not n.outputs or isinstance(n.module, tp.ops._OutputOp):
+                return True
+        return not node.outputs
 
     def _producer_channels(self, node: Any) -> int | None:
         """Output channels of the nearest layer upstream of ``node``, if any."""
@@ -175,39 +297,7 @@ class GraphChecks:
                 return n.grad_fn.name()
         return None
 
-    def _check_reshapes(self) -> None:
-        for node in self.dg.module2node.values():
-            if node.type != _OPTYPE.RESHAPE:
-                continue
-            flattening = any(
-                type(m).__name__ == "_FlattenIndexMapping"
-                for dep in node.dependencies
-                for m in dep.index_mapping
-            ) or any(
-                type(m).__name__ == "_FlattenIndexMapping"
-                for n in node.inputs
-                for dep in n.dependencies
-                if dep.target is node
-                for m in dep.index_mapping
-            )
-            if flattening:
-                permute = self._upstream_permute(node)
-                if permute is not None:
-                    consumer = self._first_consumer(node)
-                    raise CouplingError(
-                        f"A {permute} before the flatten ({node.grad_fn.name()}) that feeds "
-                        f"{consumer} reorders channels; Torch-Pruning would map them as "
-                        "channel-major and couple the wrong features. Flatten in NCHW order, "
-                        f"or add {consumer} to ignored_layers."
-                    )
-            shuffle = _shuffle_transpose(node, self._producer_channels(node))
-            if shuffle is not None:
-                consumer = self._first_consumer(node)
-                raise CouplingError(
-                    f"A channel shuffle (view, {shuffle}, reshape) feeds {consumer}: "
-                    "Torch-Pruning treats it as identity and would couple the wrong "
-                    "channels. Add the layers before the shuffle to ignored_layers."
-                )
+    # ------------------------------------------------------------------------ the records
 
     def check_group(
         self,
@@ -247,18 +337,64 @@ class GraphChecks:
             if item.axis is PruneAxis.IN_CHANNEL:
                 has_consumer = True
                 covered.update(item.root_idxs)
-        if coverage and has_consumer and len(covered) != raw.n_root:
+        if not coverage:
+            return
+        advice = (
+            f"If {raw.root_name} is an attention projection pass num_heads="
+            f"{{model.get_submodule({raw.root_name!r}): heads}} (separate q/k/v projections: "
+            "one entry each, or attention_layouts=[AttentionLayout(...)]); otherwise add "
+            f"model.{raw.root_name} to ignored_layers."
+        )
+        if has_consumer and len(covered) != raw.n_root:
             missing = sorted(set(range(raw.n_root)) - covered)
             span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
             raise CouplingError(
                 f"Only {len(covered)} of the {raw.n_root} output channels of "
                 f"{raw.root_name} reach a consumer (channels {span} do not): Torch-Pruning "
                 "lost them in an operation it cannot follow (for a fused attention "
-                f"projection: unbind into q, k, v). If {raw.root_name} is a fused qkv "
-                f"projection pass num_heads={{model.get_submodule({raw.root_name!r}): heads}}; "
-                "otherwise add it "
-                "to ignored_layers."
+                "projection: unbind into q, k, v). " + advice
             )
+        if not has_consumer and not raw.feeds_output:
+            raise CouplingError(
+                f"The output channels of {raw.root_name} reach {raw.consumer} but Torch-Pruning "
+                "coupled them to no layer that consumes them (it lost them in an operation it "
+                "cannot follow, such as an attention's repeat of key/value heads); removing "
+                "them would leave that layer's input too wide. " + advice
+            )
+
+
+def _partitioning_slices(node: Any) -> bool:
+    """Whether a cat's inputs are disjoint slices of one tensor along the cat axis.
+
+    ``rotate_half`` (``cat((-x[..., d/2:], x[..., :d/2]), -1)``) is one: every position of
+    the source appears once in the result, so channels map one to one.
+    """
+    ranges = []
+    sources = set()
+    for start in node.inputs:
+        n = start
+        while n is not None and "slice" not in _grad_name(n):
+            if "neg" in _grad_name(n) and len(n.inputs) == 1:
+                n = n.inputs[0]
+                continue
+            n = None
+        if n is None or len(n.inputs) != 1:
+            return False
+        fn = n.grad_fn
+        step = int(getattr(fn, "_saved_step", 1) or 1)
+        sizes = getattr(fn, "_saved_self_sym_sizes", None)
+        if step != 1 or sizes is None:
+            return False
+        length = int(sizes[int(getattr(fn, "_saved_dim", 0)) % len(sizes)])
+        begin = int(getattr(fn, "_saved_start", 0) or 0)
+        end = getattr(fn, "_saved_end", None)
+        stop = length if end is None or int(end) > length else int(end)
+        ranges.append((begin % length if begin < 0 else begin, stop))
+        sources.add(n.inputs[0])
+    if len(sources) != 1 or len(ranges) < 2:
+        return False
+    covered = sorted(ranges)
+    return all(a[1] <= b[0] for a, b in zip(covered, covered[1:]))
 
 
 def _param_dim_size(owner: nn.Module, attr: str | None, dim: int | None) -> int | None:

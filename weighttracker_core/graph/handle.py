@@ -1,50 +1,26 @@
-"""A traced Torch-Pruning dependency graph with checked groups (SPEC §3.1).
+"""A traced Torch-Pruning dependency graph with checked groups.
 
 This package is the only part of the core that imports ``torch_pruning``. The handle
-traces the model, runs :mod:`.checks`, and hands out dependency groups as plain records
-(:class:`RawGroup`) so that no Torch-Pruning object leaks further.
+traces the model (:mod:`.tracing`), enumerates and checks its groups (:mod:`.checks`),
+finds attention with separate projections (:mod:`.attention`), and hands out groups as
+plain records (:mod:`.records`) so that no Torch-Pruning object leaks further.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import attrs
-import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import ConfigError, PruningError
+from ..errors import ConfigError, CouplingError, PruningError
 from ..specs import LayerPruner
 from ..units import PruneAxis
+from .attention import AttentionFinder, FoundAttention
 from .checks import GraphChecks
-
-
-@attrs.frozen(kw_only=True)
-class RawItem:
-    """One module (or unwrapped parameter) of a Torch-Pruning group."""
-
-    module_name: str
-    module: Any  # nn.Module, or the owning module of an unwrapped parameter
-    param_name: str | None  # set for unwrapped parameters
-    pruning_dim: int | None  # set for unwrapped parameters
-    axis: PruneAxis
-    pruning_fn: str
-    idxs: tuple[int, ...]
-    root_idxs: tuple[int, ...]
-
-
-@attrs.frozen(kw_only=True)
-class RawGroup:
-    """A Torch-Pruning group: its root and every coupled module with indices."""
-
-    root_name: str
-    root_module: nn.Module
-    pruning_fn: str
-    n_root: int
-    items: tuple[RawItem, ...]
+from .records import RawGroup, RawItem
+from .tracing import trace
 
 
 class _AdapterPruner(tp.pruner.BasePruningFunc):
@@ -75,51 +51,11 @@ class _AdapterPruner(tp.pruner.BasePruningFunc):
         return self.impl.get_in_channels(layer)
 
 
-def call_model(
-    model: nn.Module,
-    example_inputs: Any,
-    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-) -> Any:
-    """Run ``model`` on ``example_inputs`` the way the tracker does everywhere."""
-    if forward_fn is not None:
-        return forward_fn(model, example_inputs)
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
-def describe_inputs(example_inputs: Any) -> str:
-    """Shapes of ``example_inputs`` for error messages."""
-    if isinstance(example_inputs, torch.Tensor):
-        return f"tensor of shape {tuple(example_inputs.shape)}"
-    if isinstance(example_inputs, dict):
-        return "{" + ", ".join(f"{k!r}: {describe_inputs(v)}" for k, v in example_inputs.items()) + "}"
-    if isinstance(example_inputs, (tuple, list)):
-        return "(" + ", ".join(describe_inputs(v) for v in example_inputs) + ")"
-    return type(example_inputs).__name__
-
-
-@contextlib.contextmanager
-def preserved_modes(model: nn.Module) -> Iterator[None]:
-    """Restore ``training`` flags and ``requires_grad`` after tracing."""
-    modes = {m: m.training for m in model.modules()}
-    grads = {p: p.requires_grad for p in model.parameters()}
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for p, flag in grads.items():
-            p.requires_grad_(flag)
-
-
 class DependencyGraphHandle:
     """A traced Torch-Pruning ``DependencyGraph`` with checked groups.
 
     Args:
-        model: The model (left in the training mode it had).
+        model: The model (left in the training mode it had, with no hooks added).
         example_inputs: Tensor, tuple of positional inputs, or dict of keyword inputs.
         forward_fn: ``forward_fn(model, example_inputs)`` replaces the default call.
         output_transform: Maps the model output to tensors to trace from.
@@ -150,33 +86,15 @@ class DependencyGraphHandle:
         self.ignored_layers = list(ignored_layers)
         self._names = {m: n for n, m in model.named_modules()}
         pruners = {t: _AdapterPruner(p) for t, p in (layer_pruners or {}).items()}
-        unwrapped = _unwrapped_list(unwrapped_parameters)
-
-        def trace_fn(m: nn.Module, x: Any) -> Any:
-            return call_model(m, x, forward_fn)
-
-        with preserved_modes(model), torch.enable_grad():
-            for p in model.parameters():
-                p.requires_grad_(True)
-            try:
-                self.dg = tp.DependencyGraph().build_dependency(
-                    model,
-                    example_inputs=example_inputs,
-                    forward_fn=trace_fn,
-                    output_transform=output_transform,
-                    unwrapped_parameters=unwrapped,
-                    customized_pruners=pruners or None,
-                    ignored_params=list(ignored_params),
-                    verbose=False,
-                )
-            except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as err:
-                raise ConfigError(
-                    f"example_inputs ({describe_inputs(example_inputs)}) do not fit "
-                    f"{type(model).__name__}: the trial forward pass failed with "
-                    f"{type(err).__name__}: {err}. Pass inputs of the shape the model "
-                    "expects (a tensor, a tuple of positional inputs, or a dict of keyword "
-                    "inputs; forward_fn= for anything else)."
-                ) from err
+        self.dg = trace(
+            model,
+            example_inputs,
+            forward_fn=forward_fn,
+            output_transform=output_transform,
+            unwrapped_parameters=_unwrapped_list(unwrapped_parameters),
+            customized_pruners=pruners or None,
+            ignored_params=list(ignored_params),
+        )
         self._param_names = {p: n for n, p in model.named_parameters()}
         self.checks = GraphChecks(self.dg, self._names)
         self.checks.fix_chunk_order()
@@ -199,31 +117,109 @@ class DependencyGraphHandle:
             out.append((self._param_names.get(p, ""), int(dim)))
         return out
 
+    def attention(self, exclude: Iterable[nn.Module] = ()) -> list[FoundAttention]:
+        """Attention with separate q / k / v projections (see :mod:`.attention`)."""
+        return AttentionFinder(self.dg, self._names, self.dg.get_out_channels).find(exclude)
+
+    def downstream_layer(self, module: nn.Module) -> nn.Module | None:
+        """The single nearest layer ``module`` feeds, or ``None`` (several, or the output)."""
+        node = self.dg.module2node.get(module)
+        if node is None:
+            return None
+        names = set(self.checks.consumer_modules(node))
+        if len(names) != 1:
+            return None
+        return self.model.get_submodule(names.pop())
+
     def groups(
-        self, attention_roots: Sequence[nn.Module] = (), untrusted_params: Sequence[str] = ()
+        self,
+        *,
+        coverage_exempt: Sequence[nn.Module] = (),
+        skip_roots: Sequence[nn.Module] = (),
+        untrusted_params: Sequence[str] = (),
     ) -> list[RawGroup]:
         """Every prunable group, checked; raises :class:`CouplingError` when unsure.
 
-        Groups rooted at ``attention_roots`` (fused qkv projections given ``num_heads``) skip
-        the coverage check: their query and key rows are regrouped into heads later.
-        Groups with a parameter in ``untrusted_params`` (Torch-Pruning guessed its dim) are
-        not checked either: the caller leaves them out.
+        Groups rooted at ``coverage_exempt`` (fused qkv projections given ``num_heads``) skip
+        the coverage check: their rows are regrouped into heads later. Groups that cut the
+        output channels of a module in ``skip_roots`` are not built (attention projections
+        whose head units the caller builds itself). Groups with a parameter in
+        ``untrusted_params`` (Torch-Pruning guessed its dim) are not checked either: the
+        caller leaves them out.
         """
         untrusted = frozenset(untrusted_params)
-        self.checks.before_groups()
-        ignored = [sub for layer in self.ignored_layers for sub in layer.modules()]
+        exempt = set(coverage_exempt)
+        ignored = {sub for layer in self.ignored_layers for sub in layer.modules()}
+        blocked = ignored | set(skip_roots) | set(self.dg.IGNORED_LAYERS_IN_TRACING)
+        roots = [
+            m for m in self.dg.module2node
+            if isinstance(m, self.root_module_types) and m not in blocked and self._prunable(m)
+        ]
+        visited: set[nn.Module] = set()
         out = []
+
+        def remaining() -> list[nn.Module]:
+            return [m for m in roots if m not in visited]
+
         with self.checks.bounded_search():
-            for group in self.dg.get_all_groups(
-                ignored_layers=ignored, root_module_types=self.root_module_types
-            ):
+            for root in roots:
+                if root in visited:
+                    continue
+                group = self._search(root, remaining)
+                group = self._coarsest(group, remaining)
+                prunable = True
+                for dep, _ in group:
+                    if self.dg.is_out_channel_pruning_fn(dep.handler):
+                        visited.add(dep.target.module)
+                        if dep.target.module in blocked:
+                            prunable = False
+                if not prunable:
+                    continue
+                self.checks.check_operations(group, remaining)
                 raw = self._to_raw(group)
                 self.checks.check_group(
-                    raw, self.channels, coverage=raw.root_module not in attention_roots,
-                    untrusted=untrusted,
+                    raw, self.channels, coverage=raw.root_module not in exempt, untrusted=untrusted
                 )
                 out.append(raw)
         return out
+
+    def _prunable(self, module: nn.Module) -> bool:
+        pruner = self.dg.get_pruner_of_module(module)
+        return pruner is not None and pruner.get_out_channels(module) is not None
+
+    def _search(self, root: nn.Module, remaining: Callable[[], list[nn.Module]]) -> Any:
+        """Torch-Pruning's group of ``root``'s output channels, after the loop check."""
+        pruner = self.dg.get_pruner_of_module(root)
+        self.checks.before_group(root, pruner.prune_out_channels, remaining)
+        channels = pruner.get_out_channels(root)
+        return self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(channels)))
+
+    def _coarsest(self, group: Any, remaining: Callable[[], list[nn.Module]]) -> Any:
+        """The group re-rooted at its coarsest member when the root is finer.
+
+        When a conv's channels are flattened into a linear layer's features and the linear
+        layer is the root, Torch-Pruning maps several features onto one channel (and keeps
+        one of them): the group's units would be fractions of channels. Rooted at the conv,
+        each channel owns all of its features.
+        """
+        for item in group.items:
+            reverse = any(
+                type(m).__name__ == "_FlattenIndexMapping" and getattr(m, "reverse", False)
+                for m in item.dep.index_mapping
+            )
+            if not reverse:
+                continue
+            for other in group.items:
+                module = other.dep.target.module
+                if (
+                    isinstance(module, nn.Module)
+                    and module in self._names
+                    and self.dg.is_out_channel_pruning_fn(other.dep.handler)
+                    and len(other.idxs) < len(group[0].idxs)
+                    and self._prunable(module)
+                ):
+                    return self._coarsest(self._search(module, remaining), remaining)
+        return group
 
     def axis_of(self, handler: Callable[..., Any]) -> PruneAxis:
         is_out = self.dg.is_out_channel_pruning_fn(handler)
@@ -251,14 +247,37 @@ class DependencyGraphHandle:
         group = self.dg.get_pruning_group(root, fn, sorted(int(i) for i in idxs))
         group.prune(record_history=False)
 
+    def prune_layer(self, module: nn.Module, axis: PruneAxis, idxs: Sequence[int]) -> None:
+        """Remove ``idxs`` on one side of one layer only (nothing coupled follows).
+
+        Used for attention heads, whose coupling the core knows better than the graph.
+        """
+        pruner = self.dg.get_pruner_of_module(module)
+        if pruner is None:
+            raise PruningError(f"Torch-Pruning has no pruner for {type(module).__name__}.")
+        fn = pruner.prune_in_channels if axis is PruneAxis.IN_CHANNEL else pruner.prune_out_channels
+        fn(module, sorted(int(i) for i in idxs))
+
     # ------------------------------------------------------------------------- conversion
 
     def _to_raw(self, group: Any) -> RawGroup:
         items = []
         root_dep, root_idxs = group[0]
+        feeds_output = False
         for item in group.items:
             dep = item.dep
             target = dep.target.module
+            if item.root_idxs is None or any(i is None for i in item.root_idxs):
+                raise CouplingError(
+                    f"Torch-Pruning lost the channel mapping between {self._names.get(root_dep.target.module, '?')} "
+                    f"and {self._names.get(target, dep.target.name)} (its index mapping through an "
+                    "operation it cannot follow, such as an expand/reshape that repeats channels, "
+                    "gave no root channel). If this is attention with separate projections pass "
+                    "num_heads= or attention_layouts=; otherwise add "
+                    f"model.{self._names.get(root_dep.target.module, '?')} to ignored_layers."
+                )
+            if self.dg.is_out_channel_pruning_fn(dep.handler) and not feeds_output:
+                feeds_output = self.checks.feeds_output(dep.target)
             if isinstance(target, nn.Parameter):
                 full = self._param_names.get(target, "")
                 owner_name, _, attr = full.rpartition(".")
@@ -291,14 +310,15 @@ class DependencyGraphHandle:
                 )
             )
         root_module = root_dep.target.module
-        raw = RawGroup(
+        return RawGroup(
             root_name=self._names[root_module],
             root_module=root_module,
             pruning_fn=root_dep.handler.__name__,
             n_root=len(root_idxs),
             items=tuple(items),
+            feeds_output=feeds_output,
+            consumer=self.checks._first_consumer(root_dep.target),
         )
-        return raw
 
 
 def _unwrapped_list(value: Any) -> list[tuple[nn.Parameter, int]] | None:
@@ -307,11 +327,18 @@ def _unwrapped_list(value: Any) -> list[tuple[nn.Parameter, int]] | None:
     pairs = value.items() if isinstance(value, dict) else value
     out = []
     for pair in pairs:
-        param, dim = pair
+        try:
+            param, dim = pair
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"unwrapped_parameters must map nn.Parameter to a dim ({{param: dim}} or "
+                f"[(param, dim)]); got the entry {pair!r}."
+            ) from None
         if not isinstance(param, nn.Parameter):
             raise ConfigError(
                 f"unwrapped_parameters must map nn.Parameter to a dim; got {type(param).__name__}."
             )
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ConfigError(f"unwrapped_parameters dims must be ints; got {dim!r}.")
         out.append((param, int(dim)))
     return out
-

@@ -1,13 +1,14 @@
-"""Unit rules for normalisation layers: BatchNorm, LayerNorm, GroupNorm, InstanceNorm.
+"""Unit rules for normalisation layers: BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm.
 
-A channel owns its scale (a weight) and its shift (reported as a bias). BOPs trackers skip
-these layers by default (``category="normalization"``).
+A channel owns its scale (a weight) and its shift (reported as a bias; RMSNorm has none).
+BOPs trackers skip these layers by default (``category="normalization"``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from weighttracker_core import LayerCategory, ParamRole, ParamSlice, PruneAxis, UnitRule, hookimpl
@@ -59,6 +60,47 @@ INSTANCE_NORM = UnitRule(
 )
 
 
+class RMSNormPruner:
+    """Removes features of a ``torch.nn.RMSNorm``: entries of its last normalised axis.
+
+    Torch-Pruning has no pruner for RMSNorm; input and output are one axis. Example:
+    removing feature 1 of ``RMSNorm(4)`` leaves ``weight`` ``[3]`` and
+    ``normalized_shape == (3,)``. The mean of squares is then taken over the remaining
+    features, exactly as for a LayerNorm.
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, nn.RMSNorm)
+        drop = {int(i) for i in idxs}
+        size = int(layer.normalized_shape[-1])
+        keep = torch.tensor([i for i in range(size) if i not in drop], dtype=torch.long)
+        if layer.weight is not None:
+            old = layer.weight
+            new = nn.Parameter(old.detach().index_select(-1, keep.to(old.device)).clone(),
+                               requires_grad=old.requires_grad)
+            layer.weight = new
+        layer.normalized_shape = (*tuple(layer.normalized_shape)[:-1], len(keep))
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.normalized_shape[-1])  # type: ignore[index]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return self.get_out_channels(layer)
+
+
+RMS_NORM = UnitRule(
+    name="rms_norm",
+    module_types=(nn.RMSNorm,),
+    out_slices=(ParamSlice(param="weight", dim=-1),),
+    in_slices=(ParamSlice(param="weight", dim=-1),),
+    category=LayerCategory.NORMALIZATION,
+    layer_pruner=RMSNormPruner(),
+)
+
+
 @hookimpl
 def wt_register_unit_rules() -> tuple[UnitRule, ...]:
-    return (BATCH_NORM, LAYER_NORM, GROUP_NORM, INSTANCE_NORM)
+    return (BATCH_NORM, LAYER_NORM, GROUP_NORM, INSTANCE_NORM, RMS_NORM)

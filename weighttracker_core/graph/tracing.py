@@ -1,0 +1,172 @@
+"""Tracing a model with Torch-Pruning: honest errors, and nothing left on the model.
+
+Torch-Pruning traces by running the model once with forward hooks on every layer. Here
+that run is guarded: every hook it registers is removed on every exit path (an error,
+Ctrl-C), training flags and ``requires_grad`` are restored, and a failure is reported for
+what it is:
+
+* the model itself fails on ``example_inputs`` -> "example_inputs do not fit";
+* ``output_transform`` fails on the model's output -> said so;
+* the model runs but Torch-Pruning cannot trace it -> said so, with its error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModuleError
+from ..hooks import no_new_hooks
+
+
+def call_model(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> Any:
+    """Run ``model`` on ``example_inputs`` the way the tracker does everywhere."""
+    if forward_fn is not None:
+        return forward_fn(model, example_inputs)
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def describe_inputs(example_inputs: Any) -> str:
+    """Shapes of ``example_inputs`` for error messages."""
+    if isinstance(example_inputs, torch.Tensor):
+        return f"tensor of shape {tuple(example_inputs.shape)}"
+    if isinstance(example_inputs, dict):
+        return "{" + ", ".join(f"{k!r}: {describe_inputs(v)}" for k, v in example_inputs.items()) + "}"
+    if isinstance(example_inputs, (tuple, list)):
+        return "(" + ", ".join(describe_inputs(v) for v in example_inputs) + ")"
+    return type(example_inputs).__name__
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore ``training`` flags and ``requires_grad`` after tracing."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+
+
+def _normal_tensors(value: Any) -> Any:
+    """``value`` with inference-mode tensors cloned into normal ones (autograd needs them)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, dict):
+        return {k: _normal_tensors(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_normal_tensors(v) for v in value)
+    return value
+
+
+def _check_parameters(model: nn.Module) -> None:
+    names = [n for n, p in model.named_parameters() if p.is_inference()]
+    if names:
+        raise ConfigError(
+            f"The parameters {', '.join(names[:5])}{', ...' if len(names) > 5 else ''} are "
+            "inference tensors (the model was built or loaded under torch.inference_mode()), "
+            "and tracing needs autograd. Build the model outside inference_mode, or copy it "
+            "first: `model = copy.deepcopy(model)` (outside inference_mode) gives it normal "
+            "tensors."
+        )
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+    output_transform: Callable[[Any], Any] | None,
+    **build_options: Any,
+) -> Any:
+    """Torch-Pruning's ``DependencyGraph`` of ``model``, built without leaving anything behind.
+
+    ``build_options`` go to ``DependencyGraph.build_dependency``.
+
+    Raises:
+        ConfigError: The model fails on ``example_inputs``, or ``output_transform`` fails.
+        UnsupportedModuleError: The model runs but Torch-Pruning cannot trace it.
+    """
+    _check_parameters(model)
+    inputs = _normal_tensors(example_inputs)
+
+    def trace_fn(m: nn.Module, x: Any) -> Any:
+        return call_model(m, x, forward_fn)
+
+    with no_new_hooks(model), preserved_modes(model), torch.inference_mode(False), torch.enable_grad():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        try:
+            return tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=inputs,
+                forward_fn=trace_fn,
+                output_transform=output_transform,
+                verbose=False,
+                **build_options,
+            )
+        except Exception as err:  # noqa: BLE001 - classified below, always re-raised
+            raise _explain(model, inputs, forward_fn, output_transform, err) from err
+
+
+def _explain(
+    model: nn.Module,
+    inputs: Any,
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+    output_transform: Callable[[Any], Any] | None,
+    err: Exception,
+) -> Exception:
+    """The error to raise for a failed trace: whose fault it is, found by trying again."""
+    cause = f"{type(err).__name__}: {_short(err)}"
+    with no_new_hooks(model), preserved_modes(model), torch.no_grad():
+        model.eval()  # Torch-Pruning traces in eval mode
+        try:
+            out = call_model(model, inputs, forward_fn)
+        except Exception as own:  # noqa: BLE001 - the model's own failure is the message
+            return ConfigError(
+                f"example_inputs ({describe_inputs(inputs)}) do not fit {type(model).__name__}: "
+                f"running the model on them fails with {type(own).__name__}: {_short(own)}. Pass "
+                "inputs of the shape and dtype the model expects (a tensor, a tuple of positional "
+                "inputs, or a dict of keyword inputs; forward_fn= for anything else)."
+            )
+        if output_transform is not None:
+            try:
+                output_transform(out)
+            except Exception as own:  # noqa: BLE001
+                return ConfigError(
+                    f"output_transform failed on the output of {type(model).__name__} "
+                    f"({type(out).__name__}) with {type(own).__name__}: {_short(own)}. It must "
+                    "map the model's output to a tensor or a tuple/list/dict of tensors."
+                )
+    if isinstance(err, RecursionError) or "recursi" in str(err).lower():
+        return UnsupportedModuleError(
+            f"Torch-Pruning could not trace {type(model).__name__} although the model runs on "
+            f"these inputs: its graph walk exceeded Python's recursion limit ({cause}). The "
+            "graph is too deep or has a structure Torch-Pruning cannot follow."
+        )
+    return UnsupportedModuleError(
+        f"Torch-Pruning could not trace {type(model).__name__} although the model runs on these "
+        f"inputs: {cause}. This is a limitation of its tracer for some operation in the forward; "
+        "forward_fn= / output_transform= can route around parts of the forward."
+    )
+
+
+def _short(err: BaseException, limit: int = 400) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
