@@ -24,12 +24,14 @@ from .errors import (
     UnsupportedModuleError,
     WeightTrackerError,
 )
+from .heads import AttentionChange, AttentionLayout
 from .hookspecs import hookimpl, hookspec
 from .manager import PluginInfo, PluginManager, create_plugin_manager, default_plugin_manager
 from .masking import stored_parameter
 from .plans import ReductionPlan, effective_parameter, safe_sqrt
 from .registry import describe_plugins
 from .specs import (
+    AttentionLayoutRule,
     CalculationSpec,
     HeadPruner,
     ImportanceSpec,
@@ -60,6 +62,9 @@ from .units import (
 )
 
 __all__ = [
+    "AttentionChange",
+    "AttentionLayout",
+    "AttentionLayoutRule",
     "CalculationCycleError",
     "CalculationGraph",
     "CalculationSpec",

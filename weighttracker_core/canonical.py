@@ -342,8 +342,10 @@ class GroupBuilder:
             )
         if qkv.out_features % (3 * heads):
             raise ConfigError(
-                f"num_heads[{name}]={heads} does not divide {name}.out_features="
-                f"{qkv.out_features} into q, k and v heads (need a multiple of {3 * heads})."
+                f"num_heads[{name}]={heads}: {name} is not a fused qkv projection of that many "
+                f"heads ({qkv.out_features} output channels do not split into q, k and v heads; "
+                f"need a multiple of {3 * heads}). num_heads keys must be fused qkv projections, "
+                "nn.MultiheadAttention modules, or separate q/k/v projections of an attention."
             )
         dim = qkv.out_features // (3 * heads)
         width = heads * dim

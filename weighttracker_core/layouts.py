@@ -125,7 +125,7 @@ class LayoutResolver:
             repeat = found.kv_repeat if found is not None else "block"
         return self._checked(
             HeadLayout(
-                name=_common_parent([q, k, v, o]) or q, q=q, k=k, v=v, o=o,
+                name=_common_parent([q, k, v]) or q, q=q, k=k, v=v, o=o,
                 num_heads=heads, num_kv_heads=layout.num_kv_heads or heads, head_dim=dim,
                 rotary=rotary, kv_repeat=repeat, source="attention_layouts",
             )
@@ -149,7 +149,7 @@ class LayoutResolver:
         q, k, v, o = (self.names[m] for m in (found.q, found.k, found.v, found.o))
         return self._checked(
             HeadLayout(
-                name=_common_parent([q, k, v, o]) or q, q=q, k=k, v=v, o=o,
+                name=_common_parent([q, k, v]) or q, q=q, k=k, v=v, o=o,
                 num_heads=counts[0], num_kv_heads=counts[1], head_dim=found.head_dim,
                 rotary=found.rotary, kv_repeat=found.kv_repeat, source=source,
             )

@@ -49,10 +49,11 @@ class GraphChecks:
         names: ``{module: qualified name}`` of the model's modules.
     """
 
-    def __init__(self, dg: Any, names: dict[nn.Module, str]) -> None:
+    def __init__(self, dg: Any, names: dict[nn.Module, str], unmappable: Iterable[Any] = ()) -> None:
         self.dg = dg
         self._names = names
         self._refused: dict[Any, str] = {}  # operation node -> why groups through it are refused
+        self._unmappable = set(unmappable)
         self._loops: dict[Any, str] = {}  # cat nodes whose index mapping would loop
         self._reshapes_checked = False
 
@@ -88,6 +89,12 @@ class GraphChecks:
         for node in self.dg.module2node.values():
             if node.type == _OPTYPE.RESHAPE:
                 reason = self._reshape_problem(node)
+                if reason is None and node in self._unmappable:
+                    reason = (
+                        f"Torch-Pruning cannot map channels through the reshape "
+                        f"({node.grad_fn.name()}) that feeds {self._first_consumer(node)}: it "
+                        "infers no channel count on one side of it."
+                    )
                 if reason:
                     self._refused[node] = reason
             elif node.type == _OPTYPE.CONCAT:
@@ -116,17 +123,24 @@ class GraphChecks:
     def before_group(
         self, root: nn.Module, fn: Callable[..., Any], roots: Callable[[], Iterable[nn.Module]]
     ) -> None:
-        """Refuse, before Torch-Pruning searches it, a group through a looping cat.
+        """Refuse, before Torch-Pruning searches it, a group through a problem operation.
 
+        Torch-Pruning's search itself fails on some of them (a looping cat never ends, a
+        channel shuffle can divide by zero), so the cheap reachability walk runs first.
         ``roots`` gives every root that would still be searched (for the advice).
         """
         self._find_operations()
-        if not self._loops:
+        if not self._loops and not self._refused:
             return
         reached = self.reachable(self.dg.module2node[root], fn)
-        for cat, reason in self._loops.items():
-            if cat in reached:
-                raise CouplingError(reason + self._advice(cat, roots()))
+        # a shuffle or unmappable reshape first: the splits after it are its consequence
+        problems = sorted(
+            [*self._loops.items(), *self._refused.items()],
+            key=lambda entry: entry[0].type != _OPTYPE.RESHAPE,
+        )
+        for node, reason in problems:
+            if node in reached:
+                raise CouplingError(reason + self._advice(node, roots()))
 
     def check_operations(self, group: Any, roots: Callable[[], Iterable[nn.Module]]) -> None:
         """Refuse a group that passes through an operation Torch-Pruning maps wrongly."""
@@ -165,15 +179,24 @@ class GraphChecks:
         nodes.
         """
         limit = 10 * len(self.dg.module2node) + 1000
+        widths = [
+            c for m in self._names if m in self.dg.module2node
+            for c in (self.dg.get_out_channels(m), self.dg.get_in_channels(m)) if c
+        ]
+        # a group never maps more indices onto one layer than its widest input or output
+        index_limit = 4 * max([4096, *widths])
         original = tp.dependency.group.Group.add_dep
 
         def add_dep(group: Any, dep: Any, idxs: Any) -> None:
-            if len(group._group) >= limit:
+            if len(group._group) >= limit or len(idxs) > index_limit:
+                why = (f"more than {limit} dependencies" if len(group._group) >= limit
+                       else f"{len(idxs)} indices on {dep.target.name}, more than any layer has")
                 raise CouplingError(
-                    f"Torch-Pruning's search for the group of {dep.source.name} did not end "
-                    f"(more than {limit} dependencies): its index mapping loops, typically "
-                    "because one tensor reaches a torch.cat through two paths. Add the layer "
-                    "to ignored_layers, or restructure that part of the forward."
+                    f"Torch-Pruning's search for the group of {group._group[0].dep.target.name} "
+                    f"did not end ({why}): its index mapping loops or multiplies, typically "
+                    "because one tensor reaches a torch.cat through two paths, or reshapes "
+                    "it cannot follow. Add that layer to ignored_layers, or restructure that "
+                    "part of the forward."
                 )
             original(group, dep, idxs)
 
@@ -204,7 +227,25 @@ class GraphChecks:
                 )
         return None
 
+    def _shuffle_message(self, node: Any) -> str | None:
+        shuffle = _shuffle_transpose(node, self._producer_channels(node))
+        if shuffle is None:
+            return None
+        return (
+            f"A channel shuffle (view, {shuffle}, reshape) feeds {self._first_consumer(node)}: "
+            "Torch-Pruning treats it as identity and would couple the wrong channels."
+        )
+
     def _reshape_problem(self, node: Any) -> str | None:
+        own = self._shuffle_message(node)
+        if own is not None:
+            return own
+        # the reshape that merges the axes back after a shuffle's transpose
+        for up in self._walk(node.inputs, upward=True):
+            if up.type == _OPTYPE.RESHAPE and up is not node:
+                shuffle = self._shuffle_message(up)
+                if shuffle is not None:
+                    return shuffle
         flattening = any(
             type(m).__name__ == "_FlattenIndexMapping"
             for dep in node.dependencies
@@ -225,13 +266,6 @@ class GraphChecks:
                     f"{consumer} reorders channels; Torch-Pruning would map them as "
                     "channel-major and couple the wrong features. Flatten in NCHW order."
                 )
-        shuffle = _shuffle_transpose(node, self._producer_channels(node))
-        if shuffle is not None:
-            consumer = self._first_consumer(node)
-            return (
-                f"A channel shuffle (view, {shuffle}, reshape) feeds {consumer}: "
-                "Torch-Pruning treats it as identity and would couple the wrong channels."
-            )
         return None
 
     # --------------------------------------------------------------------------- walking

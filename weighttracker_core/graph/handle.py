@@ -20,7 +20,7 @@ from ..units import PruneAxis
 from .attention import AttentionFinder, FoundAttention
 from .checks import GraphChecks
 from .records import RawGroup, RawItem
-from .tracing import trace
+from .tracing import guarded_index_mapping, trace
 
 
 class _AdapterPruner(tp.pruner.BasePruningFunc):
@@ -96,7 +96,7 @@ class DependencyGraphHandle:
             ignored_params=list(ignored_params),
         )
         self._param_names = {p: n for n, p in model.named_parameters()}
-        self.checks = GraphChecks(self.dg, self._names)
+        self.checks = GraphChecks(self.dg, self._names, getattr(self.dg, "_wt_unmappable", ()))
         self.checks.fix_chunk_order()
 
     # ----------------------------------------------------------------------------- queries
@@ -161,7 +161,7 @@ class DependencyGraphHandle:
         def remaining() -> list[nn.Module]:
             return [m for m in roots if m not in visited]
 
-        with self.checks.bounded_search():
+        with self.checks.bounded_search(), guarded_index_mapping(set(), once=True):
             for root in roots:
                 if root in visited:
                     continue

@@ -87,6 +87,42 @@ def _check_parameters(model: nn.Module) -> None:
         )
 
 
+@contextlib.contextmanager
+def guarded_index_mapping(unmappable: set[Any], *, once: bool = False) -> Iterator[None]:
+    """Torch-Pruning's index-mapping update, made safe (and, with ``once``, not repeated).
+
+    Its reshape mapping divides by a channel count it infers, which is 0 when a reshape is
+    fed straight from the model input or a shuffle it cannot follow (ShuffleNet): the
+    update then raises ``ZeroDivisionError`` and nothing can be built. Such reshapes are
+    collected in ``unmappable`` instead; groups through them are refused later.
+    ``get_pruning_group`` re-runs the whole update for every group, although the mapping
+    only depends on the graph: with ``once`` the first run is kept.
+    """
+    mapping = tp.dependency.index_mapping
+    update, update_reshape = mapping.update_index_mapping, mapping.update_reshape_index_mapping
+    done = [False]
+
+    def reshape(graph: Any, node: Any) -> None:
+        try:
+            update_reshape(graph, node)
+        except ZeroDivisionError:
+            unmappable.add(node)
+
+    def update_all(graph: Any) -> None:
+        if once and done[0]:
+            return
+        update(graph)
+        done[0] = True
+
+    mapping.update_reshape_index_mapping = reshape
+    mapping.update_index_mapping = update_all
+    try:
+        yield
+    finally:
+        mapping.update_reshape_index_mapping = update_reshape
+        mapping.update_index_mapping = update
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any,
@@ -105,6 +141,7 @@ def trace(
     """
     _check_parameters(model)
     inputs = _normal_tensors(example_inputs)
+    unmappable: set[Any] = set()
 
     def trace_fn(m: nn.Module, x: Any) -> Any:
         return call_model(m, x, forward_fn)
@@ -113,14 +150,17 @@ def trace(
         for p in model.parameters():
             p.requires_grad_(True)
         try:
-            return tp.DependencyGraph().build_dependency(
-                model,
-                example_inputs=inputs,
-                forward_fn=trace_fn,
-                output_transform=output_transform,
-                verbose=False,
-                **build_options,
-            )
+            with guarded_index_mapping(unmappable):
+                dg = tp.DependencyGraph().build_dependency(
+                    model,
+                    example_inputs=inputs,
+                    forward_fn=trace_fn,
+                    output_transform=output_transform,
+                    verbose=False,
+                    **build_options,
+                )
+            dg._wt_unmappable = unmappable
+            return dg
         except Exception as err:  # noqa: BLE001 - classified below, always re-raised
             raise _explain(model, inputs, forward_fn, output_transform, err) from err
 

@@ -19,9 +19,10 @@ and ``apply()`` one by one.
 Where this differs from Torch-Pruning: a step never empties a group (it keeps the best
 slot, or ``round_to`` of them) where Torch-Pruning would skip the group;
 ``max_pruning_ratio`` also caps each group; head counts follow the channel formula so
-iterative head pruning lands on the target exactly. GQA (separate q/k/v projections with
-fewer key/value heads) is not supported: head units exist only for fused ``qkv``
-projections and ``nn.MultiheadAttention``.
+iterative head pruning lands on the target exactly. Under grouped-query attention the
+query heads of a layer are ranked in slots of one head per kv group (every kv group loses
+as many, as the model needs), and ``kv_head`` units (a kv head with its query heads) rank
+with ``head_pruning_ratio`` too.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .ranked_config import RankedPrunerConfig, check_schedule, geometric_schedul
 from .ranked_scopes import (
     UnitSelection,
     HEAD_FUNCTIONS,
+    HEAD_KINDS,
     Candidate,
     channel_chunks,
     choose,
@@ -75,6 +77,7 @@ class RankedPruner:
         try:
             self._channel_schedule = check_schedule(scheduler, cfg.pruning_ratio, steps)
             self._head_schedule = check_schedule(scheduler, cfg.head_pruning_ratio, steps)
+            self._kv_head_schedule = check_schedule(scheduler, cfg.kv_head_pruning_ratio, steps)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         structure = ctx.structure
@@ -240,10 +243,12 @@ class RankedPruner:
         fn = group.root_member.pruning_fn
         if fn.startswith("prune_") and fn not in HEAD_FUNCTIONS:
             return True
-        if group.n_units < 2:
+        chunks = channel_chunks(self.tracker.structure, group)
+        if group.n_units < 2 * chunks:
             return False
-        try:
-            self._physical_prune({group.id: [0]}, dry_run=True)
+        try:  # one slot: one head of each kv group under grouped-query attention
+            self._physical_prune({group.id: list(range(0, group.n_units, group.n_units // chunks))},
+                                 dry_run=True)
         except PruningError:
             return False
         return True
@@ -256,7 +261,12 @@ class RankedPruner:
 
     def _scope_of(self, group: CanonicalUnitGroup, chunks: int) -> tuple[str, float] | None:
         step = self.current_step
-        if group.kind == "head":
+        if group.kind == "kv_head":
+            ratio = min(self._kv_head_schedule[step], self.config.max_pruning_ratio)
+            if max(self._kv_head_schedule) <= 0:
+                return None
+            return ("kv_heads" if self.ranking != "local" else f"kv_heads:{group.name}"), ratio
+        if group.kind in HEAD_KINDS:
             schedule = self._head_schedule
             for name, (_scope, sched) in self._head_ratios.items():
                 if name == group.root_module:

@@ -156,8 +156,11 @@ class RankedPrunerConfig:
         scope: ``"local"``, ``"global"`` or ``"isomorphic"``; overrides the two flags below.
         global_pruning: Rank all groups together (Torch-Pruning's flag).
         isomorphic: Rank groups with the same member layout together (needs global ranking).
-        head_pruning_ratio: Fraction of attention heads to remove (groups of kind ``head``).
+        head_pruning_ratio: Fraction of attention heads to remove (groups of kind ``head``;
+            under grouped-query attention the same number from every kv group).
         head_pruning_ratio_dict: ``{qkv or attention module: ratio}`` per attention layer.
+        kv_head_pruning_ratio: Fraction of key/value heads to remove under grouped-query
+            attention (groups of kind ``kv_head``; each takes its query heads along).
         normalizer: How scores are scaled per group before ranking: ``"mean"`` (default, as
             Torch-Pruning), ``"max"``, ``"sum"``, ``"standardization"``, ``"gaussian"``,
             ``None`` or a callable.
@@ -182,6 +185,7 @@ class RankedPrunerConfig:
     isomorphic: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     head_pruning_ratio: float = attrs.field(default=0.0, validator=_ratio)
     head_pruning_ratio_dict: Mapping[Any, float] | None = attrs.field(default=None, validator=_ratio_dict)
+    kv_head_pruning_ratio: float = attrs.field(default=0.0, validator=_ratio)
     normalizer: Any = attrs.field(default="mean", validator=_normalizer)
     apply: str = attrs.field(default="physical", validator=_one_of(APPLY_MODES))
 

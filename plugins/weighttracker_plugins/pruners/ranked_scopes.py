@@ -27,7 +27,8 @@ from torch import nn
 from weighttracker_core import CanonicalUnitGroup, PruneAxis, Structure
 
 # pruning functions of head groups that only some unit rules can remove physically
-HEAD_FUNCTIONS = ("prune_num_heads", "prune_head_dims")
+HEAD_FUNCTIONS = ("prune_num_heads", "prune_head_dims", "prune_kv_heads")
+HEAD_KINDS = ("head", "kv_head")
 
 
 @attrs.define(kw_only=True, eq=False)
@@ -60,8 +61,18 @@ class Candidate:
 
 
 def channel_chunks(structure: Structure, group: CanonicalUnitGroup) -> int:
-    """``G`` for grouped convolutions (not depthwise) and GroupNorm members, else 1."""
-    if group.kind in ("head", "head_dim"):
+    """``G`` for grouped convolutions (not depthwise) and GroupNorm members, else 1.
+
+    Query heads under grouped-query attention are chunked by kv head: every kv head must
+    lose as many query heads, so a slot is one head of each kv group (for 8 query heads
+    in 2 kv groups, slot 1 is heads 1 and 5).
+    """
+    if group.kind == "head":
+        layout = getattr(structure, "layouts", {}).get(group.root_module)
+        if layout is not None and layout.grouped and layout.kv_repeat == "block":
+            return layout.num_kv_heads
+        return 1
+    if group.kind in ("head_dim", "kv_head"):
         return 1
     chunks = 1
     for member in group.members:
