@@ -1,4 +1,4 @@
-"""Plugin managers: entry-point loading, blocking and the process-wide default (SPEC §8).
+"""Plugin managers: entry-point loading, blocking and the process-wide default.
 
 Plugins are discovered through the ``weighttracker`` entry-point group with our own loop
 (not ``pluggy.PluginManager.load_setuptools_entrypoints``) so that a duplicate entry-point

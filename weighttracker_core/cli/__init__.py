@@ -1,4 +1,4 @@
-"""The ``weighttracker`` command (SPEC §11).
+"""The ``weighttracker`` command.
 
 * ``weighttracker plugins [--format text|json]``: every plugin and what it registers.
 * ``weighttracker inspect MODEL [--input-shape 1,3,224,224] [--format text|json|html]``:

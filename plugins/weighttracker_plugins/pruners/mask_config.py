@@ -1,4 +1,4 @@
-"""attrs configs of the ``magnitude`` mask pruner (SPEC §10.2).
+"""attrs configs of the ``magnitude`` mask pruner.
 
 ``ModuleMagnitudePrunerConfig`` says how one parameter is pruned; ``MagnitudePrunerConfig``
 says which modules get which config (per name, then per type, then global). Both are

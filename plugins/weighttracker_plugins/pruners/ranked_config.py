@@ -1,4 +1,4 @@
-"""Configuration and ratio schedulers of the ``ranked`` pruner (SPEC §10, §10.1).
+"""Configuration and ratio schedulers of the ``ranked`` pruner.
 
 ``RankedPrunerConfig`` mirrors the arguments of Torch-Pruning's ``BasePruner`` that make
 sense over canonical units. Every ratio is checked to lie in ``[0, 1]``; a bad value raises
