@@ -94,7 +94,7 @@ def test_plugins_broken_plugin_is_a_clear_error(capsys, monkeypatch):
     finally:
         monkeypatch.undo()
         default_plugin_manager.cache_clear()
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert "'broken_plugin' = 'no_such_module_xyz'" in err and "failed to import" in err
     assert "Traceback" not in err
 
@@ -146,7 +146,7 @@ def test_inspect_dispatches_to_the_timm_source(capsys):
     if not any("timm" in r["registers"].get("model source", []) for r in rows):
         pytest.skip("no timm model source installed")
     code, out, err = run(capsys, "inspect", "timm:not_a_timm_model")
-    assert code == 1
+    assert code == 2
     assert "not_a_timm_model" in err and "Traceback" not in err
 
 
@@ -166,7 +166,7 @@ def test_inspect_dispatches_to_the_timm_source(capsys):
 )
 def test_inspect_bad_input_is_a_clear_error(capsys, argv, message):
     code, out, err = run(capsys, "inspect", *argv)
-    assert code == 1
+    assert code == 2
     assert message in err
     assert "Traceback" not in err and out == ""
 
@@ -216,13 +216,13 @@ def test_demo_collapsed_groups_are_kept_and_reported(capsys, tmp_path):
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--lr", "-1"], ["--strength", "nan"]])
 def test_demo_bad_options(capsys, argv):
     code, _, err = run(capsys, "demo", "--no-progress", *argv)
-    assert code == 1 and "must be" in err
+    assert code == 2 and "must be" in err
 
 
 def test_demo_unwritable_output(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--steps", "2", "--no-progress",
                        "--output", str(tmp_path / "missing" / "r.html"))
-    assert code == 1 and "Cannot write" in err
+    assert code == 2 and "Cannot write" in err
 
 
 @pytest.mark.slow

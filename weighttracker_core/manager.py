@@ -1,4 +1,4 @@
-"""Plugin managers: entry-point loading, blocking and the process-wide default (SPEC §8).
+"""Plugin managers: entry-point loading, blocking and the process-wide default.
 
 Plugins are discovered through the ``weighttracker`` entry-point group with our own loop
 (not ``pluggy.PluginManager.load_setuptools_entrypoints``) so that a duplicate entry-point
@@ -8,10 +8,12 @@ being skipped silently.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.metadata
 import os
 import types
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -100,6 +102,31 @@ def blocked_from_env(environ: dict[str, str] | None = None) -> set[str]:
     return {part.strip() for part in value.split(",") if part.strip()}
 
 
+def warn_unknown_blocked(names: Iterable[str], installed: Iterable[str]) -> None:
+    """Warn about ``WEIGHTTRACKER_DISABLE_PLUGINS`` names that match no installed entry point.
+
+    A typo (``nvidia_24_sparsity``) would otherwise block nothing, silently. It is a
+    warning, not an error: a name left over from a plugin that was uninstalled since does
+    what was asked (the plugin is not loaded) and must not break every program.
+    """
+    installed = sorted(set(installed))
+    unknown = sorted(set(names) - set(installed))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, installed, n=1)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    warnings.warn(
+        f"{DISABLE_ENV_VAR} names {len(unknown)} plugin(s) that are not installed, so they block "
+        f"nothing: {', '.join(hints)}. Installed plugins (entry points of group "
+        f"{ENTRY_POINT_GROUP!r}): {', '.join(installed) or 'none'}. Use those names, comma-separated; "
+        "`weighttracker plugins` lists them.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _distribution(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
     dist = getattr(ep, "dist", None)
     if dist is None:
@@ -147,18 +174,22 @@ def create_plugin_manager(
         entry_points: Load every entry point of group ``weighttracker``.
         blocked: Plugin names not to load (added to ``WEIGHTTRACKER_DISABLE_PLUGINS``).
         builtins_only: Load only entry points of the ``weighttracker`` distribution itself.
-        use_env: Honour ``WEIGHTTRACKER_DISABLE_PLUGINS``.
+        use_env: Honour ``WEIGHTTRACKER_DISABLE_PLUGINS``; a name there that is no installed
+            entry point gives a ``UserWarning`` listing the installed names.
 
     Raises:
         DuplicateNameError: Two distributions declare the same entry-point name.
         PluginError: An entry point fails to import, or a plugin implements an unknown hook.
     """
     pm = PluginManager()
-    block = set(blocked) | (blocked_from_env() if use_env else set())
+    from_env = blocked_from_env() if use_env else set()
+    block = set(blocked) | from_env
     for name in sorted(block):
         pm.set_blocked(name)
     if entry_points:
-        for ep in discover_entry_points():
+        found = discover_entry_points()
+        warn_unknown_blocked(from_env, [ep.name for ep in found])
+        for ep in found:
             dist_name, version = _distribution(ep)
             if builtins_only and dist_name != "weighttracker":
                 continue

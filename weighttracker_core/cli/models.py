@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import importlib
+import math
 import re
+import traceback
 from typing import Any
 
 import torch
@@ -18,6 +20,11 @@ from ..errors import ConfigError, UnknownNameError, WeightTrackerError
 from ..registry import Registries
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+
+#: Most elements ``--input-shape`` may have: 2**24, 64 MiB of float32 (1,3,2048,2048 fits).
+#: Structures and per-layer counts do not need a large input, and the model's activations
+#: are usually many times larger than the input.
+MAX_INPUT_ELEMENTS = 2**24
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -33,15 +40,47 @@ def parse_shape(text: str) -> tuple[int, ...]:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
         raise ConfigError(
-            f"--input-shape {text!r} is not a shape: give positive integers separated by "
+            f"--input-shape {_clip(text)!r} is not a shape: give positive integers separated by "
             "commas, e.g. --input-shape 1,3,224,224."
         )
+    check_input_size(shape)
     return shape
 
 
+def check_input_size(shape: tuple[int, ...]) -> None:
+    """Refuse a shape with more than :data:`MAX_INPUT_ELEMENTS` elements, before allocating it."""
+    numel = math.prod(shape)
+    if numel > MAX_INPUT_ELEMENTS:
+        raise ConfigError(
+            f"--input-shape {','.join(map(str, shape))} has {numel:,} elements; inspect allows at "
+            f"most {MAX_INPUT_ELEMENTS:,} (64 MiB of float32). Structures and metrics do not depend "
+            "on the input size: pass the smallest shape the model accepts, e.g. 1,3,224,224."
+        )
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _where(err: BaseException) -> str:
+    """`` (at file:line)`` of the innermost frame that raised ``err``, or ``""``."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f" (at {err.filename}:{err.lineno})"
+    frames = traceback.extract_tb(err.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+def _is_missing(err: ImportError, module: str) -> bool:
+    """Whether ``err`` says that ``module`` itself (or a parent package) does not exist."""
+    name = getattr(err, "name", None)
+    return isinstance(err, ModuleNotFoundError) and bool(name) and (
+        module == name or module.startswith(f"{name}.")
+    )
+
+
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    text = (err.msg if isinstance(err, SyntaxError) and err.msg else str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {_clip(text[0], 300) if text else ''}"
 
 
 def load_model(spec: str, regs: Registries) -> tuple[nn.Module, tuple[int, ...]]:
@@ -64,7 +103,7 @@ def load_model(spec: str, regs: Registries) -> tuple[nn.Module, tuple[int, ...]]
             model = source.load(name)
         except WeightTrackerError:
             raise
-        except Exception as err:
+        except (Exception, SystemExit) as err:
             raise UnknownNameError(
                 f"Model source {prefix!r} could not build {name!r}: {_first_line(err)}"
             ) from err
@@ -72,30 +111,52 @@ def load_model(spec: str, regs: Registries) -> tuple[nn.Module, tuple[int, ...]]
     try:
         module = importlib.import_module(prefix)
     except ImportError as err:
+        if not _is_missing(err, prefix):
+            raise ConfigError(
+                f"MODEL {spec!r}: importing {prefix!r} failed with {_first_line(err)}{_where(err)}. "
+                "Install what it imports, or fix the module."
+            ) from None
         raise UnknownNameError(
             f"MODEL {spec!r}: {prefix!r} is neither an installed model source ({listed}) nor an "
             f"importable module ({_first_line(err)}). Install the plugin that provides "
             f"{prefix!r} models, or name a factory as package.module:function of a module "
             "that is installed or on PYTHONPATH."
         ) from None
+    except (Exception, SystemExit) as err:
+        # the user's module itself raised (or called sys.exit) while it was imported
+        if isinstance(err, SystemExit):
+            advice = ("The module ended the program while being imported; put script code under "
+                      "`if __name__ == '__main__':`.")
+        else:
+            advice = "Fix the module so that it imports without errors."
+        raise ConfigError(
+            f"MODEL {spec!r}: importing {prefix!r} failed with {_first_line(err)}{_where(err)}. "
+            f"{advice}"
+        ) from None
     factory: Any = module
     for part in name.split("."):
-        if not hasattr(factory, part):
+        try:
+            factory = getattr(factory, part)
+        except AttributeError:
             hint = "" if "." in prefix else f" No model source {prefix!r} is installed ({listed})."
             raise UnknownNameError(
                 f"MODEL {spec!r}: module {prefix!r} has no attribute {name!r}; name a function "
                 f"or class that builds the model without arguments.{hint}"
-            )
-        factory = getattr(factory, part)
+            ) from None
+        except Exception as err:  # a module-level __getattr__ that raises
+            raise ConfigError(
+                f"MODEL {spec!r}: looking up {name!r} in {prefix!r} failed with "
+                f"{_first_line(err)}{_where(err)}."
+            ) from None
     if not callable(factory):
         raise ConfigError(f"MODEL {spec!r}: {name!r} is a {type(factory).__name__}, not callable.")
     try:
         model = factory()
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise ConfigError(
-            f"MODEL {spec!r}: calling {name}() failed with {_first_line(err)}. The factory must "
-            "build the model without arguments."
-        ) from err
+            f"MODEL {spec!r}: calling {name}() failed with {_first_line(err)}{_where(err)}. The "
+            "factory must build the model without arguments."
+        ) from None
     return _check_module(model, spec), DEFAULT_INPUT_SHAPE
 
 
@@ -111,15 +172,33 @@ def example_input(model: nn.Module, spec: str, shape: tuple[int, ...]) -> torch.
     Raises:
         ConfigError: the model rejects an input of this shape.
     """
+    check_input_size(shape)  # also for a model source's default shape
+    shown = ",".join(map(str, shape))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = torch.randn(shape, device=device)
+    try:
+        x = torch.randn(shape, device=device)
+    except (RuntimeError, MemoryError) as err:
+        raise ConfigError(
+            f"Cannot allocate an input of shape {shown} ({_first_line(err)}); pass a smaller "
+            "--input-shape."
+        ) from None
     model.eval()
     try:
         with torch.no_grad():
             model(x)
-    except Exception as err:
+    except MemoryError as err:
         raise ConfigError(
-            f"An input of shape {','.join(map(str, shape))} does not fit {spec}: "
+            f"{spec} ran out of memory on an input of shape {shown} ({_first_line(err)}); pass a "
+            "smaller --input-shape."
+        ) from None
+    except Exception as err:
+        if isinstance(err, RuntimeError) and "allocate" in str(err):
+            raise ConfigError(
+                f"{spec} ran out of memory on an input of shape {shown} ({_first_line(err)}); "
+                "pass a smaller --input-shape."
+            ) from None
+        raise ConfigError(
+            f"An input of shape {shown} does not fit {spec}: "
             f"{_first_line(err)}. Pass --input-shape with the shape the model expects."
         ) from None
     return x

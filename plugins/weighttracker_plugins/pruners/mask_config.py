@@ -1,4 +1,4 @@
-"""attrs configs of the ``magnitude`` mask pruner (SPEC §10.2).
+"""attrs configs of the ``magnitude`` mask pruner.
 
 ``ModuleMagnitudePrunerConfig`` says how one parameter is pruned; ``MagnitudePrunerConfig``
 says which modules get which config (per name, then per type, then global). Both are
@@ -13,6 +13,7 @@ immutable and convert from/to plain dicts and YAML, e.g.::
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from numbers import Integral, Real
@@ -24,7 +25,7 @@ from torch import nn
 
 from weighttracker_core import ConfigError
 
-from ._config_io import config_from_dict, load_yaml
+from ._config_io import config_from_dict, load_yaml, quote
 from .mask_schedulers import ConstantSparsityScheduler, PolynomialDecayScheduler, to_scheduler
 
 __all__ = ["GRANULARITIES", "SUPPORTED_MODULES", "MagnitudePrunerConfig", "ModuleMagnitudePrunerConfig"]
@@ -38,21 +39,21 @@ def _ratio(value: Any) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ConfigError(f"A sparsity must be a number in [0, 1], got {value!r}.")
+        raise ConfigError(f"A sparsity must be a number in [0, 1], got {quote(value)}.")
     return float(value)
 
 
 def _in_unit_interval(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(
-            f"{attribute.name}={value!r} is outside [0, 1]; a sparsity is the fraction of weights "
+            f"{attribute.name}={quote(value)} is outside [0, 1]; a sparsity is the fraction of weights "
             f"set to zero (0.5 zeroes half)."
         )
 
 
 def _int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ConfigError(f"{name} must be a whole number, got {value!r}.")
+        raise ConfigError(f"{name} must be a whole number, got {quote(value)}.")
     return int(value)
 
 
@@ -76,7 +77,7 @@ def _n_m_ratio(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise ConfigError(f"n_m_ratio={value!r} must be a pair (n, m) such as (2, 4), or None.")
+        raise ConfigError(f"n_m_ratio={quote(value)} must be a pair (n, m) such as (2, 4), or None.")
     n, m = (_int("n_m_ratio entries", v) for v in value)
     if m < 1 or not 0 <= n <= m:
         raise ConfigError(
@@ -88,12 +89,12 @@ def _n_m_ratio(value: Any) -> tuple[int, int] | None:
 
 def _granularity(_inst: Any, _attribute: attrs.Attribute, value: Any) -> None:
     if value not in GRANULARITIES:
-        raise ConfigError(f"granularity={value!r} is not allowed; choose one of {', '.join(GRANULARITIES)}.")
+        raise ConfigError(f"granularity={quote(value)} is not allowed; choose one of {', '.join(GRANULARITIES)}.")
 
 
 def _param_name(_inst: Any, _attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, str) or not value.isidentifier():
-        raise ConfigError(f"param_name={value!r} must be the name of a parameter, such as 'weight'.")
+        raise ConfigError(f"param_name={quote(value)} must be the name of a parameter, such as 'weight'.")
 
 
 @attrs.frozen(kw_only=True)
@@ -189,7 +190,7 @@ def _module_config(value: Any, where: str) -> ModuleMagnitudePrunerConfig | None
     if isinstance(value, Mapping):
         return ModuleMagnitudePrunerConfig.from_dict(value)
     raise ConfigError(
-        f"{where} must be a ModuleMagnitudePrunerConfig, a dict of its fields or None, got {value!r}."
+        f"{where} must be a ModuleMagnitudePrunerConfig, a dict of its fields or None, got {quote(value)}."
     )
 
 
@@ -199,43 +200,101 @@ def _global_config(value: Any) -> ModuleMagnitudePrunerConfig | None:
 
 def _type_key(key: Any) -> type | str:
     if isinstance(key, str) and key:
+        check_type_key(key, strict=False)
         return key
     if isinstance(key, type) and issubclass(key, nn.Module):
         return key
     raise ConfigError(
-        f"module_type_configs key {key!r} must be a module class (torch.nn.Linear) or its name ('Linear')."
+        f"module_type_configs key {quote(key)} must be a module class (torch.nn.Linear) or its name ('Linear')."
     )
 
 
 def _type_configs(value: Any) -> dict[type | str, ModuleMagnitudePrunerConfig | None]:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"module_type_configs must be a dict, got {value!r}.")
-    return {_type_key(k): _module_config(v, f"module_type_configs[{k!r}]") for k, v in value.items()}
+        raise ConfigError(f"module_type_configs must be a dict, got {quote(value)}.")
+    return {_type_key(k): _module_config(v, f"module_type_configs[{quote(k)}]") for k, v in value.items()}
+
+
+def type_names(cls: type) -> set[str]:
+    """The strings a ``module_type_configs`` key may use for ``cls``.
+
+    The class name (``"Linear"``), its full path (``"torch.nn.modules.linear.Linear"``)
+    and, for torch layers, ``"torch.nn.Linear"``.
+    """
+    names = {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}
+    if cls.__module__.startswith("torch.nn.modules"):
+        names.add(f"torch.nn.{cls.__name__}")
+    return names
+
+
+def _module_classes() -> list[type]:
+    """Every subclass of ``nn.Module`` defined in this process (``nn.Module`` included)."""
+    seen: set[type] = {nn.Module}
+    stack: list[type] = [nn.Module]
+    while stack:
+        for sub in type.__subclasses__(stack.pop()):
+            if sub not in seen:
+                seen.add(sub)
+                stack.append(sub)
+    return list(seen)
+
+
+# String keys found to name a module class. Only positive answers are kept: a class
+# defined later can turn an unknown name into a known one, never the other way round.
+_KNOWN_TYPE_KEYS: set[str] = set()
+
+
+def check_type_key(key: str, strict: bool = True) -> None:
+    """Refuse a ``module_type_configs`` name that no module class has.
+
+    A name is known when some subclass of ``nn.Module`` defined in this process has it
+    (see :func:`type_names`). An unknown name can never match a layer of a model, whose
+    classes are necessarily defined, so :meth:`MagnitudePrunerConfig.lookup` refuses it
+    (``strict=True``). When a config is built the model's classes may not be imported
+    yet, so there only names that differ from a known one in letter case alone
+    (``"Conv2D"`` for ``"Conv2d"``) are refused (``strict=False``).
+
+    Raises:
+        ConfigError: Naming the key and the closest known names.
+    """
+    if key in _KNOWN_TYPE_KEYS:
+        return
+    names: dict[str, type] = {}
+    for cls in _module_classes():
+        for name in type_names(cls):
+            names.setdefault(name, cls)
+    if key in names:
+        _KNOWN_TYPE_KEYS.add(key)
+        return
+    same_but_case = sorted(n for n in names if n.casefold() == key.casefold())
+    if not strict and not same_but_case:
+        return
+    close = same_but_case or difflib.get_close_matches(key, list(names), n=3, cutoff=0.7)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ConfigError(
+        f"module_type_configs key {quote(key)} is not the name of any module class, so it would "
+        f"match no layer.{hint} Use the class itself (torch.nn.Conv2d) or a name it has: "
+        f"type(module).__name__ ('Conv2d'), the full path ('torch.nn.modules.conv.Conv2d') or, "
+        f"for torch layers, 'torch.nn.Conv2d'; names are case-sensitive."
+    )
 
 
 def _name_configs(value: Any) -> dict[str, ModuleMagnitudePrunerConfig | None]:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"module_name_configs must be a dict, got {value!r}.")
+        raise ConfigError(f"module_name_configs must be a dict, got {quote(value)}.")
     out = {}
     for key, config in value.items():
         if not isinstance(key, str):
-            raise ConfigError(f"module_name_configs key {key!r} must be a module name such as 'layer1.0.conv1'.")
-        out[key] = _module_config(config, f"module_name_configs[{key!r}]")
+            raise ConfigError(f"module_name_configs key {quote(key)} must be a module name such as 'layer1.0.conv1'.")
+        out[key] = _module_config(config, f"module_name_configs[{quote(key)}]")
     return out
 
 
 def type_key_matches(key: type | str, cls: type) -> bool:
-    """Whether a ``module_type_configs`` key names ``cls``.
-
-    Strings match the class name (``"Linear"``), its full path
-    (``"torch.nn.modules.linear.Linear"``) or, for torch layers, ``"torch.nn.Linear"``.
-    """
+    """Whether a ``module_type_configs`` key names ``cls`` (a string: one of :func:`type_names`)."""
     if isinstance(key, type):
         return key is cls
-    names = {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}
-    if cls.__module__.startswith("torch.nn.modules"):
-        names.add(f"torch.nn.{cls.__name__}")
-    return key in names
+    return key in type_names(cls)
 
 
 def type_key_name(key: type | str) -> str:
@@ -317,7 +376,16 @@ class MagnitudePrunerConfig:
 
     def lookup(self, name: str, module: nn.Module) -> tuple[str | None, ModuleMagnitudePrunerConfig | None]:
         """``(source, config)`` for one module; ``source`` is ``"name"``, ``"type"``, ``"global"`` or
-        ``None`` (no entry covers the module)."""
+        ``None`` (no entry covers the module).
+
+        Raises:
+            ConfigError: A string key of ``module_type_configs`` is the name of no module
+                class defined in this process (a typo such as ``"Conv2d "``); the message
+                names the key and the closest names.
+        """
+        for key in self.module_type_configs:
+            if isinstance(key, str):
+                check_type_key(key)
         if name in self.module_name_configs:
             return "name", self.module_name_configs[name]
         for cls in type(module).__mro__:

@@ -16,6 +16,8 @@ import torch
 
 from weighttracker_core import ConfigError
 
+from ._config_io import quote
+
 __all__ = [
     "ConstantSparsityScheduler",
     "PolynomialDecayScheduler",
@@ -23,6 +25,9 @@ __all__ = [
     "parse_update_steps",
     "scheduler_from_dict",
 ]
+
+#: Most steps a ``"range(...)"`` string of ``update_steps`` may stand for.
+MAX_UPDATE_STEPS = 10_000_000
 
 # ``range(a)``, ``range(a, b)`` or ``range(a, b, c)`` with whole numbers, nothing else.
 _RANGE = re.compile(r"\s*range\s*\(\s*(-?\d+)\s*(?:,\s*(-?\d+)\s*(?:,\s*(-?\d+)\s*)?)?,?\s*\)\s*")
@@ -41,11 +46,11 @@ def _whole(value: Any, what: str) -> int:
             raise ConfigError(f"{what} must be a whole number, got a tensor of shape {tuple(value.shape)}.")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ConfigError(f"{what} must be a whole number, got {value!r}.")
+        raise ConfigError(f"{what} must be a whole number, got {quote(value)}.")
     if isinstance(value, Integral):
         return int(value)
     if not float(value).is_integer():
-        raise ConfigError(f"{what} must be a whole number, got {value!r}.")
+        raise ConfigError(f"{what} must be a whole number, got {quote(value)}.")
     return int(value)
 
 
@@ -63,13 +68,18 @@ def parse_update_steps(value: Any) -> tuple[int, ...]:
         match = _RANGE.fullmatch(value)
         if match is None:
             raise ConfigError(
-                f"update_steps={value!r} is not understood. Strings must look like "
+                f"update_steps={quote(value)} is not understood. Strings must look like "
                 f"'range(stop)', 'range(start, stop)' or 'range(start, stop, step)' with whole numbers; "
                 f"or pass a list of step indices."
             )
         bounds = [int(g) for g in match.groups() if g is not None]
         if len(bounds) == 3 and bounds[2] == 0:
-            raise ConfigError(f"update_steps={value!r}: the range step must not be 0.")
+            raise ConfigError(f"update_steps={quote(value)}: the range step must not be 0.")
+        if len(range(*bounds)) > MAX_UPDATE_STEPS:
+            raise ConfigError(
+                f"update_steps={quote(value)} has {len(range(*bounds)):,} steps; at most "
+                f"{MAX_UPDATE_STEPS:,} are allowed. Use a larger range step."
+            )
         steps = list(range(*bounds))
     elif isinstance(value, torch.Tensor):
         if value.dim() != 1:
@@ -79,16 +89,16 @@ def parse_update_steps(value: Any) -> tuple[int, ...]:
         steps = list(value)
     else:
         raise ConfigError(
-            f"update_steps={value!r} must be a list of step indices, a 1-D tensor or a "
+            f"update_steps={quote(value)} must be a list of step indices, a 1-D tensor or a "
             f"'range(start, stop, step)' string."
         )
     out = tuple(_whole(s, "Each element of update_steps") for s in steps)
     if not out:
-        raise ConfigError(f"update_steps={value!r} is empty; give at least one step index.")
+        raise ConfigError(f"update_steps={quote(value)} is empty; give at least one step index.")
     if any(s < 0 for s in out):
-        raise ConfigError(f"update_steps={list(out)} has a negative step; step indices start at 0.")
+        raise ConfigError(f"update_steps={quote(list(out))} has a negative step; step indices start at 0.")
     if any(b <= a for a, b in zip(out, out[1:])):
-        raise ConfigError(f"update_steps={list(out)} must be strictly increasing (sorted, no repeats).")
+        raise ConfigError(f"update_steps={quote(list(out))} must be strictly increasing (sorted, no repeats).")
     return out
 
 
@@ -101,7 +111,7 @@ def _begin_step(value: Any) -> int:
 
 def _power(value: Any) -> float | int:
     if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-        raise ConfigError(f"power={value!r} must be a number > 0 (3 is the usual cubic schedule).")
+        raise ConfigError(f"power={quote(value)} must be a number > 0 (3 is the usual cubic schedule).")
     return int(value) if isinstance(value, Integral) else float(value)
 
 
@@ -181,7 +191,7 @@ def scheduler_from_dict(data: Mapping[str, Any]) -> Scheduler:
         ConfigError: For an unknown type or key (the message lists the allowed ones).
     """
     if not isinstance(data, Mapping):
-        raise ConfigError(f"A scheduler must be a dict or a scheduler object, got {data!r}.")
+        raise ConfigError(f"A scheduler must be a dict or a scheduler object, got {quote(data)}.")
     values = dict(data)
     kind = values.pop("type", None)
     if kind is None:
@@ -190,13 +200,13 @@ def scheduler_from_dict(data: Mapping[str, Any]) -> Scheduler:
         cls = _TYPES[kind]
     else:
         raise ConfigError(
-            f"Unknown scheduler type {kind!r}; allowed: 'constant_sparsity', 'polynomial_decay'."
+            f"Unknown scheduler type {quote(kind)}; allowed: 'constant_sparsity', 'polynomial_decay'."
         )
     allowed = _KEYS[cls]
     unknown = sorted(str(k) for k in values if k not in allowed)
     if unknown:
         raise ConfigError(
-            f"Unknown key {unknown[0]!r} for {cls.__name__}; allowed keys: "
+            f"Unknown key {quote(unknown[0])} for {cls.__name__}; allowed keys: "
             f"{', '.join(('type',) + allowed)}."
         )
     if cls is PolynomialDecayScheduler and "update_steps" not in values:
@@ -211,6 +221,6 @@ def to_scheduler(value: Any) -> Scheduler:
     if isinstance(value, Mapping):
         return scheduler_from_dict(value)
     raise ConfigError(
-        f"scheduler={value!r} must be a ConstantSparsityScheduler, a PolynomialDecayScheduler or a dict "
+        f"scheduler={quote(value)} must be a ConstantSparsityScheduler, a PolynomialDecayScheduler or a dict "
         f"such as {{'update_steps': [0, 10, 20]}}."
     )

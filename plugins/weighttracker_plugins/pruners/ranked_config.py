@@ -1,4 +1,4 @@
-"""Configuration and ratio schedulers of the ``ranked`` pruner (SPEC §10, §10.1).
+"""Configuration and ratio schedulers of the ``ranked`` pruner.
 
 ``RankedPrunerConfig`` mirrors the arguments of Torch-Pruning's ``BasePruner`` that make
 sense over canonical units. Every ratio is checked to lie in ``[0, 1]``; a bad value raises
@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 from torch import nn
 
-from ._config_io import config_from_dict, load_yaml
+from ._config_io import config_from_dict, load_yaml, quote, shorten
 
 SCOPES = ("local", "global", "isomorphic")
 APPLY_MODES = ("physical", "mask")
@@ -48,7 +48,9 @@ def check_schedule(scheduler: Callable[[float, int], Sequence[float]], ratio: fl
     try:
         values = [float(v) for v in scheduler(ratio, steps)]
     except Exception as err:  # noqa: BLE001 - any failure of user code is reported the same way
-        raise ValueError(f"iterative_pruning_ratio_scheduler {name} failed on ({ratio}, {steps}): {err}") from err
+        raise ValueError(
+            f"iterative_pruning_ratio_scheduler {name} failed on ({ratio}, {steps}): {shorten(str(err))}"
+        ) from err
     if len(values) != steps + 1:
         raise ValueError(
             f"iterative_pruning_ratio_scheduler {name}({ratio}, {steps}) returned {len(values)} "
@@ -58,7 +60,7 @@ def check_schedule(scheduler: Callable[[float, int], Sequence[float]], ratio: fl
     bad = [v for v in values if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
     if bad:
         raise ValueError(
-            f"iterative_pruning_ratio_scheduler {name}({ratio}, {steps}) returned {bad[0]!r}; "
+            f"iterative_pruning_ratio_scheduler {name}({ratio}, {steps}) returned {quote(bad[0])}; "
             "every ratio must lie in [0, 1]."
         )
     return values
@@ -66,41 +68,41 @@ def check_schedule(scheduler: Callable[[float, int], Sequence[float]], ratio: fl
 
 def _ratio(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must be a number in [0, 1], got {value!r}.")
+        raise ValueError(f"{attribute.name} must be a number in [0, 1], got {quote(value)}.")
 
 
 def _ratio_dict(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, Mapping):
-        raise ValueError(f"{attribute.name} must be a dict {{module or tuple of modules: ratio}}, got {value!r}.")
+        raise ValueError(f"{attribute.name} must be a dict {{module or tuple of modules: ratio}}, got {quote(value)}.")
     for key, ratio in value.items():
         modules = key if isinstance(key, tuple) else (key,)
         if not modules or not all(isinstance(m, nn.Module) for m in modules):
             raise ValueError(
-                f"{attribute.name} keys must be modules of the model or tuples of them; got {key!r}."
+                f"{attribute.name} keys must be modules of the model or tuples of them; got {quote(key)}."
             )
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ValueError(
                 f"{attribute.name}[{type(modules[0]).__name__}...] must be a number in [0, 1], "
-                f"got {ratio!r}."
+                f"got {quote(ratio)}."
             )
 
 
 def _steps(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"iterative_steps must be a whole number >= 1, got {value!r}.")
+        raise ValueError(f"iterative_steps must be a whole number >= 1, got {quote(value)}.")
 
 
 def _round_to(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"round_to must be None or a whole number >= 1, got {value!r}.")
+        raise ValueError(f"round_to must be None or a whole number >= 1, got {quote(value)}.")
 
 
 def _one_of(choices: Sequence[Any]) -> Callable[[Any, attrs.Attribute, Any], None]:
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value not in choices:
-            raise ValueError(f"{attribute.name} must be one of {list(choices)}, got {value!r}.")
+            raise ValueError(f"{attribute.name} must be one of {list(choices)}, got {quote(value)}.")
 
     return check
 
@@ -109,7 +111,7 @@ def _normalizer(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not callable(value) and value not in NORMALIZERS:
         raise ValueError(
             f"normalizer must be one of {list(NORMALIZERS)} or a callable tensor -> tensor, "
-            f"got {value!r}."
+            f"got {quote(value)}."
         )
 
 
@@ -117,7 +119,7 @@ def _layers(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     for item in value:
         if not (isinstance(item, nn.Module) or (isinstance(item, type) and issubclass(item, nn.Module))):
             raise ValueError(
-                f"{attribute.name} takes modules of the model or nn.Module subclasses; got {item!r}."
+                f"{attribute.name} takes modules of the model or nn.Module subclasses; got {quote(item)}."
             )
 
 
@@ -125,13 +127,13 @@ def _importance(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not (isinstance(value, str) or callable(value) or hasattr(value, "build")):
         raise ValueError(
             "importance must be a registered name ('l1', 'l2', 'bn_scale', 'taylor', ...), an "
-            f"ImportanceSpec or a callable values -> tensor[num_units]; got {value!r}."
+            f"ImportanceSpec or a callable values -> tensor[num_units]; got {quote(value)}."
         )
 
 
 def _scheduler(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not callable(value):
-        raise ValueError(f"iterative_pruning_ratio_scheduler must be callable (ratio, steps) -> ratios, got {value!r}.")
+        raise ValueError(f"iterative_pruning_ratio_scheduler must be callable (ratio, steps) -> ratios, got {quote(value)}.")
 
 
 @attrs.frozen(kw_only=True)

@@ -8,6 +8,12 @@ unit exactly zero everywhere, so ``tracker.prune_zero_units()`` can then remove 
 The index bookkeeping is compiled once per structure; each call runs one gather and one
 in-place multiply per distinct parameter slice (never a loop over units).
 
+Frozen parameters (``requires_grad=False``) are never written: a frozen layer keeps its
+values, and a unit that owns elements there is scaled in its trainable layers only (so it
+becomes exactly zero only if its frozen elements already are). A NaN or infinite weight
+is refused by name before anything is written: its units' norms would be NaN, and
+soft-thresholding would zero their finite weights while the NaN stayed.
+
 Example: a ``Linear(2, 2)`` whose rows are units 0 and 1 with
 ``weight = [[3, 4], [1, 1]]`` and factors ``[0.5, 0.0]`` becomes
 ``[[1.5, 2.0], [0.0, 0.0]]``.
@@ -20,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from weighttracker_core import ConfigError, MemberSlice, Selection, Structure, stored_parameter
 
@@ -40,11 +47,12 @@ def check_rate(name: str, value: Any) -> float:
 class _SliceScaler:
     """One distinct (module, parameter, dims, view) slice and the unit of each position."""
 
-    __slots__ = ("module", "piece", "positions", "units", "direct")
+    __slots__ = ("module", "name", "piece", "positions", "units", "direct")
 
-    def __init__(self, module: Any, piece: MemberSlice, positions: list[int], units: list[int],
-                 length: int) -> None:
+    def __init__(self, module: Any, name: str, piece: MemberSlice, positions: list[int],
+                 units: list[int], length: int) -> None:
         self.module = module
+        self.name = name
         self.piece = piece
         pos = torch.tensor(positions, dtype=torch.long)
         unit = torch.tensor(units, dtype=torch.long)
@@ -57,8 +65,8 @@ class _SliceScaler:
 
     def scale_(self, factors: torch.Tensor) -> None:
         tensor = stored_parameter(self.module, self.piece.param)
-        if tensor is None:
-            return
+        if tensor is None or (isinstance(tensor, nn.Parameter) and not tensor.requires_grad):
+            return  # frozen parameters stay as they are
         shape = self.piece.viewed_shape(tuple(tensor.shape))
         ndim = len(shape)
         dims = tuple(d % ndim for d in self.piece.dims)
@@ -116,7 +124,8 @@ class UnitScaler:
                 positions.extend(piece.positions)
                 units.extend(group.offset + u for u in piece.units)
         self._slices = [
-            _SliceScaler(modules[key[0]], piece, positions, units, length)
+            _SliceScaler(modules[key[0]], f"{key[0]}.{key[1]}" if key[0] else key[1], piece,
+                         positions, units, length)
             for key, (piece, positions, units, length) in collected.items()
         ]
 
@@ -125,8 +134,44 @@ class UnitScaler:
         """Distinct parameter slices one call touches."""
         return len(self._slices)
 
+    def non_finite(self) -> dict[str, str]:
+        """``{parameter name: what is wrong}`` for every scaled parameter with NaN or inf values.
+
+        One sum per distinct tensor (NaN or inf anywhere makes it non-finite); only a
+        tensor whose sum is not finite is scanned element by element, so finite weights
+        whose sum overflows are not reported. Example: ``{"0.weight": "1 NaN (first at
+        index (2, 1, 0, 0))"}``.
+        """
+        named: dict[int, tuple[str, torch.Tensor]] = {}
+        for piece in self._slices:
+            tensor = stored_parameter(piece.module, piece.piece.param)
+            if tensor is not None:
+                named.setdefault(id(tensor), (piece.name, tensor))
+        found: dict[str, str] = {}
+        if not named:
+            return found
+        with torch.no_grad():
+            # one sum per tensor and a single sync (tensors may live on several devices)
+            sums = [tensor.sum().to("cpu", torch.float64) for _, tensor in named.values()]
+            if bool(torch.isfinite(torch.stack(sums)).all()):
+                return found
+            for name, tensor in named.values():
+                finite = torch.isfinite(tensor)
+                if bool(finite.all()):
+                    continue
+                num_nan = int(torch.isnan(tensor).sum())
+                num_inf = int((~finite).sum()) - num_nan
+                first = tuple(int(i) for i in (~finite).nonzero()[0])
+                parts = [f"{num_nan} NaN"] if num_nan else []
+                parts += [f"{num_inf} infinite"] if num_inf else []
+                found[name] = f"{' and '.join(parts)} value(s) (first at index {first})"
+        return found
+
     def scale_(self, factors: torch.Tensor) -> None:
-        """Multiply every slice of unit ``u`` by ``factors[u]`` (length ``num_units``)."""
+        """Multiply every slice of unit ``u`` by ``factors[u]`` (length ``num_units``).
+
+        Parameters with ``requires_grad=False`` are left as they are.
+        """
         if factors.shape != (self.num_units,):
             raise ValueError(
                 f"factors must have one value per unit (shape ({self.num_units},)); "
@@ -144,6 +189,8 @@ class ProximalStep:
     ``max(0, 1 - lr * strength * c_u / ||w_u||_2)`` in place (no autograd), where
     ``coefficients(norms)`` gives ``c_u``; it returns those factors. Example: norms
     ``[5, 0.5]``, ``c = [1, 1]``, ``lr * strength = 1`` give factors ``[0.8, 0.0]``.
+    Frozen parameters are not written; NaN or infinite weights raise ``ConfigError``
+    naming them, and nothing is changed.
     """
 
     def __init__(self, structure: Structure, selection: Selection, plan: Any) -> None:
@@ -158,11 +205,24 @@ class ProximalStep:
         lr = check_rate("lr", lr)
         strength = check_rate("strength", strength)
         with torch.no_grad():
+            if self._scaler is None:
+                self._scaler = UnitScaler(self.structure, self.selection)
+            culprits = self._scaler.non_finite()
+            if culprits:
+                raise _non_finite_error(culprits)
             norms = self.plan.unit_reduce("l2")
             threshold = (lr * strength) * coefficients(norms)
             tiny = torch.finfo(norms.dtype).tiny
             factors = torch.where(norms > threshold, 1 - threshold / norms.clamp_min(tiny), 0.0)
-            if self._scaler is None:
-                self._scaler = UnitScaler(self.structure, self.selection)
             self._scaler.scale_(factors)
         return factors
+
+
+def _non_finite_error(culprits: dict[str, str]) -> ConfigError:
+    listed = "; ".join(f"{name!r} has {what}" for name, what in culprits.items())
+    return ConfigError(
+        f"proximal_step_ refused: {listed}. Nothing was changed: the norm of a unit with a "
+        "non-finite weight is meaningless, and the step would zero its finite weights while the "
+        "NaN stayed. Replace those values (reload a checkpoint; if training diverged, lower the "
+        "learning rate) and call proximal_step_ again."
+    )
