@@ -56,3 +56,7 @@ class PlanError(WeightTrackerError, ValueError):
 
 class CalculationCycleError(WeightTrackerError, RuntimeError):
     """Calculations depend on each other in a cycle."""
+
+
+class HandleAttributeError(WeightTrackerError, AttributeError):
+    """An attribute was assigned on a regularizer or pruner handle, where it would do nothing."""
