@@ -15,6 +15,7 @@ from .errors import (
     ConfigError,
     CouplingError,
     DuplicateNameError,
+    HandleAttributeError,
     PlanError,
     PluginError,
     PruningError,
@@ -27,6 +28,7 @@ from .errors import (
 from .hookspecs import hookimpl, hookspec
 from .manager import PluginInfo, PluginManager, create_plugin_manager, default_plugin_manager
 from .masking import stored_parameter
+from .persistence import apply_pruning_record
 from .plans import ReductionPlan, effective_parameter, safe_sqrt
 from .registry import describe_plugins
 from .specs import (
@@ -70,6 +72,7 @@ __all__ = [
     "CouplingError",
     "DuplicateNameError",
     "Evaluation",
+    "HandleAttributeError",
     "HeadPruner",
     "ImportanceSpec",
     "IntegrationSpec",
@@ -106,6 +109,7 @@ __all__ = [
     "UnwrappedParameter",
     "WeightTracker",
     "WeightTrackerError",
+    "apply_pruning_record",
     "check_bitwidth",
     "create_plugin_manager",
     "default_plugin_manager",

@@ -22,6 +22,7 @@ from .consumers import (
 from .dag import CalculationGraph
 from .errors import ConfigError
 from .manager import PluginManager, default_plugin_manager, derive_plugin_manager
+from .records import PruningHistory
 from .registry import Registries, build_registries
 from .specs import IntegrationSpec, LayerCategory
 from .structure import Structure, StructureOptions
@@ -125,6 +126,7 @@ class WeightTracker:
         self._trackers: dict[str, TrackerHandle] = {}
         self.pruned_units: dict[str, list[int]] | None = None
         self._build(version=0)
+        self._pruning_history = PruningHistory(self.structure)
 
     # ------------------------------------------------------------------------- structure
 
@@ -382,8 +384,18 @@ class WeightTracker:
             except Exception:  # noqa: BLE001 - keep the old structure, raise the real error
                 self.structure, self.graph, self._options = old[0], old[1], old[2]
 
-        return surgery.prune_units(self.structure, units, dry_run=dry_run, after_prune=after,
-                                   rebuild=rebuild, on_failure=on_failure)
+        report = surgery.prune_units(self.structure, units, dry_run=dry_run, after_prune=after,
+                                     rebuild=rebuild, on_failure=on_failure)
+        self._pruning_history.add(report)
+        return report
+
+    def pruning_record(self) -> dict[str, Any]:
+        """Every physical prune so far and a fingerprint of the dense model (JSON-able).
+
+        Save it next to the pruned ``state_dict``: ``apply_pruning_record(model,
+        example_inputs, record)`` rebuilds the pruned architecture from a fresh dense model.
+        """
+        return self._pruning_history.record()
 
     def _removed_heads(self, units: Mapping[int, Iterable[int]]) -> dict[nn.Module, int]:
         out: dict[nn.Module, int] = {}
