@@ -60,3 +60,7 @@ class CalculationCycleError(WeightTrackerError, RuntimeError):
 
 class HandleAttributeError(WeightTrackerError, AttributeError):
     """An attribute was assigned on a regularizer or pruner handle, where it would do nothing."""
+
+
+class MissingDependencyError(WeightTrackerError, ImportError):
+    """An optional dependency (TensorBoard, Lightning, scikit-learn, ...) is not installed."""
