@@ -170,7 +170,7 @@ def _fit(pl, tmp_path, make_callback, steps, lr):
     logger = pl.loggers.CSVLogger(str(tmp_path), name="run")
     trainer = pl.Trainer(max_steps=steps, logger=logger, callbacks=[callback], accelerator="cpu", devices=1,
                          enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
+                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1)
     trainer.fit(module, loader)
     return module, trainer, callback
 
