@@ -26,8 +26,8 @@ from .records import check_record, fingerprint_difference, simulate
 from .surgery import ModelSnapshot
 from .tracker import WeightTracker
 
-#: Options of the record used when the caller does not pass them, with their defaults.
-_DEFAULTED = {"prune_num_heads": False, "prune_head_dims": True}
+#: Options of the record used when the caller does not pass them.
+_DEFAULTED = ("prune_num_heads", "prune_head_dims")
 
 
 def _defaults(model: nn.Module, record: Mapping[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -49,14 +49,15 @@ def _defaults(model: nn.Module, record: Mapping[str, Any], options: dict[str, An
     return out
 
 
-def _mismatch(record: Mapping[str, Any], difference: str, options: Mapping[str, Any]) -> ConfigError:
+def _mismatch(record: Mapping[str, Any], difference: str, current: Mapping[str, Any]) -> ConfigError:
+    """The refusal, with advice: the options that differ from the record's, if any."""
     saved = record.get("options", {})
-    changed = [f"{key}={saved[key]!r}" for key, default in _DEFAULTED.items()
-               if key in saved and options.get(key, default) != saved[key]]
+    changed = [f"{key}={saved[key]!r}" for key in ("prune_num_heads", "prune_head_dims",
+                                                   "ignored_layers", "num_heads")
+               if key in saved and key in current and saved[key] != current[key]]
     if changed:
-        advice = (f"The record was made with {', '.join(changed)}; pass the same "
-                  "(apply_pruning_record(model, example_inputs, record, "
-                  f"{', '.join(changed)})).")
+        advice = (f"The record was made with {', '.join(changed)} (modules by name); pass the "
+                  "same to apply_pruning_record(model, example_inputs, record, ...).")
     else:
         advice = ("Build the dense model exactly as for the pruned checkpoint (same class, "
                   "sizes and number of classes) and with the same tracker options.")
@@ -92,9 +93,10 @@ def apply_pruning_record(
     counts = simulate(record)
     options = _defaults(model, record, tracker_options)
     tracker = WeightTracker(model, example_inputs, **options)
-    difference = fingerprint_difference(record["fingerprint"], tracker.pruning_record()["fingerprint"])
+    fresh = tracker.pruning_record()
+    difference = fingerprint_difference(record["fingerprint"], fresh["fingerprint"])
     if difference is not None:
-        raise _mismatch(record, difference, options)
+        raise _mismatch(record, difference, fresh["options"])
     if not record["prunes"]:
         return tracker
     snapshot = ModelSnapshot(model)

@@ -228,9 +228,9 @@ def test_head_options_mismatch_names_the_option_and_the_advice_works():
     tracker.prune_units({heads.id: [2]})
     record = tracker.pruning_record()
     fresh = vit()
-    with pytest.raises(ConfigError, match=r"made with prune_num_heads=True; pass the same") as err:
+    with pytest.raises(ConfigError, match=r"made with prune_num_heads=True .*pass the same") as err:
         apply_pruning_record(fresh, x, record, prune_num_heads=False)
-    assert "prune_num_heads=True)" in str(err.value)
+    assert "apply_pruning_record(model, example_inputs, record, ...)" in str(err.value)
     assert timm  # the advice, followed:
     apply_pruning_record(fresh, x, record, prune_num_heads=True)
     fresh.load_state_dict(model.state_dict())
@@ -306,3 +306,21 @@ def test_pruned_resnet18_and_vit_saved_in_one_process_load_in_another(tmp_path):
     for line in lines:
         dense, pruned = int(line.split()[2]), int(line.split()[4])
         assert pruned < dense
+
+
+def test_missing_num_heads_is_named_and_the_advice_works():
+    from models import MHANet, sequence_input
+
+    torch.manual_seed(0)
+    model = MHANet().eval()
+    x = sequence_input()
+    tracker = WeightTracker(model, x, num_heads={model.attn: 4}, prune_num_heads=True)
+    heads = next(g for g in tracker.groups if g.kind == "head")
+    tracker.prune_units({heads.id: [1]})
+    record = tracker.pruning_record()
+    fresh = MHANet().eval()
+    with pytest.raises(ConfigError, match=r"made with num_heads=\{'attn': 4\}"):
+        apply_pruning_record(fresh, x, record)
+    apply_pruning_record(fresh, x, record, num_heads={fresh.attn: 4})  # the advice
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), model(x))
