@@ -181,63 +181,101 @@ def test_usage_errors_exit_2(capsys):
 
 # --------------------------------------------------------------------------------- demo
 
+SHORT = ["--train-steps", "60", "--steps", "60", "--width", "8", "--no-progress"]
 
-def test_demo_short_run_prunes_and_reports(capsys, tmp_path):
+
+def test_demo_short_run_trains_prunes_and_reports(capsys, tmp_path):
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
     html, data_path = tmp_path / "demo.html", tmp_path / "demo.json"
-    code, out, _ = run(capsys, "demo", "--steps", "40", "--strength", "0.1", "--width", "8",
-                       "--output", str(html), "--json", str(data_path), "--no-progress")
+    code, out, _ = run(capsys, "demo", *SHORT, "--strength", "0.1",
+                       "--output", str(html), "--json", str(data_path))
     assert code == 0
     data = json.loads(data_path.read_text())
-    dense, trained, pruned = data["stages"]
-    assert trained["zero_units"] > 0
-    assert data["pruned"]["num_units"] == trained["zero_units"] == sum(data["pruned"]["groups"].values())
-    assert pruned["params"] < dense["params"] and pruned["zero_units"] == 0
+    dense, trained, sparse, pruned = data["stages"]
+    # a real data set, split into train and test (oracle: scikit-learn's own count)
+    digits = sklearn_datasets.load_digits()
+    assert data["config"]["train_images"] + data["config"]["test_images"] == len(digits.images)
+    assert data["config"]["test_images"] == pytest.approx(0.25 * len(digits.images), abs=1)
+    assert dense["accuracy"] < 0.3 < 0.8 < trained["accuracy"]  # it learned something real
+    assert sparse["zero_units"] > 0 and trained["zero_units"] == 0
+    assert data["pruned"]["num_units"] == sparse["zero_units"] == sum(data["pruned"]["groups"].values())
+    assert pruned["params"] < sparse["params"] == dense["params"] and pruned["zero_units"] == 0
     # removing exactly-zero units changes neither the outputs nor the active cost
-    assert pruned["accuracy"] == trained["accuracy"]
-    assert pruned["bops"] == pytest.approx(trained["bops"], rel=1e-9)
-    assert pruned["macs"] == pytest.approx(trained["macs"], rel=1e-9)
-    assert 0 < pruned["compression"] == pytest.approx(trained["compression"], rel=1e-9)
+    assert pruned["accuracy"] == sparse["accuracy"]
+    assert pruned["bops"] == pytest.approx(sparse["bops"], rel=1e-9)
+    assert pruned["macs"] == pytest.approx(sparse["macs"], rel=1e-9)
+    assert 0 < pruned["compression"] == pytest.approx(sparse["compression"], rel=1e-9)
     assert dense["compression"] == 0.0 and dense["macs"] > pruned["macs"]
+    assert all(stage["latency_ms"] > 0 for stage in data["stages"])
     assert sum(data["layers"]["after"]) < sum(data["layers"]["before"])
-    assert len(data["history"]["step"]) == 40
+    assert len(data["history"]["step"]) == 120
+    assert set(data["history"]["phase"]) == {"training", "group lasso"}
     tags = check_html(html.read_text())
     assert tags.count("svg") == 6
-    assert "stage" in out and "pruned" in out and "compression" in out
+    assert "CPU latency" in html.read_text() and "test set" in html.read_text()
+    assert "stage" in out and "pruned" in out and "test accuracy" in out and " ms " in out
+    assert "Test accuracy: " in out and "held-out digits" in out
 
 
-def test_demo_collapsed_groups_are_kept_and_reported(capsys, tmp_path):
-    code, out, _ = run(capsys, "demo", "--steps", "40", "--strength", "0.2", "--width", "8",
-                       "--output", "", "--no-progress")
+def test_demo_collapsed_groups_are_kept_and_reported(capsys):
+    pytest.importorskip("sklearn")
+    code, out, _ = run(capsys, "demo", *SHORT, "--strength", "1.0", "--output", "")
     assert code == 0
-    assert "Pruned 0 zero units" in out
     assert "the network has collapsed. Use a lower --strength." in out
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--lr", "-1"], ["--strength", "nan"]])
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--train-steps", "-1"], ["--lr", "-1"],
+                                  ["--strength", "nan"]])
 def test_demo_bad_options(capsys, argv):
     code, _, err = run(capsys, "demo", "--no-progress", *argv)
-    assert code == 2 and "must be" in err
+    assert code == 2 and "must be" in err and argv[0] in err
+
+
+def test_demo_without_scikit_learn_names_the_install_command(capsys, monkeypatch):
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now fails
+    code, out, err = run(capsys, "demo", "--no-progress", "--output", "")
+    assert code != 0 and out == ""
+    assert "python -m pip install 'weighttracker[demo]'" in err and "scikit-learn" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_script_installs_the_demo_extra():
+    """scripts/demo.sh is the documented first command: it must install scikit-learn."""
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "demo.sh").read_text()
+    assert "-e \".[demo]\"" in script
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(req.startswith("scikit-learn") for req in project["optional-dependencies"]["demo"])
 
 
 def test_demo_unwritable_output(capsys, tmp_path):
-    code, _, err = run(capsys, "demo", "--steps", "2", "--no-progress",
+    pytest.importorskip("sklearn")
+    code, _, err = run(capsys, "demo", "--train-steps", "0", "--steps", "2", "--no-progress",
                        "--output", str(tmp_path / "missing" / "r.html"))
     assert code == 2 and "Cannot write" in err
 
 
 @pytest.mark.slow
 def test_default_demo_end_to_end_through_the_installed_script(tmp_path):
-    """The main job with default settings, as a user runs it (about 20-40 s on 2 cores)."""
+    """The main job with default settings, as a user runs it (about 10-30 s on 2 cores)."""
+    pytest.importorskip("sklearn")
     assert SCRIPT.exists(), SCRIPT
-    result = subprocess.run([str(SCRIPT), "demo"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([str(SCRIPT), "demo", "--json", "demo.json"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     report = tmp_path / "weighttracker-demo.html"
     check_html(report.read_text())
     rows = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    trained = next(line for name, line in rows.items() if name.startswith("trained"))
     pruned = next(line for name, line in rows.items() if name.startswith("pruned"))
-    compression = float(re.findall(r"([\d.]+)%", pruned)[0])
-    accuracy = float(re.findall(r"([\d.]+)%", pruned)[1])
-    assert compression > 0
-    assert accuracy > 80
+    compression, accuracy = (float(v) for v in re.findall(r"([\d.]+)%", pruned)[:2])
+    trained_accuracy = float(re.findall(r"([\d.]+)%", trained)[1])
+    assert compression > 50
+    assert accuracy > 95
+    assert accuracy >= trained_accuracy - 1.0  # pruning costs at most one point
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["stages"][-1]["params"] < data["stages"][1]["params"] / 2

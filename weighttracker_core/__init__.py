@@ -15,6 +15,8 @@ from .errors import (
     ConfigError,
     CouplingError,
     DuplicateNameError,
+    HandleAttributeError,
+    MissingDependencyError,
     PlanError,
     PluginError,
     PruningError,
@@ -28,6 +30,7 @@ from .heads import AttentionChange, AttentionLayout
 from .hookspecs import hookimpl, hookspec
 from .manager import PluginInfo, PluginManager, create_plugin_manager, default_plugin_manager
 from .masking import stored_parameter
+from .persistence import apply_pruning_record
 from .plans import ReductionPlan, effective_parameter, safe_sqrt
 from .registry import describe_plugins
 from .specs import (
@@ -75,6 +78,7 @@ __all__ = [
     "CouplingError",
     "DuplicateNameError",
     "Evaluation",
+    "HandleAttributeError",
     "HeadPruner",
     "ImportanceSpec",
     "IntegrationSpec",
@@ -82,6 +86,7 @@ __all__ = [
     "LayerPruner",
     "Lifetime",
     "MemberSlice",
+    "MissingDependencyError",
     "ModelSourceSpec",
     "ParamRole",
     "ParamSlice",
@@ -111,6 +116,7 @@ __all__ = [
     "UnwrappedParameter",
     "WeightTracker",
     "WeightTrackerError",
+    "apply_pruning_record",
     "check_bitwidth",
     "create_plugin_manager",
     "default_plugin_manager",

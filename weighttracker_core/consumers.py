@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from .dag import CalculationGraph, Evaluation
-from .errors import ConfigError, StaleConsumerError
+from .errors import ConfigError, HandleAttributeError, StaleConsumerError
 from .structure import Selection, Structure
 
 
@@ -147,7 +147,11 @@ class TrackerHandle(_Handle):
 
 
 class RegularizerHandle(_Handle):
-    """A regularizer: call it for a scalar loss tensor; other attributes are forwarded."""
+    """A regularizer: call it for a scalar loss tensor; other attributes are forwarded.
+
+    Attributes are read-only: assigning one raises :class:`HandleAttributeError` rather
+    than setting an attribute of the handle that the plugin would never read.
+    """
 
     _kind = "regularizer"
 
@@ -172,6 +176,17 @@ class RegularizerHandle(_Handle):
             return checked
         return value
 
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr.startswith("_"):
+            object.__setattr__(self, attr, value)
+            return
+        raise HandleAttributeError(self._read_only_message(attr))
+
+    def _read_only_message(self, attr: str) -> str:
+        name = self._names[0]
+        return (f"Cannot set {attr!r} on the {name!r} {self._kind}: options are fixed when it "
+                f"is created; create it again with tracker.create_{self._kind}({name!r}, ...).")
+
 
 class PrunerHandle(RegularizerHandle):
     """A pruner; its methods are forwarded after a staleness check.
@@ -188,6 +203,36 @@ class PrunerHandle(RegularizerHandle):
     def stale(self) -> bool:
         survives = getattr(self._impl, "survives_physical_prune", False)
         return False if survives else super().stale
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pruner's progress (its schedule step and what it removed), to save.
+
+        ``load_state_dict`` on a pruner created the same way resumes from it.
+        """
+        return self._stateful("state_dict")()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from a ``state_dict()`` of a pruner created with the same options."""
+        self._stateful("load_state_dict")(state)
+
+    def _stateful(self, method: str) -> Any:
+        self._check()
+        fn = getattr(self._impl, method, None)
+        if not callable(fn):
+            raise ConfigError(
+                f"The pruner {self._names[0]!r} cannot be saved and resumed: its plugin defines "
+                f"no {method}(). Re-create it and replay its steps instead."
+            )
+        return fn
+
+    def _read_only_message(self, attr: str) -> str:
+        name = self._names[0]
+        hint = (" (it is read-only)" if hasattr(type(self._impl), attr)
+                or attr in getattr(self._impl, "__dict__", {}) else "")
+        return (f"Cannot set {attr!r} on the {name!r} pruner{hint}: assigning to a pruner "
+                "would not change what it does. Options are fixed by tracker.create_pruner("
+                f"{name!r}, ...); to continue a schedule where it stopped, use "
+                "pruner.load_state_dict(state) with a state saved by pruner.state_dict().")
 
 
 def is_whole_number(value: Any) -> bool:

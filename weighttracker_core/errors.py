@@ -56,3 +56,11 @@ class PlanError(WeightTrackerError, ValueError):
 
 class CalculationCycleError(WeightTrackerError, RuntimeError):
     """Calculations depend on each other in a cycle."""
+
+
+class HandleAttributeError(WeightTrackerError, AttributeError):
+    """An attribute was assigned on a regularizer or pruner handle, where it would do nothing."""
+
+
+class MissingDependencyError(WeightTrackerError, ImportError):
+    """An optional dependency (TensorBoard, Lightning, scikit-learn, ...) is not installed."""

@@ -23,6 +23,7 @@ from .dag import CalculationGraph
 from .errors import ConfigError, StaleConsumerError
 from .heads import AttentionChange, AttentionLayout
 from .manager import PluginManager, default_plugin_manager, derive_plugin_manager
+from .records import PruningHistory
 from .registry import Registries, build_registries
 from .specs import IntegrationSpec, LayerCategory
 from .structure import Structure, StructureOptions, model_version, set_model_version
@@ -139,6 +140,7 @@ class WeightTracker:
         self.pruned_units: dict[str, list[int]] | None = None
         self.pruned_attention: dict[str, AttentionChange] | None = None
         self._build(version=0)
+        self._pruning_history = PruningHistory(self.structure)
 
     # ------------------------------------------------------------------------- structure
 
@@ -442,8 +444,18 @@ class WeightTracker:
             except Exception:  # noqa: BLE001 - keep the old structure, raise the real error
                 self.structure, self.graph, self._options = old[0], old[1], old[2]
 
-        return surgery.prune_units(self.structure, units, dry_run=dry_run, after_prune=after,
-                                   rebuild=rebuild, on_failure=on_failure)
+        report = surgery.prune_units(self.structure, units, dry_run=dry_run, after_prune=after,
+                                     rebuild=rebuild, on_failure=on_failure)
+        self._pruning_history.add(report)
+        return report
+
+    def pruning_record(self) -> dict[str, Any]:
+        """Every physical prune so far and a fingerprint of the dense model (JSON-able).
+
+        Save it next to the pruned ``state_dict``: ``apply_pruning_record(model,
+        example_inputs, record)`` rebuilds the pruned architecture from a fresh dense model.
+        """
+        return self._pruning_history.record()
 
     def _removed_heads(self, units: Mapping[int, Iterable[int]]) -> dict[nn.Module, int]:
         """Heads removed from fused qkv projections and ``nn.MultiheadAttention``."""

@@ -96,16 +96,16 @@ def test_demo_text_table():
     data = {
         "stages": [
             {"name": "dense", "params": 1000, "macs": 2e6, "bops": 2.048e9, "compression": 0.0,
-             "accuracy": 0.25, "zero_units": 0},
+             "accuracy": 0.25, "latency_ms": 12.345, "zero_units": 0},
             {"name": "pruned", "params": 400, "macs": 5e5, "bops": 5.12e8, "compression": 0.75,
-             "accuracy": 0.99, "zero_units": 0},
+             "accuracy": 0.99, "latency_ms": 3.0, "zero_units": 0},
         ],
         "pruned": {"num_units": 3, "groups": {"conv:prune_out_channels": 3}},
         "notes": [],
     }
     lines = report.demo_text(data).splitlines()
-    assert lines[0].split() == ["stage", "params", "MACs", "BOPs", "compression", "accuracy",
-                                "zero", "units"]
-    assert lines[2].split() == ["dense", "1,000", "2M", "2.05G", "0.0%", "25.0%", "0"]
-    assert lines[3].split() == ["pruned", "400", "500k", "512M", "75.0%", "99.0%", "0"]
+    assert lines[0].split() == ["stage", "params", "MACs", "BOPs", "compression", "test",
+                                "accuracy", "CPU", "latency", "zero", "units"]
+    assert lines[2].split() == ["dense", "1,000", "2M", "2.05G", "0.0%", "25.0%", "12.35", "ms", "0"]
+    assert lines[3].split() == ["pruned", "400", "500k", "512M", "75.0%", "99.0%", "3.00", "ms", "0"]
     assert "Pruned 3 zero units in 1 groups." in lines

@@ -1,4 +1,4 @@
-"""Renders the command line's results from plain data (SPEC §11).
+"""Renders the command line's results from plain data.
 
 Every function takes plain Python data (dicts, lists, numbers, strings), never models or
 trackers, and returns a string: JSON and text for ``weighttracker plugins`` and

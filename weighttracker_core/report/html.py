@@ -99,8 +99,9 @@ def demo_html(data: Mapping[str, Any]) -> str:
     charts = [
         line_chart(steps, {"loss": history.get("loss", [])}, title="Training loss",
                    x_label="step", y_label="cross-entropy"),
-        line_chart(steps, {"train batch": history.get("accuracy", [])},
-                   title="Training accuracy", x_label="step", y_label="accuracy"),
+        line_chart(steps, {"train batch": history.get("accuracy", []),
+                           **({"test set": history["test_accuracy"]} if history.get("test_accuracy") else {})},
+                   title="Accuracy", x_label="step", y_label="accuracy"),
         line_chart(steps, {"zero units": history.get("zero_units", [])},
                    title="Exactly-zero units", x_label="step", y_label="units"),
         line_chart(steps, {"structured BOPs": history.get("compression", [])},

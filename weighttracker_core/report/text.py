@@ -121,7 +121,8 @@ STAGE_COLUMNS = (
     ("macs", "MACs"),
     ("bops", "BOPs"),
     ("compression", "compression"),
-    ("accuracy", "accuracy"),
+    ("accuracy", "test accuracy"),
+    ("latency_ms", "CPU latency"),
     ("zero_units", "zero units"),
 )
 
@@ -140,6 +141,8 @@ def stage_table(stages: Sequence[Mapping[str, Any]]) -> list[list[str]]:
                 row.append(fmt(float(value)))
             elif key in ("compression", "accuracy"):
                 row.append(f"{100 * float(value):.1f}%")
+            elif key == "latency_ms":
+                row.append(f"{float(value):.2f} ms")
             else:
                 row.append(number(value))
         rows.append(row)

@@ -1,4 +1,4 @@
-"""The ``ranked`` pruner: importance-ranked structural pruning over canonical units (SPEC §10.1).
+"""The ``ranked`` pruner: importance-ranked structural pruning over canonical units.
 
 Torch-Pruning's ``BasePruner`` semantics over this library's groups. At every ``step()``:
 
@@ -132,6 +132,93 @@ class RankedPruner:
     def reset(self) -> None:
         """Start the schedule again from step 0 (ratios stay relative to the first sizes)."""
         self.current_step = 0
+
+    # ------------------------------------------------------------------ save and resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the schedule stands, as plain data (``json.dumps`` works on it).
+
+        Holds the step, the sizes the ratios are relative to (scopes, groups and layers
+        when first seen), the units removed so far and the applied selections. Save it
+        with the pruned model; :meth:`load_state_dict` on a new pruner resumes from it.
+        """
+        return {
+            "pruner": "ranked",
+            "version": _STATE_VERSION,
+            "config": self._schedule_config(),
+            "current_step": self.current_step,
+            "group_units": {g.name: g.n_units for g in self.tracker.groups},
+            "removed": {name: sorted(units) for name, units in self._removed.items()},
+            "scope_initial": dict(self._scope_initial),
+            "group_initial": dict(self._group_initial),
+            "layer_initial": [[name, side, count] for (name, side), count in self._layer_initial.items()],
+            "history": [_selection_state(sel) for sel in self.history],
+            "warned": self._warned,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume the schedule saved by :meth:`state_dict` (on a pruner that has not stepped).
+
+        Create the pruner with the same options as the saved one, on the model as it was
+        when the state was saved: the pruned model (rebuilt with ``apply_pruning_record``)
+        for ``apply="physical"``; the dense model for ``apply="mask"``, whose masks this
+        call puts back (load the model's ``state_dict`` after it).
+
+        Raises:
+            ConfigError: The state is not a ranked pruner's, was made with other options,
+                or does not fit the model (nothing is changed).
+            PruningError: This pruner has already taken a step.
+        """
+        _check_state(state, "ranked")
+        if self.current_step or self.history or self._removed:
+            raise PruningError(
+                f"load_state_dict needs a pruner that has not taken a step; this one is at step "
+                f"{self.current_step}. Create a new one with tracker.create_pruner('ranked', ...)."
+            )
+        mine = self._schedule_config()
+        for key, value in state["config"].items():
+            if mine.get(key) != value:
+                raise ConfigError(
+                    f"The saved ranked pruner had {key}={value!r}, this one has {key}="
+                    f"{mine.get(key)!r}; create the pruner with the options of the saved one."
+                )
+        groups = {g.name: g for g in self.tracker.groups}
+        saved_units = dict(state["group_units"])
+        for name in groups:
+            saved_units.setdefault(name, None)
+        for name, n_units in saved_units.items():
+            now = groups[name].n_units if name in groups else None
+            if now != n_units:
+                how = ("the pruned model: rebuild it with weighttracker_core.apply_pruning_record "
+                       "before creating the pruner" if self.config.apply == "physical" else
+                       "the dense model the masks were made on")
+                raise ConfigError(
+                    f"The saved pruner state does not fit this model: group {name!r} has "
+                    f"{now if now is not None else 'no'} units here, "
+                    f"{n_units if n_units is not None else 'none'} in the state. "
+                    f"Create the pruner on {how}."
+                )
+        removed = {name: set(units) for name, units in state["removed"].items()}
+        if self._masks is not None and removed:
+            self._masks.apply_(self.tracker.structure,
+                               {groups[name].id: sorted(units) for name, units in removed.items()})
+        self._removed = removed
+        self._scope_initial = dict(state["scope_initial"])
+        self._group_initial = dict(state["group_initial"])
+        self._layer_initial = {(name, side): count for name, side, count in state["layer_initial"]}
+        self.history = [_selection_from_state(item, self) for item in state["history"]]
+        self._warned = bool(state["warned"])
+        self.current_step = int(state["current_step"])
+
+    def _schedule_config(self) -> dict[str, Any]:
+        """The options a saved schedule must agree with, as plain values."""
+        cfg = self.config
+        scheduler = cfg.iterative_pruning_ratio_scheduler
+        return {"apply": cfg.apply, "ranking": self.ranking, "importance": self.importance_name,
+                "pruning_ratio": cfg.pruning_ratio, "head_pruning_ratio": cfg.head_pruning_ratio,
+                "iterative_steps": cfg.iterative_steps, "max_pruning_ratio": cfg.max_pruning_ratio,
+                "round_to": cfg.round_to,
+                "scheduler": getattr(scheduler, "__name__", type(scheduler).__name__)}
 
     def report(self) -> dict[str, Any]:
         """Steps taken and what every applied selection removed."""
@@ -370,6 +457,42 @@ class RankedPruner:
         for sel in todo:
             sel.applied = True
             self.history.append(sel)
+
+
+_STATE_VERSION = 1
+_STATE_KEYS = ("config", "current_step", "group_units", "removed", "scope_initial",
+               "group_initial", "layer_initial", "history", "warned")
+
+
+def _check_state(state: Any, name: str) -> None:
+    if not isinstance(state, Mapping) or state.get("pruner") != name:
+        got = state.get("pruner") if isinstance(state, Mapping) else type(state).__name__
+        raise ConfigError(
+            f"This is not the state of a {name!r} pruner (its 'pruner' entry is {got!r}); pass "
+            f"what pruner.state_dict() of a {name!r} pruner returned."
+        )
+    if state.get("version") != _STATE_VERSION:
+        raise ConfigError(f"{name!r} pruner state version {state.get('version')!r} cannot be read "
+                          f"here (this version reads {_STATE_VERSION}).")
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise ConfigError(f"The {name!r} pruner state lacks {missing}; it is damaged.")
+
+
+def _selection_state(sel: UnitSelection) -> dict[str, Any]:
+    return {**sel.as_dict(), "group_id": sel.group_id, "scores": [float(s) for s in sel.scores],
+            "tp_indices": list(sel.tp_indices), "modules": list(sel.modules)}
+
+
+def _selection_from_state(item: Mapping[str, Any], pruner: RankedPruner) -> UnitSelection:
+    return UnitSelection(
+        step=int(item["step"]), scope=str(item["scope"]), ratio=float(item["ratio"]),
+        group_name=str(item["group"]), group_id=int(item["group_id"]), kind=str(item["kind"]),
+        n_units=int(item["n_units"]), units=tuple(int(u) for u in item["units"]),
+        scores=torch.tensor(item["scores"], dtype=torch.float64),
+        tp_indices=tuple(int(i) for i in item["tp_indices"]),
+        modules=tuple(str(m) for m in item["modules"]), applied=bool(item["applied"]),
+        pruner=pruner)
 
 
 @hookimpl

@@ -1,10 +1,10 @@
 """The ``magnitude`` pruner: scheduled mask pruning with coremltools MagnitudePruner semantics.
 
-``tracker.create_pruner("magnitude", config={...})`` (SPEC §10.2). Masks live in
+``tracker.create_pruner("magnitude", config={...})``. Masks live in
 ``torch.nn.utils.prune``'s re-parametrisation (``weight_orig`` x ``weight_mask``), so pruned
 weights stay exactly zero through any optimizer, compose with torch's own pruning methods
 on the same parameter (the effective mask is the product), and ``finalize()`` bakes them
-in with ``prune.remove`` (SPEC §10.3).
+in with ``prune.remove``.
 
 The configs and schedulers are importable from here::
 
@@ -40,6 +40,8 @@ __all__ = [
     "build_magnitude_pruner",
     "wt_register_pruners",
 ]
+
+_STATE_VERSION = 1
 
 # Read by their parent (nn.MultiheadAttention uses ``out_proj.weight``) without calling their
 # own forward, so the pre-hook that refreshes a masked weight would never run.
@@ -287,6 +289,85 @@ class MagnitudePruner:
                 prune.remove(module, name)
         self._finalized = True
         return self.model
+
+    # ----------------------------------------------------------------------- save and resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the schedule stands: the step, each module's level and this pruner's masks.
+
+        Masks are boolean tensors (save with ``torch.save``). Together with the model's
+        ``state_dict`` (which holds ``<param>_orig`` and ``<param>_mask``) it lets a new
+        pruner carry on: :meth:`load_state_dict`.
+        """
+        modules: dict[str, Any] = {}
+        for name, entry in self._entries.items():
+            own = _own_method(entry.module, entry.config.param_name)
+            modules[name] = {
+                "config": entry.config.as_dict(),
+                "level": entry.level,
+                "mask": None if own is None else own.mask.detach().to("cpu", torch.bool).clone(),
+            }
+        return {"pruner": "magnitude", "version": _STATE_VERSION, "step_count": self._step_count,
+                "prepared": self._prepared, "finalized": self._finalized, "modules": modules}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume the schedule of :meth:`state_dict` on a new pruner of a fresh model.
+
+        Create the pruner with the same config on the model built as before, call this
+        *instead of* ``prepare()`` (it puts the saved masks on the model, so the model then
+        has ``<param>_orig`` / ``<param>_mask`` and takes the saved model ``state_dict``),
+        then ``model.load_state_dict(saved)`` and carry on with ``step()``.
+
+        Raises:
+            ConfigError: The state is not a magnitude pruner's, or its modules or their
+                configs differ from this pruner's (nothing is changed).
+            PruningError: This pruner was already prepared or finalized.
+        """
+        if not isinstance(state, Mapping) or state.get("pruner") != "magnitude":
+            got = state.get("pruner") if isinstance(state, Mapping) else type(state).__name__
+            raise ConfigError(f"This is not the state of a 'magnitude' pruner (its 'pruner' entry is "
+                              f"{got!r}); pass what pruner.state_dict() of a magnitude pruner returned.")
+        if state.get("version") != _STATE_VERSION:
+            raise ConfigError(f"'magnitude' pruner state version {state.get('version')!r} cannot be "
+                              f"read here (this version reads {_STATE_VERSION}).")
+        if self._prepared or self._finalized:
+            raise PruningError("load_state_dict needs a pruner that was not prepared yet; create a "
+                               "new one with tracker.create_pruner('magnitude', config=...).")
+        saved = state["modules"]
+        if not state["prepared"]:
+            return
+        entries = self._plan()
+        if list(entries) != list(saved):
+            extra = [n for n in entries if n not in saved] or [n for n in saved if n not in entries]
+            raise ConfigError(
+                f"The saved magnitude pruner masked other modules: {extra[0]!r} is in only one of "
+                f"this pruner ({len(entries)} modules) and the state ({len(saved)}). Create it with "
+                "the saved config on the model built as before."
+            )
+        for name, entry in entries.items():
+            if entry.config.as_dict() != saved[name]["config"]:
+                raise ConfigError(
+                    f"Module {name!r} has config {entry.config.as_dict()} here, "
+                    f"{saved[name]['config']} in the saved state; use the saved config."
+                )
+            mask = saved[name]["mask"]
+            shape = tuple(_stored_param(entry.module, entry.config.param_name).shape)
+            if not state["finalized"] and (mask is None or tuple(mask.shape) != shape):
+                raise ConfigError(
+                    f"The saved mask of {name!r} has shape {None if mask is None else list(mask.shape)}, "
+                    f"the parameter {list(shape)}; the model is not built as before."
+                )
+        if not state["finalized"]:
+            for name, entry in entries.items():
+                param = _stored_param(entry.module, entry.config.param_name)
+                mask = saved[name]["mask"].to(param.device, param.dtype)
+                MagnitudeMask.apply(entry.module, entry.config.param_name, mask=mask)
+        for name, entry in entries.items():
+            entry.level = float(saved[name]["level"])
+        self._entries = entries
+        self._step_count = int(state["step_count"])
+        self._prepared = True
+        self._finalized = bool(state["finalized"])
 
     def report(self) -> dict[str, dict[str, Any]]:
         """Sparsity per pruned module plus a ``"global"`` entry (plain Python numbers).
