@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from .dag import CalculationGraph, Evaluation
-from .errors import ConfigError, HandleAttributeError, StaleConsumerError
+from .errors import ConfigError, HandleAttributeError, PluginError, StaleConsumerError
 from .structure import Selection, Structure
 
 
@@ -96,6 +96,9 @@ class _Handle:
         return self._owner.structure.version != self._version
 
     def _check(self) -> None:
+        current = getattr(self._owner, "check_current", None)
+        if current is not None:
+            current()  # another tracker pruned the model: the owner itself is stale
         if self.stale:
             what = ", ".join(repr(n) for n in self._names)
             raise StaleConsumerError(
@@ -133,7 +136,14 @@ class TrackerHandle(_Handle):
         self._check()
         out: dict[str, Any] = {}
         for name, impl in self._built:
-            out[name] = impl.track(evaluation)
+            metrics = impl.track(evaluation)
+            if not isinstance(metrics, Mapping):
+                raise PluginError(
+                    f"Tracker {name!r} returned {type(metrics).__name__} from track(); a tracker "
+                    "must return a dict of metrics (nested dicts, numbers or tensors). Fix the "
+                    "plugin that registers it (`weighttracker plugins` names it)."
+                )
+            out[name] = metrics
         if self.convert_tensors:
             out = to_python(out)
         if self.wandb_format:

@@ -86,10 +86,13 @@ def _layout(t: torch.Tensor) -> tuple[Any, ...]:
 
 
 def _put_back(t: torch.Tensor, saved: torch.Tensor, layout: tuple[Any, ...], version: int) -> None:
-    """Give ``t`` its saved values: in place if it still has its storage, else re-point it."""
+    """Give ``t`` its saved values: in place if it still has its storage, else re-point it.
+
+    Values are always copied back: an edit through ``tensor.data`` changes them without
+    bumping the tensor's version counter, so the counter cannot tell what changed.
+    """
     if _layout(t) == layout:
-        if t._version != version:
-            t.copy_(saved)
+        t.copy_(saved)
     else:  # resized or re-pointed (``.data = ...``)
         t.data = saved
 

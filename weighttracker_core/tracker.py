@@ -187,6 +187,13 @@ class WeightTracker:
         self.structure.activation_bitwidth_fn = self.activation_bitwidth_fn  # type: ignore[attr-defined]
         self.graph = CalculationGraph(self.registries.calculations, self.structure)
 
+    def _selection(self, include: Any, ignore: Any) -> Any:
+        """The layers ``include`` / ``ignore`` pick, each checked where it enters."""
+        return self.structure.selection(
+            opt.check_selection(self.model, include, "include"),
+            opt.check_selection(self.model, ignore, "ignore"),
+        )
+
     def check_current(self) -> None:
         """Raise if another tracker pruned this model physically since this one was built."""
         if not self.structure.current:
@@ -215,7 +222,7 @@ class WeightTracker:
     def _context(self, name: str, options: Any, include: Any, ignore: Any) -> ConsumerContext:
         return ConsumerContext(
             name=name, tracker=self, structure=self.structure, graph=self.graph,
-            options=options, selection=self.structure.selection(include, ignore),
+            options=options, selection=self._selection(include, ignore),
         )
 
     def create_tracker(
@@ -331,7 +338,7 @@ class WeightTracker:
         Weights of layers selected by ``ignore`` are not looked at.
         """
         self.check_current()
-        selection = self.structure.selection((), ignore)
+        selection = self._selection((), ignore)
         plan = self.structure.plan(selection)
         with torch.no_grad():
             peak = plan.unit_reduce("max_abs")
@@ -502,7 +509,7 @@ class WeightTracker:
     def bitwidths(self, include: Sequence[Any] = (), ignore: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Weight and activation bit-widths of every counted (weighted) layer."""
         self.check_current()
-        selection = self.structure.selection(include, ignore)
+        selection = self._selection(include, ignore)
         rows = []
         for info in self.structure.selected_modules(selection, (LayerCategory.WEIGHTED,)):
             module = self.structure.module(info.name)

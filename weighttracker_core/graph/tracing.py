@@ -140,7 +140,8 @@ def trace(
         UnsupportedModuleError: The model runs but Torch-Pruning cannot trace it.
     """
     _check_parameters(model)
-    inputs = _normal_tensors(example_inputs)
+    with torch.inference_mode(False):  # a clone made inside inference_mode is one too
+        inputs = _normal_tensors(example_inputs)
     unmappable: set[Any] = set()
 
     def trace_fn(m: nn.Module, x: Any) -> Any:
