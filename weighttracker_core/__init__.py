@@ -11,6 +11,7 @@ import importlib.metadata
 from .consumers import ConsumerContext, RegularizerHandle, TrackerHandle, flatten_metrics, to_python
 from .dag import CalculationGraph, Evaluation
 from .errors import (
+    ArgumentTypeError,
     CalculationCycleError,
     ConfigError,
     CouplingError,
@@ -65,6 +66,7 @@ from .units import (
 )
 
 __all__ = [
+    "ArgumentTypeError",
     "AttentionChange",
     "AttentionLayout",
     "AttentionLayoutRule",

@@ -30,6 +30,10 @@ class ConfigError(WeightTrackerError, ValueError):
     """An option or argument has a value that is not allowed."""
 
 
+class ArgumentTypeError(ConfigError, TypeError):
+    """An argument has the wrong type (a unit id list given as one int, say)."""
+
+
 class UnitIndexError(WeightTrackerError, IndexError):
     """A group id or unit id is out of range."""
 

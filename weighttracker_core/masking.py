@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import PruningError
+from .errors import ArgumentTypeError, PruningError
 from .plans import effective_parameter
 from .structure import Structure
 from .units import MemberSlice
@@ -84,14 +84,14 @@ def positions_are_zero(tensor: torch.Tensor, piece: MemberSlice, positions: list
 def check_units(structure: Structure, units: Mapping[int, Iterable[int]]) -> dict[int, set[int]]:
     """``{group id: local unit ids}`` with every id checked (raises before any change)."""
     if not isinstance(units, Mapping):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"units must be a mapping {{group id: [unit ids]}}, got {type(units).__name__}."
         )
     out: dict[int, set[int]] = {}
     for group_id, local in units.items():
         group = structure.group(_as_int(group_id))
         if isinstance(local, (int, str, bytes)) or not isinstance(local, Iterable):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"units[{group_id}] must be a list of unit ids, got {local!r}; write "
                 f"{{{group_id}: [{local!r}]}} for one unit."
             )

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import PruningError, WeightTrackerError
+from .errors import ArgumentTypeError, PruningError, WeightTrackerError
 from .heads import AttentionChange, HeadLayout, plan_removal, removed_rows
 from .specs import HeadPruner
 from .structure import Structure
@@ -162,7 +162,7 @@ def resolve_request(
 ) -> dict[int, set[int]]:
     """Validated ``{group id: local unit ids}``; refuses removing every unit of a group."""
     if not isinstance(units, Mapping):
-        raise TypeError(f"units must be a mapping {{group id: [unit ids]}}, got {type(units).__name__}.")
+        raise ArgumentTypeError(f"units must be a mapping {{group id: [unit ids]}}, got {type(units).__name__}.")
     request: dict[int, set[int]] = {}
     for group_id, local in units.items():
         group = structure.group(group_id)

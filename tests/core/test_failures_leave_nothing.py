@@ -218,3 +218,39 @@ def test_a_plugin_tracker_that_returns_no_dict_is_named(model):
         handle.track()
     with pytest.raises(PluginError, match="returns_none"):
         tracker.track()
+
+
+# ------------------------------------------------------- every entry point, one bad call
+
+
+def _bad_calls(model, tracker):
+    """One failing call with user input for every public entry point."""
+    from weighttracker_core import apply_pruning_record
+
+    return {
+        "WeightTracker": lambda: WeightTracker(model, torch.zeros(2, 7)),
+        "create_tracker": lambda: tracker.create_tracker("no_such_tracker"),
+        "create_tracker options": lambda: tracker.create_tracker("structured_bops", no_such_option=1),
+        "create_regularizer": lambda: tracker.create_regularizer("group_lasso", include=[nn.Linear(1, 1)]),
+        "create_pruner": lambda: tracker.create_pruner("ranked", pruning_ratio=1.5),
+        "fake_prune_unit": lambda: tracker.fake_prune_unit(0, 10**6),
+        "fake_prune_units": lambda: tracker.fake_prune_units({0: 3}),
+        "prune_unit": lambda: tracker.prune_unit("0", 0),
+        "prune_units": lambda: tracker.prune_units({0: list(range(tracker.groups[0].n_units))}),
+        "prune_zero_units": lambda: tracker.prune_zero_units(ignore=[3]),
+        "zero_units": lambda: tracker.zero_units(ignore=nn.BatchNorm2d),
+        "view_bitwidths": lambda: tracker.view_bitwidths(include=["conv1"]),
+        "apply_pruning_record": lambda: apply_pruning_record(model, conv_input(), {"format": "nope"}),
+    }
+
+
+@pytest.mark.parametrize("entry", list(_bad_calls(None, None)))
+def test_every_entry_point_fails_without_leaving_anything(model, entry):
+    from weighttracker_core import WeightTrackerError
+
+    tracker = WeightTracker(model, conv_input())
+    everything = Everything(model)
+    with pytest.raises(WeightTrackerError):  # every user error is one of ours
+        _bad_calls(model, tracker)[entry]()
+    everything.assert_same()
+    assert tracker.structure.version == 0 and tracker.structure.current
