@@ -4,10 +4,12 @@ Autograd through ``square -> staged sums -> gather -> segment sum`` would keep a
 full-size temporaries per parameter. :class:`PositionReduction` instead saves only the
 parameters and, in backward, spreads each key's position gradients over the parameter's
 finest view, adds the small pieces first, and multiplies by the element-wise derivative
-once (``2w`` for squares, ``sign(w)`` for |w|): about one write per parameter.
+once (``2w`` for squares, ``sign(w)`` for |w|): about one write per parameter. Parameters
+the plan batches (same shape and keys) get their gradients from one ``[n, *shape]``
+computation; each gradient is a view of that batch's buffer.
 
-The plan object is duck-typed (``_positions``, ``_keys_by_param``, ``keys``, ``_recipe``)
-so this module sits below :mod:`.plans` in the import layers.
+The plan object is duck-typed (``_positions``, ``_main``, ``_uniform``, ``_recipe``,
+``resolver``) so this module sits below :mod:`.plans` in the import layers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .plan_layout import merge_ranges
 
 ANALYTIC_GRADS = ("sum_sq", "l1", "sum")
 
@@ -25,8 +28,8 @@ ANALYTIC_GRADS = ("sum_sq", "l1", "sum")
 class PositionReduction(torch.autograd.Function):
     """Per-position sums with a hand-written backward (the regularizer hot path).
 
-    Forward reuses the fused no-grad reductions. Backward needs, per parameter, the sum of
-    every key's position gradients broadcast over the dims that key reduced, times the
+    Forward reuses the no-grad reductions. Backward needs, per parameter, the sum of every
+    key's position gradients broadcast over the dims that key reduced, times the
     element-wise derivative (``2w`` for squares, ``sign(w)`` for |w|). The broadcast sums
     are added in the parameter's finest view while they are still small (a conv's rows and
     columns meet in ``[out, in, 1, 1]``), so each parameter is written about once.
@@ -36,99 +39,124 @@ class PositionReduction(torch.autograd.Function):
     def forward(ctx: Any, plan: Any, op: str, *tensors: torch.Tensor) -> torch.Tensor:
         ctx.plan, ctx.op = plan, op
         ctx.save_for_backward(*tensors)
-        return plan._positions(op, tensors, fused=True)
+        return plan._positions(op, tensors)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        plan = ctx.plan
+        plan, op = ctx.plan, ctx.op
         tensors = ctx.saved_tensors
-        if ctx.op == "sum_sq":
+        needs = ctx.needs_input_grad[2:]
+        if op == "sum_sq":
             grad = grad * 2  # d(w^2)/dw = 2w: scale the short vector, not the parameters
+        grad = grad.contiguous()
         grads: list[torch.Tensor | None] = [None] * len(tensors)
-        for pi, key_ids in plan._keys_by_param.items():
-            if not ctx.needs_input_grad[2 + pi]:
+        main = plan._main
+        uniform = plan._uniform(main, tensors)
+        for pack in main.packs:
+            if not any(needs[m] for b in pack.batches for m in b.members):
                 continue
-            tensor = tensors[pi]
-            keys = [plan.keys[k] for k in key_ids]
-            recipe = plan._recipe(pi)
-            if recipe is not None:
-                fine, groups = recipe
-                terms = []
-                for group in groups:
-                    term = None
-                    for start, stop, sizes, order, target in group:
-                        part = grad[start:stop]
-                        if order is not None:
-                            part = part.reshape(sizes).permute(*order)
-                        part = part.reshape(target)
-                        term = part if term is None else term + part
-                    terms.append(term)
-                if ctx.op == "sum":
-                    total = terms[0].expand(fine).contiguous()
-                    for term in terms[1:]:
-                        total.add_(term)
-                    grads[pi] = total.view(tensor.shape)
-                    continue
-                factor = (tensor if ctx.op == "sum_sq" else tensor.sign()).reshape(fine)
-                if len(terms) == 1:
-                    out = torch.mul(factor, terms[0])
-                else:  # the broadcast sum written once into the result, then scaled in place
-                    out = torch.add(terms[0].expand(fine), terms[1])
-                    for term in terms[2:]:
-                        out.add_(term)
-                    out.mul_(factor)
-                grads[pi] = out.view(tensor.shape)
+            if pack.flat and uniform and tensors[pack.batches[0].members[0]].dtype.is_floating_point:
+                flat = None
+                if op != "sum":
+                    first = tensors[pack.batches[0].members[0]]
+                    flat = plan.resolver.scratch(first.dtype, first.device, pack.numel)
+                    torch.cat([tensors[m].reshape(-1) for b in pack.batches for m in b.members], out=flat)
+                for batch in pack.batches:
+                    if not any(needs[m] for m in batch.members):
+                        continue
+                    weights = None
+                    if flat is not None:
+                        weights = flat[batch.start : batch.start + batch.n * batch.numel].view(batch.n, *batch.shape)
+                    out = batch_grad(plan._recipe(batch), batch, grad, weights, op, 0, batch.n)
+                    dtype = tensors[batch.members[0]].dtype
+                    if out.dtype != dtype:
+                        out = out.to(dtype)
+                    for i, m in enumerate(batch.members):
+                        if needs[m]:
+                            grads[m] = out[i]
                 continue
-            # views that do not refine one another: accumulate in one full buffer
-            parts = [grad[key.offset : key.offset + key.length] for key in keys]
-            total = keys[0].broadcast(parts[0]).contiguous().view(tensor.shape)
-            for key, part in zip(keys[1:], parts[1:]):
-                total.view(key.shape).add_(key.broadcast(part))
-            if ctx.op == "sum_sq":
-                total.mul_(tensor)
-            elif ctx.op == "l1":
-                total.mul_(tensor.sign())
-            grads[pi] = total
+            for batch in pack.batches:
+                for i, m in enumerate(batch.members):
+                    if needs[m]:
+                        weights = tensors[m].reshape(1, *batch.shape)
+                        out = batch_grad(plan._recipe(batch), batch, grad, weights, op, i, 1)
+                        grads[m] = out[0].to(tensors[m].dtype)
         return (None, None, *grads)
 
 
-def _merge_ranges(fine: Sequence[int], coarse: Sequence[int]) -> list[range] | None:
-    """For each dim of ``coarse``, the run of ``fine`` dims it merges (``None`` if it does not).
+def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tensor | None, op: str,
+               first: int, n: int) -> torch.Tensor:
+    """Gradients of members ``first .. first + n - 1`` of ``batch``: ``[n, *shape]``.
 
-    ``fine = (3, 4, 8, 32)`` and ``coarse = (96, 32)`` give ``[range(0, 3), range(3, 4)]``.
+    ``weights`` (``[n, *shape]``) are the parameters' values (unused for ``sum``).
     """
-    out, i = [], 0
-    for size in coarse:
-        start, product = i, 1
-        while i < len(fine) and product < size:
-            product *= fine[i]
-            i += 1
-        if product != size:
-            return None
-        out.append(range(start, i))
-    if i != len(fine):
-        if any(fine[j] != 1 for j in range(i, len(fine))) or not out:
-            return None
-        out[-1] = range(out[-1].start, len(fine))
-    return out
+    if recipe is not None:
+        fine, groups = recipe
+        full = (n, *fine)
+        terms = []
+        for group in groups:
+            term = None
+            for base, length, sizes, order, target in group:
+                part = grad[base + first * length : base + (first + n) * length]
+                if order is not None:
+                    part = part.reshape(n, *sizes).permute(0, *[1 + o for o in order])
+                part = part.reshape(n, *target)
+                term = part if term is None else term + part
+            terms.append(term)
+        if op == "sum":
+            total = terms[0].expand(full).contiguous()
+            for term in terms[1:]:
+                total.add_(term)
+            return total.view(n, *batch.shape)
+        assert weights is not None
+        factor = (weights if op == "sum_sq" else weights.sign()).reshape(full)
+        if len(terms) == 1:
+            out = torch.mul(factor, terms[0])
+        else:  # the broadcast sum written once into the result, then scaled in place
+            out = torch.add(terms[0].expand(full), terms[1])
+            for term in terms[2:]:
+                out.add_(term)
+            out.mul_(factor)
+        return out.view(n, *batch.shape)
+    # views that do not refine one another: accumulate in one full buffer
+    total = None
+    for key, base in batch.keys:
+        part = grad[base + first * key.length : base + (first + n) * key.length].reshape(n, key.length)
+        kept = sorted(key.dims)
+        if list(key.dims) != kept:
+            part = part.reshape(n, *[key.shape[d] for d in key.dims]).permute(
+                0, *[1 + key.dims.index(d) for d in kept])
+        spread = part.reshape(n, *[key.shape[d] if d in kept else 1 for d in range(len(key.shape))])
+        spread = spread.expand(n, *key.shape)
+        if total is None:
+            total = spread.contiguous().view(n, *batch.shape)
+        else:
+            total.view(n, *key.shape).add_(spread)
+    assert total is not None
+    if op == "sum_sq":
+        total.mul_(weights)
+    elif op == "l1":
+        total.mul_(weights.sign())  # type: ignore[union-attr]
+    return total
 
 
-def backward_recipe(keys: Sequence[Any]) -> Any:
-    """How to spread one parameter's position gradients over its finest view.
+def backward_recipe(keys: Sequence[tuple[Any, int]]) -> Any:
+    """How to spread one batch's position gradients over its finest view.
 
-    Returns ``(fine shape, term groups)`` — each group a list of ``(start, stop, sizes,
-    order, target)`` reshapes of a slice of the position-gradient vector whose broadcast
-    sum is one term — or ``None`` when the keys' views do not refine one another. Terms
-    whose sum stays small (at most a quarter of the parameter: a conv's rows and columns
-    meet in ``[out, in, 1, 1]``, a head and a head dimension in ``[1, heads, dim, 1]``) are
-    grouped, so the caller adds them before touching the full tensor; the remaining terms
-    are added straight into the gradient buffer.
+    ``keys`` are ``(key, base)`` pairs (member ``i``'s positions start at ``base + i *
+    key.length``). Returns ``(fine shape, term groups)`` — each group a list of ``(base,
+    length, sizes, order, target)`` reshapes of the position-gradient vector whose
+    broadcast sum is one term — or ``None`` when the keys' views do not refine one another.
+    Terms whose sum stays small (at most a quarter of the parameter: a conv's rows and
+    columns meet in ``[out, in, 1, 1]``, a head and a head dimension in ``[1, heads, dim,
+    1]``) are grouped, so the caller adds them before touching the full tensor; the
+    remaining terms are added straight into the gradient buffer.
     """
-    fine = max((tuple(key.shape) for key in keys), key=len)
+    fine = max((tuple(key.shape) for key, _ in keys), key=len)
     numel = math.prod(fine)
     groups: list[tuple[list[int], list[Any]]] = []  # (union shape, pieces)
-    for key in keys:
-        ranges = _merge_ranges(fine, key.shape)
+    for key, base in keys:
+        ranges = merge_ranges(fine, key.shape)
         if ranges is None:
             return None
         kept = sorted(key.dims)
@@ -139,8 +167,7 @@ def backward_recipe(keys: Sequence[Any]) -> Any:
         for d in kept:
             for j in ranges[d]:
                 target[j] = fine[j]
-        piece = (key.offset, key.offset + key.length, tuple(key.shape[d] for d in key.dims),
-                 order, tuple(target))
+        piece = (base, key.length, tuple(key.shape[d] for d in key.dims), order, tuple(target))
         for union, pieces in groups:
             merged = [max(a, b) for a, b in zip(union, target)]
             if 4 * math.prod(merged) <= numel:

@@ -42,9 +42,9 @@ from torch import nn
 
 from weighttracker_core import TrackerSpec, hookimpl
 
+from ..calculations.structure import BLOCK, input_axis
 from ._layers import counted_layers, layer_label
 
-BLOCK = 4
 
 
 @attrs.frozen(kw_only=True)
@@ -52,13 +52,6 @@ class Nvidia24Options:
     """``log_layerwise_stats``: add ``layers[name]`` with each layer's own figures."""
 
     log_layerwise_stats: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-
-
-def input_axis(module: nn.Module) -> int:
-    """The dim of a weight that a GEMM reduces over (1, or 0 for transposed convs)."""
-    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
-        return 0
-    return 1
 
 
 @attrs.frozen
@@ -143,16 +136,28 @@ class Nvidia24Sparsity:
             per_param = torch.tensor([[p.blocks, p.tail] for p in self.params], dtype=torch.float64)
             blocks.index_add_(0, param_layer, per_param[:, 0])
             tails.index_add_(0, param_layer, per_param[:, 1])
-        self._static = (param_layer, blocks, tails)
+        # histograms come from the shared one-pass weight_scan; a weight it does not cover
+        # (an embedding named in include=) is histogrammed here
+        scanner = ctx.graph.evaluation()["weight_scanner"]  # static: cached per structure
+        scanned = {name: i for i, (name, _) in enumerate(scanner.blocks)}
+        self._rows = [scanned.get(p.name) for p in self.params]
+        self._missing = [i for i, row in enumerate(self._rows) if row is None]
+        rows = torch.tensor([-1 if r is None else r for r in self._rows], dtype=torch.long)
+        self._static = (param_layer, blocks, tails, rows.clamp(min=0))
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _counts(self, values: Any, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Strict and eligible block counts per parameter (float64)."""
-        with torch.no_grad():
-            histograms = torch.stack([
-                block_histogram(self.structure.resolver(p.name), axis)
-                for p, axis in zip(self.params, self.axes)
-            ]).to(torch.float64)
+        histograms = values["weight_scan"].block_zeros.index_select(0, rows)
+        if self._missing:
+            with torch.no_grad():
+                extra = torch.stack([
+                    block_histogram(self.structure.resolver(self.params[i].name), self.axes[i])
+                    for i in self._missing
+                ]).to(histograms)
+            histograms = histograms.index_copy(
+                0, torch.tensor(self._missing, device=histograms.device), extra)
+        histograms = histograms.to(torch.float64)
         return histograms[:, 2], histograms[:, 2:].sum(dim=1)
 
     def track(self, values: Any) -> dict[str, Any]:
@@ -165,11 +170,11 @@ class Nvidia24Sparsity:
                 "num_eligible_blocks": 0, "num_layers": 0, "num_strict_layers": 0,
                 "num_eligible_layers": 0, "num_layers_with_tail": 0,
             }
-        strict, eligible = self._counts()
-        device = strict.device
+        device = values["weight_scan"].block_zeros.device
         if device not in self._on:
             self._on[device] = tuple(t.to(device) for t in self._static)
-        index, blocks, tails = self._on[device]
+        index, blocks, tails, rows = self._on[device]
+        strict, eligible = self._counts(values, rows)
         empty = torch.zeros(num_layers, dtype=torch.float64, device=device)
         layer_strict = empty.index_add(0, index, strict)
         layer_eligible = empty.index_add(0, index, eligible)
@@ -220,6 +225,7 @@ def wt_register_trackers() -> tuple[TrackerSpec, ...]:
             name="nvidia_2_4_sparsity",
             build=Nvidia24Sparsity,
             options=Nvidia24Options,
+            requires=("weight_scanner", "weight_scan"),
             summary="Share of 4-weight blocks along the input axis that fit NVIDIA 2:4 sparsity.",
         ),
     )

@@ -1,0 +1,245 @@
+"""Trackers and group lasso as a share of one training step, on six models.
+
+For each model (random weights, CPU, one torch thread) this script times, in one process:
+
+* the **training step**: batch 8, forward, cross-entropy, backward, SGD step;
+* **first ``track()``**: the five metric trackers, each created by its own
+  ``create_tracker`` call (``structured_bops`` with ``log_total_bops=True``,
+  ``unstructured_sparsity``, ``unstructured_bops``, ``nvidia_2_4_sparsity``,
+  ``group_pruning_summary``), then the first ``tracker.track()`` (fvcore's baseline MACs
+  are counted there, once per structure);
+* steady-state **``tracker.track()``** of those five trackers;
+* **``group_lasso``** and **``bops_group_lasso``** forward + backward
+  (``zero_grad(set_to_none=True)``, ``penalty.backward()``);
+* the **one-pass floor**: ``torch._foreach_norm`` over every parameter (one fused read of
+  all weights, one value per tensor).
+
+After a warm-up, the measurements are interleaved round by round (step, track, lasso,
+bops lasso, floor, then again), so drifting load on a shared machine hits them alike;
+medians over the rounds, and every ratio is of medians from the same run.
+
+Models: the CIFAR ResNet-20 below (32x32 input, 10 classes), torchvision ResNet-18,
+ResNet-50 and MobileNetV2 (224x224), timm ``vit_tiny_patch16_224`` and
+``vit_base_patch16_224`` (``pretrained=False``) with ``prune_num_heads=True`` (heads and
+head dimensions as units).
+
+Run: ``python bench/bench_step_share.py [--rounds 7] [--models resnet20 vit_b16 ...]``;
+``--no-write`` prints without touching docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from _common import machine, write_section
+from weighttracker_core import WeightTracker
+
+TRACKERS = (
+    ("structured_bops", {"log_total_bops": True}),
+    ("unstructured_sparsity", {}),
+    ("unstructured_bops", {}),
+    ("nvidia_2_4_sparsity", {}),
+    ("group_pruning_summary", {}),
+)
+MODELS = ("resnet20", "resnet18", "resnet50", "vit_ti16", "vit_b16", "mobilenet_v2")
+LABELS = {
+    "resnet20": "CIFAR ResNet-20 (32x32)",
+    "resnet18": "ResNet-18 (224)",
+    "resnet50": "ResNet-50 (224)",
+    "vit_ti16": "ViT-Ti/16 (224, heads)",
+    "vit_b16": "ViT-B/16 (224, heads)",
+    "mobilenet_v2": "MobileNetV2 (224)",
+}
+FLOOR_MODELS = ("resnet50", "vit_b16")  # where the issue asks for "within 4x of the floor"
+
+
+# ------------------------------------------------------------------------------- models
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual; a strided 1x1 conv-BN projects the shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + self.shortcut(x))
+
+
+class CifarResNet20(nn.Module):
+    """ResNet-20 for CIFAR (He et al. 2016): 3 stages x 3 basic blocks, 16/32/64 channels."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks: list[nn.Module] = []
+        cin = 16
+        for stage, width in enumerate((16, 32, 64)):
+            for i in range(3):
+                blocks.append(BasicBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
+                cin = width
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def build(name: str) -> tuple[nn.Module, tuple[int, ...], int, dict]:
+    """``(model, input shape without batch, classes, WeightTracker kwargs)``."""
+    if name == "resnet20":
+        return CifarResNet20(), (3, 32, 32), 10, {}
+    if name in ("resnet18", "resnet50", "mobilenet_v2"):
+        import torchvision
+
+        return getattr(torchvision.models, name)(), (3, 224, 224), 1000, {}
+    if name in ("vit_ti16", "vit_b16"):
+        import timm
+
+        arch = {"vit_ti16": "vit_tiny_patch16_224", "vit_b16": "vit_base_patch16_224"}[name]
+        return timm.create_model(arch, pretrained=False), (3, 224, 224), 1000, {"prune_num_heads": True}
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(name: str, rounds: int, batch: int, warmup: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model, shape, classes, kwargs = build(name)
+    example = torch.randn(1, *shape)
+    t0 = time.perf_counter()
+    tracker = WeightTracker(model, example, **kwargs)
+    t_build = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for kind, options in TRACKERS:
+        tracker.create_tracker(kind, **options)
+    t_create = time.perf_counter() - t0
+    t_first = _time(tracker.track)
+    lasso = tracker.create_regularizer("group_lasso")
+    bops_lasso = tracker.create_regularizer("bops_group_lasso")
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    inputs = torch.randn(batch, *shape)
+    targets = torch.randint(0, classes, (batch,))
+    params = [p for p in model.parameters()]
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+
+    def penalty(reg: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            reg().backward()
+
+        return run
+
+    def floor() -> None:
+        with torch.no_grad():
+            torch._foreach_norm(params)
+
+    jobs = {"step": step, "track": tracker.track, "lasso": penalty(lasso),
+            "bops_lasso": penalty(bops_lasso), "floor": floor}
+    for _ in range(warmup):
+        for fn in jobs.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    for _ in range(rounds):
+        for key, fn in jobs.items():
+            # cheap jobs run a few times per round, so their median is not one noisy sample
+            repeat = 1 if key == "step" else 3
+            times[key].extend(_time(fn) for _ in range(repeat))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out.update(build=t_build, create=t_create, first=t_first,
+               params=sum(p.numel() for p in params), units=tracker.num_units,
+               groups=len(tracker.groups))
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(rows: list[tuple[str, dict[str, float]]], rounds: int, batch: int) -> str:
+    lines = [
+        "## Trackers and group lasso vs one training step (issue 13)",
+        "",
+        f"Machine: {machine()}. Training step: batch {batch}, forward + cross-entropy + backward "
+        f"+ SGD. Median over {rounds} interleaved rounds; ratios of medians from the same run.",
+        "Reproduce: `python bench/bench_step_share.py`.",
+        "",
+        "| model | training step | `track()` (5 trackers) | share | `group_lasso` fwd+bwd | share "
+        "| `bops_group_lasso` fwd+bwd | share | floor (`_foreach_norm`) | track / floor | lasso / floor "
+        "| create + first `track()` | first / step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in rows:
+        step = t["step"]
+        lines.append(
+            f"| {LABELS[name]} | {step * 1e3:.0f} ms | {t['track'] * 1e3:.1f} ms | **{t['track'] / step:.1%}** "
+            f"| {t['lasso'] * 1e3:.1f} ms | **{t['lasso'] / step:.1%}** | {t['bops_lasso'] * 1e3:.1f} ms "
+            f"| **{t['bops_lasso'] / step:.1%}** | {t['floor'] * 1e3:.2f} ms | {t['track'] / t['floor']:.1f}x "
+            f"| {t['lasso'] / t['floor']:.1f}x | {(t['create'] + t['first']) * 1e3:.0f} ms "
+            f"| {t['first'] / step:.2f} |"
+        )
+    lines += [
+        "",
+        "Targets: `track()` at most 2 % and group lasso fwd+bwd at most 3 % of the training "
+        "step on every model; on ResNet-50 and ViT-B/16 each within 4x of the floor; the "
+        "first `track()` (fvcore baseline MACs) under one training step.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.models:
+        t = measure(name, args.rounds, args.batch, args.warmup)
+        print(f"{name}: step {t['step'] * 1e3:.0f} ms, track {t['track'] * 1e3:.1f} ms "
+              f"({t['track'] / t['step']:.2%}), lasso {t['lasso'] * 1e3:.1f} ms "
+              f"({t['lasso'] / t['step']:.2%}), bops lasso {t['bops_lasso'] * 1e3:.1f} ms, "
+              f"floor {t['floor'] * 1e3:.2f} ms, first track {t['first'] * 1e3:.0f} ms",
+              flush=True)
+        rows.append((name, t))
+    text = report(rows, args.rounds, args.batch)
+    print(text)
+    if not args.no_write:
+        write_section("trackers", text)
+
+
+if __name__ == "__main__":
+    main()
