@@ -94,7 +94,7 @@ def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tenso
         fine, groups = recipe
         full = (n, *fine)
         terms = []
-        for group in groups:
+        for group, shape in groups:
             term = None
             for base, length, sizes, order, target in group:
                 part = grad[base + first * length : base + (first + n) * length]
@@ -102,6 +102,8 @@ def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tenso
                     part = part.reshape(n, *sizes).permute(0, *[1 + o for o in order])
                 part = part.reshape(n, *target)
                 term = part if term is None else term + part
+            if tuple(term.shape[1:]) != shape:  # type: ignore[union-attr]
+                term = term.expand(n, *shape).contiguous()  # type: ignore[union-attr]
             terms.append(term)
         if op == "sum":
             total = terms[0].expand(full).contiguous()
@@ -140,17 +142,35 @@ def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tenso
     return total
 
 
+#: A broadcast whose innermost run of repeated values is shorter than this is slow (the
+#: multiply cannot vectorise over, say, a 3x3 kernel); such terms are widened first.
+SHORT_RUN = 128
+
+
+def _widened(target: Sequence[int], fine: Sequence[int]) -> tuple[int, ...]:
+    """``target`` with its trailing 1s filled in when they repeat a value only a few times."""
+    run, j = 1, len(fine)
+    while j > 0 and target[j - 1] == 1:
+        j -= 1
+        run *= fine[j]
+    if j == len(fine) or run >= SHORT_RUN:
+        return tuple(target)
+    return tuple(target[:j]) + tuple(fine[j:])
+
+
 def backward_recipe(keys: Sequence[tuple[Any, int]]) -> Any:
     """How to spread one batch's position gradients over its finest view.
 
     ``keys`` are ``(key, base)`` pairs (member ``i``'s positions start at ``base + i *
-    key.length``). Returns ``(fine shape, term groups)`` — each group a list of ``(base,
-    length, sizes, order, target)`` reshapes of the position-gradient vector whose
-    broadcast sum is one term — or ``None`` when the keys' views do not refine one another.
-    Terms whose sum stays small (at most a quarter of the parameter: a conv's rows and
-    columns meet in ``[out, in, 1, 1]``, a head and a head dimension in ``[1, heads, dim,
-    1]``) are grouped, so the caller adds them before touching the full tensor; the
-    remaining terms are added straight into the gradient buffer.
+    key.length``). Returns ``(fine shape, term groups)`` — each group ``(pieces, shape)``:
+    ``(base, length, sizes, order, target)`` reshapes of the position-gradient vector whose
+    broadcast sum is one term, expanded to ``shape`` — or ``None`` when the keys' views do
+    not refine one another. Terms whose sum stays small (at most a quarter of the
+    parameter: a head and a head dimension meet in ``[1, heads, dim, 1]``) are grouped, so
+    the caller adds them before touching the full tensor; the remaining terms are added
+    straight into the gradient buffer. A term that would be repeated only a few times along
+    the innermost dims (a conv's input channel over its 3x3 kernel) is first expanded over
+    them, so that every full-size operation broadcasts along outer dims only.
     """
     fine = max((tuple(key.shape) for key, _ in keys), key=len)
     numel = math.prod(fine)
@@ -170,10 +190,10 @@ def backward_recipe(keys: Sequence[tuple[Any, int]]) -> Any:
         piece = (base, key.length, tuple(key.shape[d] for d in key.dims), order, tuple(target))
         for union, pieces in groups:
             merged = [max(a, b) for a, b in zip(union, target)]
-            if 4 * math.prod(merged) <= numel:
+            if 4 * math.prod(_widened(merged, fine)) <= numel:
                 union[:] = merged
                 pieces.append(piece)
                 break
         else:
             groups.append((list(target), [piece]))
-    return fine, [pieces for _, pieces in groups]
+    return fine, [(pieces, _widened(union, fine)) for union, pieces in groups]

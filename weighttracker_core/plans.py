@@ -396,10 +396,10 @@ class ReductionPlan:
                     values, "max" if op == "max_abs" else "sum", lengths=lengths,
                     unsafe=True, initial=0.0,
                 )
+            if op in _CHECKED_OPS:  # before the square root, which maps NaN to 0
+                self.check_finite(out.detach(), tensors, given=given)
             if op == "l2":
                 out = safe_sqrt(out)
-        if op in _CHECKED_OPS:
-            self.check_finite(out, tensors, given=given)
         return out.to(dtype)
 
     def scanner(self, count: Sequence[str] = (), blocks: Sequence[tuple[str, int]] = (), block: int = 4) -> Scanner:
