@@ -9,14 +9,17 @@ For each model (random weights, CPU, one torch thread) this script times, in one
   ``group_pruning_summary``), then the first ``tracker.track()`` (fvcore's baseline MACs
   are counted there, once per structure);
 * steady-state **``tracker.track()``** of those five trackers;
-* **``group_lasso``** and **``bops_group_lasso``** forward + backward
-  (``zero_grad(set_to_none=True)``, ``penalty.backward()``);
+* **``group_lasso``** and **``bops_group_lasso``** forward + backward (every ``.grad``
+  set to ``None``, then ``penalty.backward()``: the gradients are fresh tensors, as after
+  ``zero_grad(set_to_none=True)``);
 * the **one-pass floor**: ``torch._foreach_norm`` over every parameter (one fused read of
   all weights, one value per tensor).
 
 After a warm-up, the measurements are interleaved round by round (step, track, lasso,
-bops lasso, floor, then again), so drifting load on a shared machine hits them alike;
-medians over the rounds, and every ratio is of medians from the same run.
+bops lasso, floor, then again), so drifting load on a shared machine hits them alike. In
+each round every cheap job runs 5 times in a row and the first call (cold after the
+training step) is dropped: steady state. Medians over the rounds; every ratio is of
+medians from the same run.
 
 Models: the CIFAR ResNet-20 below (32x32 input, 10 classes), torchvision ResNet-18,
 ResNet-50 and MobileNetV2 (224x224), timm ``vit_tiny_patch16_224`` and
@@ -156,7 +159,8 @@ def measure(name: str, rounds: int, batch: int, warmup: int) -> dict[str, float]
 
     def penalty(reg: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
-            model.zero_grad(set_to_none=True)
+            for p in params:  # what zero_grad(set_to_none=True) does, without the module walk
+                p.grad = None
             reg().backward()
 
         return run
@@ -173,9 +177,12 @@ def measure(name: str, rounds: int, batch: int, warmup: int) -> dict[str, float]
     times: dict[str, list[float]] = {k: [] for k in jobs}
     for _ in range(rounds):
         for key, fn in jobs.items():
-            # cheap jobs run a few times per round, so their median is not one noisy sample
-            repeat = 1 if key == "step" else 3
-            times[key].extend(_time(fn) for _ in range(repeat))
+            if key == "step":
+                times[key].append(_time(fn))
+                continue
+            # steady state: a block of consecutive calls, the first (cold after the step) dropped
+            fn()
+            times[key].extend(_time(fn) for _ in range(4))
     out = {k: statistics.median(v) for k, v in times.items()}
     out.update(build=t_build, create=t_create, first=t_first,
                params=sum(p.numel() for p in params), units=tracker.num_units,

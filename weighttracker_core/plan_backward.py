@@ -55,7 +55,10 @@ class PositionReduction(torch.autograd.Function):
         for pack in main.packs:
             if not any(needs[m] for b in pack.batches for m in b.members):
                 continue
-            if pack.flat and uniform and tensors[pack.batches[0].members[0]].dtype.is_floating_point:
+            first_tensor = tensors[pack.batches[0].members[0]]
+            if (pack.flat and uniform and first_tensor.dtype.is_floating_point
+                    and (first_tensor.device.type == "cpu" or len({tensors[m].device for b in pack.batches
+                                                                   for m in b.members}) == 1)):
                 flat = None
                 if op != "sum":
                     first = tensors[pack.batches[0].members[0]]
@@ -84,34 +87,65 @@ class PositionReduction(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def _prepare(recipe: Any, batch: Any, first: int, n: int) -> Any:
+    """The recipe with every slice bound and every shape fixed for ``n`` members (cached)."""
+    key = (n, first)
+    prepared = batch.prepared.get(key)
+    if prepared is None:
+        if recipe is None:
+            pieces = []
+            for k, base in batch.keys:
+                kept = sorted(k.dims)
+                permute = None
+                if list(k.dims) != kept:
+                    permute = ((n, *[k.shape[d] for d in k.dims]), (0, *[1 + k.dims.index(d) for d in kept]))
+                spread = (n, *[k.shape[d] if d in kept else 1 for d in range(len(k.shape))])
+                start = base + first * k.length
+                pieces.append((start, start + n * k.length, permute, spread, (n, *k.shape)))
+            prepared = (None, pieces)
+        else:
+            fine, groups = recipe
+            terms = []
+            for group, shape in groups:
+                parts = []
+                for base, length, sizes, order, target in group:
+                    start = base + first * length
+                    permute = None if order is None else ((n, *sizes), (0, *[1 + o for o in order]))
+                    parts.append((start, start + n * length, permute, (n, *target)))
+                terms.append((parts, (n, *shape)))
+            prepared = ((n, *fine), terms)
+        batch.prepared[key] = prepared
+    return prepared
+
+
 def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tensor | None, op: str,
                first: int, n: int) -> torch.Tensor:
     """Gradients of members ``first .. first + n - 1`` of ``batch``: ``[n, *shape]``.
 
     ``weights`` (``[n, *shape]``) are the parameters' values (unused for ``sum``).
     """
-    if recipe is not None:
-        fine, groups = recipe
-        full = (n, *fine)
+    full, terms_spec = _prepare(recipe, batch, first, n)
+    out_shape = (n, *batch.shape)
+    if full is not None:
         terms = []
-        for group, shape in groups:
+        for parts, shape in terms_spec:
             term = None
-            for base, length, sizes, order, target in group:
-                part = grad[base + first * length : base + (first + n) * length]
-                if order is not None:
-                    part = part.reshape(n, *sizes).permute(0, *[1 + o for o in order])
-                part = part.reshape(n, *target)
+            for start, stop, permute, target in parts:
+                part = grad[start:stop]
+                if permute is not None:
+                    part = part.view(permute[0]).permute(permute[1])
+                part = part.reshape(target)
                 term = part if term is None else term + part
-            if tuple(term.shape[1:]) != shape:  # type: ignore[union-attr]
-                term = term.expand(n, *shape).contiguous()  # type: ignore[union-attr]
+            if term.shape != shape:  # type: ignore[union-attr]
+                term = term.expand(shape).contiguous()  # type: ignore[union-attr]
             terms.append(term)
         if op == "sum":
             total = terms[0].expand(full).contiguous()
             for term in terms[1:]:
                 total.add_(term)
-            return total.view(n, *batch.shape)
+            return total.view(out_shape)
         assert weights is not None
-        factor = (weights if op == "sum_sq" else weights.sign()).reshape(full)
+        factor = (weights if op == "sum_sq" else weights.sign()).view(full)
         if len(terms) == 1:
             out = torch.mul(factor, terms[0])
         else:  # the broadcast sum written once into the result, then scaled in place
@@ -119,21 +153,18 @@ def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tenso
             for term in terms[2:]:
                 out.add_(term)
             out.mul_(factor)
-        return out.view(n, *batch.shape)
+        return out.view(out_shape)
     # views that do not refine one another: accumulate in one full buffer
     total = None
-    for key, base in batch.keys:
-        part = grad[base + first * key.length : base + (first + n) * key.length].reshape(n, key.length)
-        kept = sorted(key.dims)
-        if list(key.dims) != kept:
-            part = part.reshape(n, *[key.shape[d] for d in key.dims]).permute(
-                0, *[1 + key.dims.index(d) for d in kept])
-        spread = part.reshape(n, *[key.shape[d] if d in kept else 1 for d in range(len(key.shape))])
-        spread = spread.expand(n, *key.shape)
+    for (key, _), (start, stop, permute, spread, expanded) in zip(batch.keys, terms_spec):
+        part = grad[start:stop]
+        if permute is not None:
+            part = part.view(permute[0]).permute(permute[1])
+        part = part.reshape(spread).expand(expanded)
         if total is None:
-            total = spread.contiguous().view(n, *batch.shape)
+            total = part.contiguous().view(out_shape)
         else:
-            total.view(n, *key.shape).add_(spread)
+            total.view(expanded).add_(part)
     assert total is not None
     if op == "sum_sq":
         total.mul_(weights)

@@ -34,7 +34,7 @@ def index_dtype(upper: int) -> torch.dtype:
 class Key:
     """One distinct (parameter, dims, view) reduction."""
 
-    __slots__ = ("name", "dims", "view", "shape", "length", "per_position", "offset", "keep")
+    __slots__ = ("name", "dims", "view", "shape", "length", "per_position", "offset", "keep", "_steps")
 
     def __init__(self, name: str, piece: MemberSlice, shape: tuple[int, ...]) -> None:
         self.name = name
@@ -48,6 +48,7 @@ class Key:
             raise PlanError(f"Slice of {name!r} uses dims {piece.dims} on shape {self.shape}.")
         self.dims = tuple(d % ndim for d in piece.dims)
         self.keep = tuple(sorted(self.dims))
+        self._steps: dict[int, tuple[Any, Any]] = {}
 
     @property
     def sig(self) -> tuple[Any, ...]:
@@ -72,26 +73,50 @@ class Key:
             return None
         return [self.keep.index(d) for d in self.dims]
 
-    def positions(self, values: torch.Tensor, how: str, copy: bool, staged: bool = True) -> torch.Tensor:
-        """Per-position reduction of ``values`` (``[n, *shape]``), flat ``[n * length]``.
+    def steps(self, n: int) -> tuple[tuple[tuple[tuple[int, ...], Any], ...], Any]:
+        """The reshapes and reductions :meth:`positions` runs for ``n`` members (cached).
 
-        ``copy``: ``values`` is scratch, so a key that reduces nothing must not return a
-        view of it. ``staged=False`` reduces in one kernel (fewer launches for small
-        tensors; the staged reduction streams large ones better).
+        Stages on views: the dims before the first kept dim as columns, the dims after the
+        last one as rows, then the (by then small) remainder; finally a permutation when the
+        dims are not listed in order.
         """
-        if staged or self.reduces_nothing:
-            out = reduce_keep(values, self.shape, self.keep, how)
-        else:
-            dims = [d + 1 for d in range(len(self.shape)) if d not in self.keep]
-            out = _reduce(values.view(values.shape[0], *self.shape), dims, how).reshape(values.shape[0], -1)
-        order = self.order_back()
-        if order is not None:
-            n = out.shape[0]
-            out = out.reshape(n, *self.sorted_sizes()).permute(0, *[1 + o for o in order])
-            return out.reshape(-1)
-        if copy and self.reduces_nothing:
-            return out.reshape(-1).clone()
-        return out.reshape(-1)
+        cached = self._steps.get(n)
+        if cached is None:
+            shape, keep = self.shape, self.keep
+            first, last = keep[0], keep[-1]
+            stages: list[tuple[tuple[int, ...], Any]] = []
+            if first > 0:
+                stages.append(((n, math.prod(shape[:first]), math.prod(shape[first:])), 1))
+            if last < len(shape) - 1:
+                stages.append(((n * math.prod(shape[first : last + 1]), math.prod(shape[last + 1 :])), 1))
+            middle = [d - first + 1 for d in range(first, last + 1) if d not in keep]
+            if middle:
+                stages.append(((n, *shape[first : last + 1]), tuple(middle)))
+            order = self.order_back()
+            final = None if order is None else ((n, *self.sorted_sizes()), (0, *[1 + o for o in order]))
+            cached = (tuple(stages), final)
+            self._steps[n] = cached
+        return cached
+
+    def positions(self, values: torch.Tensor, how: str, copy: bool, n: int | None = None) -> torch.Tensor:
+        """Per-position reduction of ``values`` (``n`` members of ``shape``), flat ``[n * length]``.
+
+        ``values`` is ``[n, *shape]`` or any view with those elements in that order.
+        ``copy``: ``values`` is scratch, so a key that reduces nothing must not return a
+        view of it.
+        """
+        if n is None:
+            n = values.shape[0]
+        stages, final = self.steps(n)
+        reduce = _REDUCERS[how]
+        t = values
+        for shape, dim in stages:
+            t = reduce(t.reshape(shape), dim)
+        if final is not None:
+            return t.reshape(final[0]).permute(final[1]).reshape(-1)
+        if copy and not stages:
+            return t.reshape(-1).clone()
+        return t.reshape(-1)
 
     def broadcast(self, values: torch.Tensor) -> torch.Tensor:
         """Per-position ``values`` spread over the viewed shape (an expanded view, no copy)."""
@@ -102,6 +127,13 @@ class Key:
             values = values.reshape(sizes).permute(*order)
         shape = [self.shape[d] if d in kept else 1 for d in range(len(self.shape))]
         return values.reshape(shape).expand(self.shape)
+
+
+_REDUCERS = {
+    "max": lambda t, dim: t.amax(dim),
+    "sum": lambda t, dim: t.sum(dim),
+    "isum": lambda t, dim: t.sum(dim, dtype=torch.int32),
+}
 
 
 def _reduce(t: torch.Tensor, dim: Any, how: str) -> torch.Tensor:
@@ -201,11 +233,12 @@ class Batch:
     at ``base + i * length``.
     """
 
-    __slots__ = ("members", "shape", "numel", "keys", "count", "block", "start", "chunks",
-                 "rows", "recipe")
+    __slots__ = ("members", "n", "shape", "numel", "keys", "count", "block", "start", "chunks",
+                 "rows", "recipe", "prepared")
 
     def __init__(self, members: list[int], proto: Member, keys: list[Key]) -> None:
         self.members = members
+        self.n = len(members)
         self.shape = proto.shape
         self.numel = proto.numel
         self.keys: list[tuple[Key, int]] = [(k, 0) for k in keys]
@@ -214,10 +247,7 @@ class Batch:
         self.chunks: list[Chunk] | None = None
         self.rows = bool(keys) and all(k.leading_rows for k in keys)
         self.recipe: Any = False  # computed on first backward
-
-    @property
-    def n(self) -> int:
-        return len(self.members)
+        self.prepared: dict[tuple[int, int], Any] = {}  # the recipe for (n, first member)
 
 
 class Pack:
@@ -294,6 +324,7 @@ class Layout:
                 if batch.block is not None:
                     block_layout.extend(batch.members)
         self.num_positions = offset
+        self.shapes = [torch.Size(m.shape) for m in members]
         self.count_layout = count_layout
         self.block_layout = block_layout
 

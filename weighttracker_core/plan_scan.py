@@ -31,6 +31,10 @@ from .errors import PlanError
 from .plan_layout import Batch, Layout, Member, index_dtype, reduce_keep
 
 
+def _several_devices(pack: Any, tensors: Sequence[torch.Tensor]) -> bool:
+    return len({tensors[m].device for b in pack.batches for m in b.members}) > 1
+
+
 class NonFiniteWeightError(PlanError):
     """A parameter holds NaN or inf, so whether its units are zero cannot be decided."""
 
@@ -231,7 +235,7 @@ class Scanner:
     def __call__(self) -> ScanResult:
         plan, layout, block = self.plan, self.layout, self.block
         tensors = plan.resolver.many(layout.names)
-        plan._check_shapes(layout, tensors)
+        uniform = plan._uniform(layout, tensors)
         device = tensors[0].device if tensors else torch.device("cpu")
         if device not in self._on:
             self._on[device] = (self._gather.to(device), plan._lengths.to(device),
@@ -241,15 +245,14 @@ class Scanner:
         counts: list[torch.Tensor] = []
         hists: list[torch.Tensor] = []
         totals: list[torch.Tensor] = []
-        uniform = plan._uniform(layout, tensors)
         with torch.no_grad():
             for pack in layout.packs:
                 first = tensors[pack.batches[0].members[0]]
                 if not first.is_floating_point():
                     for batch in pack.batches:
                         self._each(batch, tensors, parts, counts, hists, totals)
-                elif pack.flat and uniform:
-                    self._flat(pack, tensors, parts, counts, hists, totals)
+                elif pack.flat and uniform and self._try_flat(pack, tensors, parts, counts, hists, totals):
+                    pass
                 elif pack.flat:
                     for batch in pack.batches:
                         self._each(batch, tensors, parts, counts, hists, totals)
@@ -287,6 +290,19 @@ class Scanner:
 
     # --------------------------------------------------------------------------- packs
 
+    def _try_flat(self, pack: Any, tensors: Sequence[torch.Tensor], *out: list[torch.Tensor]) -> bool:
+        """:meth:`_flat`, or ``False`` (nothing added) when the pack spans several devices."""
+        marks = [len(o) for o in out]
+        try:
+            self._flat(pack, tensors, *out)
+        except RuntimeError:
+            if not _several_devices(pack, tensors):
+                raise
+            for o, mark in zip(out, marks):
+                del o[mark:]
+            return False
+        return True
+
     def _flat(self, pack: Any, tensors: Sequence[torch.Tensor], parts: list[torch.Tensor],
               counts: list[torch.Tensor], hists: list[torch.Tensor], totals: list[torch.Tensor]) -> None:
         """Small parameters: one flat copy, then per batch one count, its keys and its blocks.
@@ -304,10 +320,9 @@ class Scanner:
         flags.copy_(flat)
         flags = flags.view(torch.uint8)
         views = [flags[b.start : b.start + b.n * b.numel].view(b.n, -1) for b in pack.batches]
-        nonzeros = [v.sum(1, dtype=torch.long) for v in views]
         dense = [False] * len(views)
-        if device.type == "cpu":  # one sync, free on CPU
-            full = (torch.cat(nonzeros) == self._numels(pack, device)).tolist()
+        if device.type == "cpu":  # one sync, free on CPU: the smallest flag of every member
+            full = torch.cat([v.amin(1) for v in views]).tolist()
             first_member = 0
             for i, batch in enumerate(pack.batches):
                 dense[i] = all(full[first_member : first_member + batch.n])
@@ -318,14 +333,14 @@ class Scanner:
         for i, (batch, values) in enumerate(zip(pack.batches, views)):
             n = batch.n
             if batch.count:
-                counts.append(nonzeros[i])
+                counts.append(known[i][2] if dense[i] else values.sum(1, dtype=torch.int32))
             if dense[i]:
                 parts.extend(known[i][0])
                 if batch.block is not None:
                     pieces.append(known[i][1])
                 continue
             for key, _ in batch.keys:
-                parts.append(key.positions(values.view(n, *key.shape), "max", copy=True))
+                parts.append(key.positions(values, "max", copy=True, n=n))
             if batch.block is not None:
                 sums, _ = block_sums(values.view(n, *batch.shape), batch.block, self.block)
                 if device.type != "cpu" and torch.are_deterministic_algorithms_enabled():
@@ -354,22 +369,15 @@ class Scanner:
                 out.append(piece)
         hists.append(torch.cat(out) if len(out) > 1 else out[0])
 
-    def _numels(self, pack: Any, device: torch.device) -> torch.Tensor:
-        """Elements of every member of a flat pack, in pack order (cached per device)."""
-        key = ("numel", id(pack), device)
-        if key not in self._dense_cache:
-            numels = [b.numel for b in pack.batches for _ in range(b.n)]
-            self._dense_cache[key] = torch.tensor(numels, dtype=torch.long, device=device)  # type: ignore[assignment]
-        return self._dense_cache[key]  # type: ignore[return-value]
-
     @staticmethod
     def _dense(flags: torch.Tensor, device: torch.device) -> bool:
         """Whether every weight of ``flags`` is non-zero (checked on CPU only, where the
         answer costs no device sync): a dense run's results are known without block work."""
         return device.type == "cpu" and int(count_bytes(flags)) == flags.numel()
 
-    def _dense_results(self, pack: Any, device: torch.device) -> list[tuple[list[torch.Tensor], Any]]:
-        """Per batch of ``pack``: key parts and zero histogram when no weight is zero (cached)."""
+    def _dense_results(self, pack: Any, device: torch.device) -> list[tuple[list[torch.Tensor], Any, torch.Tensor]]:
+        """Per batch of ``pack``: key parts, zero histogram and non-zeros when no weight is
+        zero (cached)."""
         key = (id(pack), device)
         if key not in self._dense_cache:
             out = []
@@ -381,7 +389,7 @@ class Scanner:
                     blocks = math.prod(shape[:axis]) * (shape[axis] // self.block) * math.prod(shape[axis + 1 :])
                     hist = torch.zeros(batch.n, self.block + 1, dtype=torch.long, device=device)
                     hist[:, 0] = blocks
-                out.append((parts, hist))
+                out.append((parts, hist, torch.full((batch.n,), batch.numel, dtype=torch.long, device=device)))
             self._dense_cache[key] = out  # type: ignore[assignment]
         return self._dense_cache[key]  # type: ignore[return-value]
 
@@ -401,7 +409,7 @@ class Scanner:
             totals.append(source.sum())
             flags = buffer.copy_(source).view(torch.uint8)
             if self._dense(flags, device):
-                dense_parts, dense_hist = self._dense_results(pack, device)[0]
+                dense_parts, dense_hist, _ = self._dense_results(pack, device)[0]
                 parts.extend(dense_parts)
                 if batch.count:
                     counts.append(torch.full((1,), batch.numel, dtype=torch.long, device=device))
@@ -409,7 +417,7 @@ class Scanner:
                     hists.append(dense_hist)
                 return
             for key, _ in batch.keys:
-                parts.append(key.positions(flags.view(1, *key.shape), "max", copy=True))
+                parts.append(key.positions(flags, "max", copy=True, n=1))
             count, hist = self._rows(flags.view(1, *batch.shape), batch)
             if batch.count:
                 counts.append(count[None])

@@ -219,14 +219,20 @@ class ReductionPlan:
         return self._gather, self._lengths
 
     def _uniform(self, pas: Layout, tensors: Sequence[torch.Tensor]) -> bool:
-        """Whether the parameters copied into flat buffers share one dtype and device."""
+        """Check every tensor's shape; whether those copied into flat buffers share a dtype.
+
+        (A device mismatch among them makes the copy fail; :meth:`_run` then falls back.)
+        """
+        if len(tensors) != len(pas.shapes) or any(t.shape != s for t, s in zip(tensors, pas.shapes)):
+            self._check_shapes(pas, tensors)
         if not pas.flat_members:
             return True
-        first = tensors[pas.flat_members[0]]
-        dtype, device = first.dtype, first.device
-        return all(tensors[i].dtype is dtype and tensors[i].device == device for i in pas.flat_members)
+        dtype = tensors[pas.flat_members[0]].dtype
+        return all(tensors[i].dtype is dtype for i in pas.flat_members)
 
     def _check_shapes(self, pas: Layout, tensors: Sequence[torch.Tensor]) -> None:
+        if len(tensors) != len(pas.members):
+            raise PlanError(f"Expected {len(pas.members)} tensors (one per parameter), got {len(tensors)}.")
         for member, tensor in zip(pas.members, tensors):
             if tensor.shape != member.shape:
                 raise PlanError(
@@ -246,16 +252,22 @@ class ReductionPlan:
 
     def _run(self, pas: Layout, kind: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-key parts of every pack of ``pas``, in position order."""
-        self._check_shapes(pas, tensors)
         uniform = self._uniform(pas, tensors)
         parts: list[torch.Tensor] = []
         for pack in pas.packs:
             first = tensors[pack.batches[0].members[0]]
-            if not _runs_flat(first.dtype, kind) or (pack.flat and not uniform):
+            if pack.flat and uniform and _runs_flat(first.dtype, kind):
+                mark = len(parts)
+                try:
+                    self._run_flat(pack, kind, tensors, parts)
+                    continue
+                except RuntimeError:  # parameters on several devices: one at a time below
+                    if not _several_devices(pack, tensors):
+                        raise
+                    del parts[mark:]
+            if pack.flat or not _runs_flat(first.dtype, kind):
                 for batch in pack.batches:
                     _run_each(batch, kind, tensors, parts)
-            elif pack.flat:
-                self._run_flat(pack, kind, tensors, parts)
             else:
                 self._run_large(pack.batches[0], kind, first, parts)
         return parts
@@ -270,7 +282,7 @@ class ReductionPlan:
         for batch in pack.batches:
             chunk = values[batch.start : batch.start + batch.n * batch.numel]
             for key, _ in batch.keys:
-                part = key.positions(chunk.view(batch.n, *key.shape), how, copy=True)
+                part = key.positions(chunk, how, copy=True, n=batch.n)
                 parts.append(part.view(dtype) if how == "max" else part)
 
     def _run_large(self, batch: Batch, kind: str, tensor: torch.Tensor, parts: list[torch.Tensor]) -> None:
@@ -279,7 +291,7 @@ class ReductionPlan:
         if kind == "sum" or (kind == "sum_sq" and batch.rows):
             for key, _ in batch.keys:
                 if kind == "sum":
-                    parts.append(key.positions(tensor.view(1, *key.shape), "sum", copy=False))
+                    parts.append(key.positions(tensor, "sum", copy=False, n=1))
                 else:  # every key is leading rows: one fused norm per row, nothing written
                     rows = tensor.reshape(key.length, -1)
                     parts.append(torch.linalg.vector_norm(rows, 2, dim=1).square_())
@@ -290,7 +302,7 @@ class ReductionPlan:
         if batch.chunks is None:
             values = _transform(source, kind, self.resolver.scratch(dtype, tensor.device, batch.numel))
             for key, _ in batch.keys:
-                part = key.positions(values.view(1, *key.shape), how, copy=True)
+                part = key.positions(values, how, copy=True, n=1)
                 parts.append(part.view(dtype) if how == "max" else part)
             return
         acc_dtype = {"max": _MAGNITUDE[dtype][0], "nz": torch.long}.get(kind, dtype)
@@ -318,7 +330,7 @@ class ReductionPlan:
 
     def _positions_autograd(self, op: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Positions with autograd through plain tensor ops (ops without a hand-written backward)."""
-        self._check_shapes(self._main, tensors)
+        self._uniform(self._main, tensors)
         parts: list[torch.Tensor] = []
         for pack in self._main.packs:
             for batch in pack.batches:
@@ -442,6 +454,10 @@ class ReductionPlan:
 
 
 _HOW = {"sum": "sum", "sum_sq": "sum", "l1": "sum", "max": "max", "nz": "isum"}
+
+
+def _several_devices(pack: Pack, tensors: Sequence[torch.Tensor]) -> bool:
+    return len({tensors[m].device for b in pack.batches for m in b.members}) > 1
 
 
 def _runs_flat(dtype: torch.dtype, kind: str) -> bool:

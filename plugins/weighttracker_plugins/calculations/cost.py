@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -260,9 +261,24 @@ def _device(structure: Any) -> torch.device:
     return next((p.device for p in structure.model.parameters()), torch.device("cpu"))
 
 
+#: Per structure and kind: the bit-width vector when no function is given (all 32).
+_DEFAULT_BITS: weakref.WeakKeyDictionary[Any, dict[Any, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 def _bits(ctx: Any, kind: str) -> torch.Tensor:
-    """Bit-widths of every layer of the table; the function is called for weighted layers."""
+    """Bit-widths of every layer of the table; the function is called for weighted layers.
+
+    Without a function every layer has 32 bits: that vector is built once per structure
+    (consumers only read it).
+    """
     structure = ctx.structure
+    if getattr(structure, f"{kind}_bitwidth_fn", None) is None:
+        cache = _DEFAULT_BITS.setdefault(structure, {})
+        device = _device(structure)
+        if (kind, device) not in cache:
+            cache[(kind, device)] = torch.full((len(structure.modules),), float(DEFAULT_BITS),
+                                               dtype=torch.float64, device=device)
+        return cache[(kind, device)]
     infos = structure.modules
     weighted = [i for i in infos if i.category is LayerCategory.WEIGHTED]
     values = [float(DEFAULT_BITS)] * len(infos)

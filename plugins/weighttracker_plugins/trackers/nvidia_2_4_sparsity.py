@@ -146,8 +146,8 @@ class Nvidia24Sparsity:
         self._static = (param_layer, blocks, tails, rows.clamp(min=0))
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _counts(self, values: Any, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Strict and eligible block counts per parameter (float64)."""
+    def _histograms(self, values: Any, rows: torch.Tensor) -> torch.Tensor:
+        """int64 ``[num_params, 5]``: blocks with 0..4 zeros of each counted weight."""
         histograms = values["weight_scan"].block_zeros.index_select(0, rows)
         if self._missing:
             with torch.no_grad():
@@ -157,8 +157,17 @@ class Nvidia24Sparsity:
                 ]).to(histograms)
             histograms = histograms.index_copy(
                 0, torch.tensor(self._missing, device=histograms.device), extra)
-        histograms = histograms.to(torch.float64)
-        return histograms[:, 2], histograms[:, 2:].sum(dim=1)
+        return histograms
+
+    def _statics(self, device: torch.device) -> tuple[Any, ...]:
+        if device not in self._on:
+            index, blocks, tails, rows = (t.to(device) for t in self._static)
+            total = blocks.sum()
+            self._on[device] = (
+                index, blocks, tails, rows, (tails == 0) & (blocks > 0), total.clamp(min=1),
+                tails.sum().to(torch.int64), total.to(torch.int64), (tails > 0).sum(),
+            )
+        return self._on[device]
 
     def track(self, values: Any) -> dict[str, Any]:
         num_layers = len(self.labels)
@@ -171,28 +180,28 @@ class Nvidia24Sparsity:
                 "num_eligible_layers": 0, "num_layers_with_tail": 0,
             }
         device = values["weight_scan"].block_zeros.device
-        if device not in self._on:
-            self._on[device] = tuple(t.to(device) for t in self._static)
-        index, blocks, tails, rows = self._on[device]
-        strict, eligible = self._counts(values, rows)
-        empty = torch.zeros(num_layers, dtype=torch.float64, device=device)
-        layer_strict = empty.index_add(0, index, strict)
-        layer_eligible = empty.index_add(0, index, eligible)
-        clean = (tails == 0) & (blocks > 0)
-        strict_layers = clean & (layer_strict == blocks)
-        eligible_layers = clean & (layer_eligible == blocks)
-        total = blocks.sum()
+        index, blocks, tails, rows, clean, total, tail_elements, num_blocks, with_tail = self._statics(device)
+        per_layer = torch.zeros(num_layers, 5, dtype=torch.int64, device=device)
+        per_layer.index_add_(0, index, self._histograms(values, rows))
+        # strict: exactly 2 zeros; eligible: at least 2 (by layer; exact in float64)
+        counts = torch.stack((per_layer[:, 2], per_layer[:, 2:].sum(1)))
+        totals = counts.sum(1)
+        layer_strict, layer_eligible = counts.to(torch.float64).unbind()
+        fractions = totals / total
+        layer_flags = clean & (torch.stack((layer_strict, layer_eligible)) == blocks)
+        strict_layers, eligible_layers = layer_flags.unbind()
+        flag_counts = layer_flags.sum(1)
         out: dict[str, Any] = {
-            "strict_block_fraction": layer_strict.sum() / total.clamp(min=1),
-            "nvidia_eligible_block_fraction": layer_eligible.sum() / total.clamp(min=1),
-            "tail_elements": tails.sum().to(torch.int64),
-            "num_blocks": total.to(torch.int64),
-            "num_strict_blocks": layer_strict.sum().to(torch.int64),
-            "num_eligible_blocks": layer_eligible.sum().to(torch.int64),
+            "strict_block_fraction": fractions[0],
+            "nvidia_eligible_block_fraction": fractions[1],
+            "tail_elements": tail_elements,
+            "num_blocks": num_blocks,
+            "num_strict_blocks": totals[0],
+            "num_eligible_blocks": totals[1],
             "num_layers": num_layers,
-            "num_strict_layers": strict_layers.sum(),
-            "num_eligible_layers": eligible_layers.sum(),
-            "num_layers_with_tail": (tails > 0).sum(),
+            "num_strict_layers": flag_counts[0],
+            "num_eligible_layers": flag_counts[1],
+            "num_layers_with_tail": with_tail,
         }
         if self.options.log_layerwise_stats:
             rows = zip(
