@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .plan_layout import merge_ranges
+from .plan_layout import flatten, merge_ranges
 
 ANALYTIC_GRADS = ("sum_sq", "l1", "sum")
 
@@ -53,31 +53,16 @@ class PositionReduction(torch.autograd.Function):
         main = plan._main
         uniform = plan._uniform(main, tensors)
         for pack in main.packs:
-            if not any(needs[m] for b in pack.batches for m in b.members):
+            members = [m for b in pack.batches for m in b.members]
+            if not any(needs[m] for m in members):
                 continue
-            first_tensor = tensors[pack.batches[0].members[0]]
-            if (pack.flat and uniform and first_tensor.dtype.is_floating_point
-                    and (first_tensor.device.type == "cpu" or len({tensors[m].device for b in pack.batches
-                                                                   for m in b.members}) == 1)):
-                flat = None
-                if op != "sum":
-                    first = tensors[pack.batches[0].members[0]]
-                    flat = plan.resolver.scratch(first.dtype, first.device, pack.numel)
-                    torch.cat([tensors[m].reshape(-1) for b in pack.batches for m in b.members], out=flat)
-                for batch in pack.batches:
-                    if not any(needs[m] for m in batch.members):
-                        continue
-                    weights = None
-                    if flat is not None:
-                        weights = flat[batch.start : batch.start + batch.n * batch.numel].view(batch.n, *batch.shape)
-                    out = batch_grad(plan._recipe(batch), batch, grad, weights, op, 0, batch.n)
-                    dtype = tensors[batch.members[0]].dtype
-                    if out.dtype != dtype:
-                        out = out.to(dtype)
-                    for i, m in enumerate(batch.members):
-                        if needs[m]:
-                            grads[m] = out[i]
-                continue
+            if pack.flat and uniform and tensors[members[0]].dtype.is_floating_point:
+                try:
+                    _flat_grads(plan, pack, members, tensors, grad, op, needs, grads)
+                    continue
+                except RuntimeError:  # parameters on several devices: one at a time below
+                    if len({tensors[m].device for m in members}) == 1:
+                        raise
             for batch in pack.batches:
                 for i, m in enumerate(batch.members):
                     if needs[m]:
@@ -116,6 +101,26 @@ def _prepare(recipe: Any, batch: Any, first: int, n: int) -> Any:
             prepared = ((n, *fine), terms)
         batch.prepared[key] = prepared
     return prepared
+
+
+def _flat_grads(plan: Any, pack: Any, members: list[int], tensors: Sequence[torch.Tensor], grad: torch.Tensor,
+                op: str, needs: Sequence[bool], grads: list[torch.Tensor | None]) -> None:
+    """Gradients of a flat pack: one copy of its weights, one ``[n, *shape]`` result per batch."""
+    flat = None
+    if op != "sum":
+        first = tensors[members[0]]
+        flat = flatten([tensors[m] for m in members])
+    dtype = tensors[members[0]].dtype
+    for batch in pack.batches:
+        weights = None
+        if flat is not None:
+            weights = flat[batch.start : batch.start + batch.n * batch.numel].view(batch.n, *batch.shape)
+        out = batch_grad(plan._recipe(batch), batch, grad, weights, op, 0, batch.n)
+        if out.dtype != dtype:
+            out = out.to(dtype)
+        for m, g in zip(batch.members, out.unbind(0)):
+            if needs[m]:
+                grads[m] = g
 
 
 def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tensor | None, op: str,
@@ -189,7 +194,7 @@ def _widened(target: Sequence[int], fine: Sequence[int]) -> tuple[int, ...]:
     return tuple(target[:j]) + tuple(fine[j:])
 
 
-def backward_recipe(keys: Sequence[tuple[Any, int]]) -> Any:
+def backward_recipe(keys: Sequence[tuple[Any, int]], widen: bool = True) -> Any:
     """How to spread one batch's position gradients over its finest view.
 
     ``keys`` are ``(key, base)`` pairs (member ``i``'s positions start at ``base + i *
@@ -201,9 +206,11 @@ def backward_recipe(keys: Sequence[tuple[Any, int]]) -> Any:
     the caller adds them before touching the full tensor; the remaining terms are added
     straight into the gradient buffer. A term that would be repeated only a few times along
     the innermost dims (a conv's input channel over its 3x3 kernel) is first expanded over
-    them, so that every full-size operation broadcasts along outer dims only.
+    them, so that every full-size operation broadcasts along outer dims only (``widen``:
+    worth its extra kernel for large tensors only).
     """
     fine = max((tuple(key.shape) for key, _ in keys), key=len)
+    shaped = (lambda t, f: _widened(t, f)) if widen else (lambda t, f: tuple(t))
     numel = math.prod(fine)
     groups: list[tuple[list[int], list[Any]]] = []  # (union shape, pieces)
     for key, base in keys:
@@ -221,10 +228,10 @@ def backward_recipe(keys: Sequence[tuple[Any, int]]) -> Any:
         piece = (base, key.length, tuple(key.shape[d] for d in key.dims), order, tuple(target))
         for union, pieces in groups:
             merged = [max(a, b) for a, b in zip(union, target)]
-            if 4 * math.prod(_widened(merged, fine)) <= numel:
+            if 4 * math.prod(shaped(merged, fine)) <= numel:
                 union[:] = merged
                 pieces.append(piece)
                 break
         else:
             groups.append((list(target), [piece]))
-    return fine, [(pieces, _widened(union, fine)) for union, pieces in groups]
+    return fine, [(pieces, shaped(union, fine)) for union, pieces in groups]

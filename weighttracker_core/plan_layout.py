@@ -21,9 +21,19 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
 from .errors import PlanError
 from .units import MemberSlice
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One new 1-D tensor holding ``tensors`` one after the other (same dtype and device).
+
+    ``torch._utils._flatten_dense_tensors`` does the flattening and the copy in one C++
+    call: half the cost of a ``torch.cat`` of ``reshape(-1)`` views for many small tensors.
+    """
+    return _flatten_dense_tensors(list(tensors))
 
 
 def index_dtype(upper: int) -> torch.dtype:

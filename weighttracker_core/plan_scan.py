@@ -28,7 +28,7 @@ import attrs
 import torch
 
 from .errors import PlanError
-from .plan_layout import Batch, Layout, Member, index_dtype, reduce_keep
+from .plan_layout import flatten, Batch, Layout, Member, index_dtype, reduce_keep
 
 
 def _several_devices(pack: Any, tensors: Sequence[torch.Tensor]) -> bool:
@@ -313,8 +313,7 @@ class Scanner:
         resolver, bins = self.plan.resolver, self.block + 1
         first = tensors[pack.batches[0].members[0]]
         device = first.device
-        flat = resolver.scratch(first.dtype, device, pack.numel)
-        torch.cat([tensors[m].reshape(-1) for b in pack.batches for m in b.members], out=flat)
+        flat = flatten([tensors[m] for b in pack.batches for m in b.members])
         totals.append(flat.sum())
         flags = resolver.scratch(torch.bool, device, pack.numel)
         flags.copy_(flat)

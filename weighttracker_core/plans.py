@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import PlanError
 from .plan_backward import ANALYTIC_GRADS, PositionReduction, backward_recipe
-from .plan_layout import Batch, Key, Layout, Member, Pack, index_dtype, reduce_keep
+from .plan_layout import flatten, Batch, Key, Layout, Member, Pack, index_dtype, reduce_keep
 from .plan_scan import NonFiniteWeightError, Scanner, nonfinite_error
 from .units import CanonicalUnitGroup
 
@@ -88,6 +88,7 @@ class ParamResolver:
         self.model = model
         self._owners: dict[str, tuple[nn.Module, str]] = {}
         self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._lookups: dict[tuple[str, ...], list[tuple[dict[str, Any], str]]] = {}
 
     def owner(self, name: str) -> tuple[nn.Module, str]:
         if name not in self._owners:
@@ -110,7 +111,15 @@ class ParamResolver:
         return value
 
     def many(self, names: Iterable[str]) -> list[torch.Tensor]:
-        return [self(n) for n in names]
+        names = tuple(names)
+        lookups = self._lookups.get(names)
+        if lookups is None:
+            lookups = [(self.owner(n)[0]._parameters, self.owner(n)[1]) for n in names]
+            self._lookups[names] = lookups
+        out = [params.get(attr) for params, attr in lookups]
+        if any(t is None for t in out):  # pruned, parametrized or plain tensors: the slow way
+            return [t if t is not None else self(n) for t, n in zip(out, names)]
+        return out  # type: ignore[return-value]
 
     def scratch(self, dtype: torch.dtype, device: torch.device, numel: int) -> torch.Tensor:
         """A reused 1-D buffer of ``numel`` elements (contents undefined)."""
@@ -275,8 +284,7 @@ class ReductionPlan:
     def _run_flat(self, pack: Pack, kind: str, tensors: Sequence[torch.Tensor], parts: list[torch.Tensor]) -> None:
         first = tensors[pack.batches[0].members[0]]
         dtype = first.dtype
-        flat = self.resolver.scratch(dtype, first.device, pack.numel)
-        torch.cat([tensors[m].reshape(-1) for b in pack.batches for m in b.members], out=flat)
+        flat = flatten([tensors[m] for b in pack.batches for m in b.members])
         values = _transform_(flat, kind)
         how = _HOW[kind]
         for batch in pack.batches:
@@ -324,8 +332,8 @@ class ReductionPlan:
 
     def _recipe(self, batch: Batch) -> Any:
         """The cached backward recipe of one batch (see ``plan_backward.backward_recipe``)."""
-        if batch.recipe is False:
-            batch.recipe = backward_recipe(batch.keys)
+        if batch.recipe is False:  # widening a short broadcast pays off from ~64K elements
+            batch.recipe = backward_recipe(batch.keys, widen=batch.numel >= 1 << 16)
         return batch.recipe
 
     def _positions_autograd(self, op: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
