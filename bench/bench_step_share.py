@@ -26,8 +26,13 @@ ResNet-50 and MobileNetV2 (224x224), timm ``vit_tiny_patch16_224`` and
 ``vit_base_patch16_224`` (``pretrained=False``) with ``prune_num_heads=True`` (heads and
 head dimensions as units).
 
-Run: ``python bench/bench_step_share.py [--rounds 7] [--models resnet20 vit_b16 ...]``;
-``--no-write`` prints without touching docs/performance.md.
+With ``--sparsity 0.5`` every weight with 2 or more dims first loses a random half of its
+elements and the first unit of every group is zeroed (as in the middle of a pruning run:
+2:4 blocks, per-layer counts and the pruning summary all have work to do); the SGD step
+uses ``lr=0`` in both modes, so the weights stay as they are.
+
+Run: ``python bench/bench_step_share.py [--rounds 7] [--models resnet20 vit_b16 ...]
+[--sparsity 0.5]``; ``--no-write`` prints without touching docs/performance.md.
 """
 
 from __future__ import annotations
@@ -130,13 +135,25 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, rounds: int, batch: int, warmup: int) -> dict[str, float]:
+def sparsify_(model: nn.Module, tracker: WeightTracker, fraction: float) -> None:
+    """Zero ``fraction`` of every weight with 2+ dims (at random) and unit 0 of every group."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_((torch.rand(p.shape, generator=gen) >= fraction).to(p.dtype))
+    tracker.fake_prune_units({g.id: [0] for g in tracker.groups if g.n_units > 1})
+
+
+def measure(name: str, rounds: int, batch: int, warmup: int, sparsity: float = 0.0) -> dict[str, float]:
     torch.manual_seed(0)
     model, shape, classes, kwargs = build(name)
     example = torch.randn(1, *shape)
     t0 = time.perf_counter()
     tracker = WeightTracker(model, example, **kwargs)
     t_build = time.perf_counter() - t0
+    if sparsity:
+        sparsify_(model, tracker, sparsity)
 
     t0 = time.perf_counter()
     for kind, options in TRACKERS:
@@ -146,7 +163,7 @@ def measure(name: str, rounds: int, batch: int, warmup: int) -> dict[str, float]
     lasso = tracker.create_regularizer("group_lasso")
     bops_lasso = tracker.create_regularizer("bops_group_lasso")
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # full work, weights unchanged
     inputs = torch.randn(batch, *shape)
     targets = torch.randint(0, classes, (batch,))
     params = [p for p in model.parameters()]
@@ -193,13 +210,18 @@ def measure(name: str, rounds: int, batch: int, warmup: int) -> dict[str, float]
 # ----------------------------------------------------------------------------- report
 
 
-def report(rows: list[tuple[str, dict[str, float]]], rounds: int, batch: int) -> str:
+def report(rows: list[tuple[str, dict[str, float]]], rounds: int, batch: int, sparsity: float) -> str:
+    weights = (f"{sparsity:.0%} of every weight with 2+ dims zeroed at random and unit 0 of "
+               "every group zeroed" if sparsity else "random dense weights (as initialised)")
     lines = [
-        "## Trackers and group lasso vs one training step (issue 13)",
+        "## Trackers and group lasso vs one training step (issue 13)"
+        + (f": {sparsity:.0%} sparse weights" if sparsity else ""),
+        "",
+        f"Weights: {weights}.",
         "",
         f"Machine: {machine()}. Training step: batch {batch}, forward + cross-entropy + backward "
         f"+ SGD. Median over {rounds} interleaved rounds; ratios of medians from the same run.",
-        "Reproduce: `python bench/bench_step_share.py`.",
+        "Reproduce: `python bench/bench_step_share.py" + (f" --sparsity {sparsity}" if sparsity else "") + "`.",
         "",
         "| model | training step | `track()` (5 trackers) | share | `group_lasso` fwd+bwd | share "
         "| `bops_group_lasso` fwd+bwd | share | floor (`_foreach_norm`) | track / floor | lasso / floor "
@@ -230,22 +252,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--sparsity", type=float, default=0.0, help="zero this share of the weights first")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     for name in args.models:
-        t = measure(name, args.rounds, args.batch, args.warmup)
+        t = measure(name, args.rounds, args.batch, args.warmup, args.sparsity)
         print(f"{name}: step {t['step'] * 1e3:.0f} ms, track {t['track'] * 1e3:.1f} ms "
               f"({t['track'] / t['step']:.2%}), lasso {t['lasso'] * 1e3:.1f} ms "
               f"({t['lasso'] / t['step']:.2%}), bops lasso {t['bops_lasso'] * 1e3:.1f} ms, "
               f"floor {t['floor'] * 1e3:.2f} ms, first track {t['first'] * 1e3:.0f} ms",
               flush=True)
         rows.append((name, t))
-    text = report(rows, args.rounds, args.batch)
+    text = report(rows, args.rounds, args.batch, args.sparsity)
     print(text)
     if not args.no_write:
-        write_section("trackers", text)
+        write_section("trackers-sparse" if args.sparsity else "trackers", text)
 
 
 if __name__ == "__main__":
