@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .plan_layout import flatten, merge_ranges
+from .plan_layout import flat_copy, merge_ranges
 
 ANALYTIC_GRADS = ("sum_sq", "l1", "sum")
 
@@ -109,7 +109,7 @@ def _flat_grads(plan: Any, pack: Any, members: list[int], tensors: Sequence[torc
     flat = None
     if op != "sum":
         first = tensors[members[0]]
-        flat = flatten([tensors[m] for m in members])
+        flat = flat_copy([tensors[m] for m in members], pack.numel, plan.resolver)
     dtype = tensors[members[0]].dtype
     for batch in pack.batches:
         weights = None

@@ -27,13 +27,19 @@ from .errors import PlanError
 from .units import MemberSlice
 
 
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One new 1-D tensor holding ``tensors`` one after the other (same dtype and device).
+#: Packs up to this many elements are copied by one ``_flatten_dense_tensors`` call (one
+#: C++ call: half the cost of a ``torch.cat`` of ``reshape(-1)`` views for many small
+#: tensors); larger ones are concatenated into reused scratch (fresh pages cost more).
+FLATTEN_ELEMENTS = 1 << 18
 
-    ``torch._utils._flatten_dense_tensors`` does the flattening and the copy in one C++
-    call: half the cost of a ``torch.cat`` of ``reshape(-1)`` views for many small tensors.
-    """
-    return _flatten_dense_tensors(list(tensors))
+
+def flat_copy(tensors: Sequence[torch.Tensor], numel: int, resolver: Any) -> torch.Tensor:
+    """``tensors`` (one dtype and device) one after the other in a 1-D tensor we may overwrite."""
+    if numel <= FLATTEN_ELEMENTS:
+        return _flatten_dense_tensors(list(tensors))
+    first = tensors[0]
+    out = resolver.scratch(first.dtype, first.device, numel)
+    return torch.cat([t.reshape(-1) for t in tensors], out=out)
 
 
 def index_dtype(upper: int) -> torch.dtype:

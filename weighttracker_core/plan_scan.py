@@ -28,7 +28,7 @@ import attrs
 import torch
 
 from .errors import PlanError
-from .plan_layout import flatten, Batch, Layout, Member, index_dtype, reduce_keep
+from .plan_layout import Batch, Layout, Member, flat_copy, index_dtype, reduce_keep
 
 
 def _several_devices(pack: Any, tensors: Sequence[torch.Tensor]) -> bool:
@@ -62,40 +62,52 @@ def nonfinite_error(name: str, tensor: torch.Tensor, given: bool = False) -> Non
 # ------------------------------------------------------------------------------ blocks
 
 
-def block_sums(nonzero: torch.Tensor, axis: int, block: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+def block_sums(nonzero: torch.Tensor, axis: int, block: int = 4, scratch: Any = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Non-zeros per complete block of ``block`` consecutive elements along ``axis``.
 
     ``nonzero`` is ``[n, *shape]`` of 0 / 1 (``uint8`` or an integer dtype; 1: the weight
-    is non-zero). Returns the sums ``[n, num_blocks]`` (int32, or the input's dtype when
-    lanes are added) and the non-zeros of each
+    is non-zero). Returns the int32 sums ``[n, num_blocks]`` and the non-zeros of each
     member's tail (the last ``shape[axis] % block`` elements of every row, which form no
-    block; ``None`` without a tail).
+    block; ``None`` without a tail). Contiguous blocks of 4 (the axis is the last dim) are
+    the four bytes of one int32 word, added with two shifts; other layouts add their
+    strided lanes. ``scratch(dtype, numel, slot)``, if given, supplies reused buffers: the
+    sums are then only valid until the next call.
     """
+    def buffer(dtype: torch.dtype, numel: int, slot: int) -> torch.Tensor:
+        if scratch is None:
+            return torch.empty(numel, dtype=dtype, device=nonzero.device)
+        return scratch(dtype, numel, slot)
+
     n, shape = nonzero.shape[0], nonzero.shape[1:]
     outer = math.prod(shape[:axis])
     channels = shape[axis]
     inner = math.prod(shape[axis + 1 :])
     full = channels // block * block
     x = nonzero.reshape(n * outer, channels, inner)
-    tail = x[:, full:].reshape(n, -1).sum(1, dtype=torch.long) if full != channels else None
+    tail = x[:, full:].reshape(n, -1).sum(1, dtype=torch.int32) if full != channels else None
     if full == 0:
         return torch.zeros(n, 0, dtype=torch.int32, device=x.device), tail
     if block == 4 and inner == 1 and full == channels and x.is_contiguous():
         flat = x.reshape(-1)
         if flat.dtype != torch.uint8 or flat.storage_offset() % 4:
-            flat = flat.to(torch.uint8, copy=True)  # aligned bytes
+            flat = buffer(torch.uint8, flat.numel(), 2).copy_(flat)  # aligned bytes
         words = flat.view(torch.int32)  # one block per word; byte sums land in byte 0
-        sums = words >> 8
+        sums = torch.bitwise_right_shift(words, 8, out=buffer(torch.int32, words.numel(), 0))
         sums += words
-        sums += sums >> 16
+        sums += torch.bitwise_right_shift(sums, 16, out=buffer(torch.int32, words.numel(), 1))
         return sums.bitwise_and_(0xFF).view(n, -1), tail
     if full != channels:
         x = x[:, :full]
     lanes = x.reshape(n * outer, full // block, block, inner)
-    sums = lanes[:, :, 0] + lanes[:, :, 1]
+    count = n * outer * (full // block) * inner
+    narrow = torch.add(lanes[:, :, 0], lanes[:, :, 1],
+                       out=buffer(x.dtype, count, 2).view(n * outer, full // block, inner))
     for lane in range(2, block):
-        sums += lanes[:, :, lane]
-    return sums.reshape(n, -1), tail
+        narrow += lanes[:, :, lane]
+    if narrow.dtype == torch.int32:
+        return narrow.view(n, -1), tail
+    return buffer(torch.int32, count, 0).view(n, -1).copy_(narrow.view(n, -1)), tail
 
 
 def block_histogram(sums: torch.Tensor, block: int = 4) -> torch.Tensor:
@@ -132,18 +144,20 @@ _MOMENTS = ((0, 0, 1, 0), (0, 0, -1, 1), (0, 1, -1, -1), (1, -2, 1, -1), (-1, 1,
 _MOMENT_BLOCKS = 1 << 15
 
 
-def _long_histogram(sums: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`block_histogram` of one long row of block sums (``[1, num_blocks]``), and the
-    row's non-zeros (int64 scalar)."""
+def _long_histogram(sums: torch.Tensor, block: int, scratch: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_histogram` of one long row of int32 block sums (``[1, num_blocks]``),
+    and the row's non-zeros (int64 scalar)."""
     if block != 4 or sums.shape[1] <= _MOMENT_BLOCKS or (
         sums.device.type != "cpu" and torch.are_deterministic_algorithms_enabled()
     ):
         return block_histogram(sums, block), sums.sum(dtype=torch.long)
-    if sums.dtype != torch.int32:
-        sums = sums.to(torch.int32)
+    temp = (torch.empty_like(sums) if scratch is None
+            else scratch(torch.int32, sums.numel(), 1).view(sums.shape))
     moments = torch.stack([
-        sums.sum(dtype=torch.int32), (sums >> 1).sum(dtype=torch.int32),
-        (sums >> 2).sum(dtype=torch.int32), ((sums + 1) >> 2).sum(dtype=torch.int32),
+        sums.sum(dtype=torch.int32),
+        torch.bitwise_right_shift(sums, 1, out=temp).sum(dtype=torch.int32),
+        torch.bitwise_right_shift(sums, 2, out=temp).sum(dtype=torch.int32),
+        torch.add(sums, 1, out=temp).bitwise_right_shift_(2).sum(dtype=torch.int32),
     ]).to(torch.long)
     hist = (torch.tensor(_MOMENTS, dtype=torch.long, device=sums.device) * moments).sum(1)
     hist[4] += sums.shape[1]
@@ -313,7 +327,7 @@ class Scanner:
         resolver, bins = self.plan.resolver, self.block + 1
         first = tensors[pack.batches[0].members[0]]
         device = first.device
-        flat = flatten([tensors[m] for b in pack.batches for m in b.members])
+        flat = flat_copy([tensors[m] for b in pack.batches for m in b.members], pack.numel, resolver)
         totals.append(flat.sum())
         flags = resolver.scratch(torch.bool, device, pack.numel)
         flags.copy_(flat)
@@ -327,46 +341,39 @@ class Scanner:
                 dense[i] = all(full[first_member : first_member + batch.n])
                 first_member += batch.n
         known = self._dense_results(pack, device)
-        rows: list[torch.Tensor] = []
-        pieces: list[Any] = []  # per block batch: a cached histogram, or the index of its rows
+        deterministic = device.type != "cpu" and torch.are_deterministic_algorithms_enabled()
+
+        def scratch(dtype: torch.dtype, numel: int, slot: int) -> torch.Tensor:
+            return resolver.scratch(dtype, device, numel, 1 + slot)
+
+        pieces: list[torch.Tensor] = []  # per block batch: its zero histogram
         for i, (batch, values) in enumerate(zip(pack.batches, views)):
             n = batch.n
-            if batch.count:
-                counts.append(known[i][2] if dense[i] else values.sum(1, dtype=torch.int32))
             if dense[i]:
                 parts.extend(known[i][0])
+                if batch.count:
+                    counts.append(known[i][2])
                 if batch.block is not None:
                     pieces.append(known[i][1])
                 continue
             for key, _ in batch.keys:
                 parts.append(key.positions(values, "max", copy=True, n=n))
-            if batch.block is not None:
-                sums, _ = block_sums(values.view(n, *batch.shape), batch.block, self.block)
-                if device.type != "cpu" and torch.are_deterministic_algorithms_enabled():
-                    pieces.append(block_histogram(sums, self.block))
-                else:  # one bincount for all batches of the pack, below
-                    pieces.append((len(rows), n, sums.shape[1]))
-                    rows.append(sums.reshape(-1))
-        if not pieces:
-            return
-        if rows:
-            sizes = [n * nb for _, n, nb in (p for p in pieces if isinstance(p, tuple))]
-            members = sum(n for _, n, _ in (p for p in pieces if isinstance(p, tuple)))
-            offsets = torch.repeat_interleave(
-                torch.arange(0, members * bins, bins, dtype=torch.int32, device=device),
-                torch.tensor([nb for _, n, nb in (p for p in pieces if isinstance(p, tuple)) for _ in range(n)],
-                             dtype=torch.long, device=device),
-            ) if sum(sizes) else torch.zeros(0, dtype=torch.int32, device=device)
-            hist = torch.bincount(torch.cat(rows).to(torch.int32) + offsets, minlength=members * bins)
-            hist = hist.view(members, bins).flip(1)  # by zeros, not by non-zeros
-        out, row = [], 0
-        for piece in pieces:
-            if isinstance(piece, tuple):
-                out.append(hist[row : row + piece[1]])
-                row += piece[1]
-            else:
-                out.append(piece)
-        hists.append(torch.cat(out) if len(out) > 1 else out[0])
+            if batch.block is None:
+                if batch.count:
+                    counts.append(values.sum(1, dtype=torch.int32))
+                continue
+            sums, tail = block_sums(values.view(n, *batch.shape), batch.block, self.block, scratch)
+            if batch.count:  # non-zeros from the (4x shorter) block sums, plus the tails
+                count = sums.sum(1, dtype=torch.int32)
+                counts.append(count if tail is None else count + tail)
+            if deterministic or n == 1:
+                pieces.append(block_histogram(sums, self.block))
+            else:  # member j of the batch counts into bins 5j..5j+4 of one bincount
+                sums += known[i][3][1]
+                hist = torch.bincount(sums.view(-1), minlength=n * bins)
+                pieces.append(hist.view(n, bins).flip(1))  # by zeros, not by non-zeros
+        if pieces:
+            hists.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
 
     @staticmethod
     def _dense(flags: torch.Tensor, device: torch.device) -> bool:
@@ -374,21 +381,28 @@ class Scanner:
         answer costs no device sync): a dense run's results are known without block work."""
         return device.type == "cpu" and int(count_bytes(flags)) == flags.numel()
 
-    def _dense_results(self, pack: Any, device: torch.device) -> list[tuple[list[torch.Tensor], Any, torch.Tensor]]:
-        """Per batch of ``pack``: key parts, zero histogram and non-zeros when no weight is
-        zero (cached)."""
+    def _dense_results(self, pack: Any, device: torch.device) -> list[tuple[Any, ...]]:
+        """Per batch of ``pack`` (cached): key parts, zero histogram and non-zeros when no
+        weight is zero; the batch's first block member and its bincount offsets
+        (``(block + 1) * member``, ``[n, 1]``); the pack's number of block members."""
         key = (id(pack), device)
         if key not in self._dense_cache:
-            out = []
+            out, member, bins = [], 0, self.block + 1
             for batch in pack.batches:
-                parts = [torch.ones(batch.n * k.length, dtype=torch.uint8, device=device) for k, _ in batch.keys]
-                hist = None
+                n = batch.n
+                parts = [torch.ones(n * k.length, dtype=torch.uint8, device=device) for k, _ in batch.keys]
+                hist, first = None, (member, None)
                 if batch.block is not None:
                     shape, axis = batch.shape, batch.block
                     blocks = math.prod(shape[:axis]) * (shape[axis] // self.block) * math.prod(shape[axis + 1 :])
-                    hist = torch.zeros(batch.n, self.block + 1, dtype=torch.long, device=device)
+                    hist = torch.zeros(n, bins, dtype=torch.long, device=device)
                     hist[:, 0] = blocks
-                out.append((parts, hist, torch.full((batch.n,), batch.numel, dtype=torch.long, device=device)))
+                    offsets = torch.arange(0, n * bins, bins, dtype=torch.int32, device=device)
+                    first = (member, offsets[:, None])
+                    member += n
+                numel = torch.full((n,), batch.numel, dtype=torch.long, device=device)
+                out.append((parts, hist, numel, first, member))
+            out = [(*entry[:4], member) for entry in out]  # the last field: all block members
             self._dense_cache[key] = out  # type: ignore[assignment]
         return self._dense_cache[key]  # type: ignore[return-value]
 
@@ -408,7 +422,7 @@ class Scanner:
             totals.append(source.sum())
             flags = buffer.copy_(source).view(torch.uint8)
             if self._dense(flags, device):
-                dense_parts, dense_hist, _ = self._dense_results(pack, device)[0]
+                dense_parts, dense_hist = self._dense_results(pack, device)[0][:2]
                 parts.extend(dense_parts)
                 if batch.count:
                     counts.append(torch.full((1,), batch.numel, dtype=torch.long, device=device))
@@ -467,8 +481,13 @@ class Scanner:
         """Non-zero count and zero histogram of whole rows of one parameter (``[1, ...]``)."""
         if batch.block is None:
             return (count_bytes(flags) if batch.count else torch.zeros((), dtype=torch.long)), None
-        sums, tail = block_sums(flags, batch.block, self.block)
-        hist, count = _long_histogram(sums, self.block)
+        device = flags.device
+
+        def scratch(dtype: torch.dtype, numel: int, slot: int) -> torch.Tensor:
+            return self.plan.resolver.scratch(dtype, device, numel, 1 + slot)
+
+        sums, tail = block_sums(flags, batch.block, self.block, scratch)
+        hist, count = _long_histogram(sums, self.block, scratch)
         if tail is not None:
             count = count + tail[0]
         return count, hist

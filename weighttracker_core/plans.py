@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import PlanError
 from .plan_backward import ANALYTIC_GRADS, PositionReduction, backward_recipe
-from .plan_layout import flatten, Batch, Key, Layout, Member, Pack, index_dtype, reduce_keep
+from .plan_layout import Batch, Key, Layout, Member, Pack, flat_copy, index_dtype, reduce_keep
 from .plan_scan import NonFiniteWeightError, Scanner, nonfinite_error
 from .units import CanonicalUnitGroup
 
@@ -87,7 +87,7 @@ class ParamResolver:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._owners: dict[str, tuple[nn.Module, str]] = {}
-        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._scratch: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
         self._lookups: dict[tuple[str, ...], list[tuple[dict[str, Any], str]]] = {}
 
     def owner(self, name: str) -> tuple[nn.Module, str]:
@@ -121,9 +121,14 @@ class ParamResolver:
             return [t if t is not None else self(n) for t, n in zip(out, names)]
         return out  # type: ignore[return-value]
 
-    def scratch(self, dtype: torch.dtype, device: torch.device, numel: int) -> torch.Tensor:
-        """A reused 1-D buffer of ``numel`` elements (contents undefined)."""
-        key = (dtype, device)
+    def scratch(self, dtype: torch.dtype, device: torch.device, numel: int, slot: int = 0) -> torch.Tensor:
+        """A reused 1-D buffer of ``numel`` elements (contents undefined).
+
+        Reuse matters on CPU: a fresh multi-megabyte buffer is fresh pages, and faulting
+        them in costs more than the arithmetic written into them. ``slot`` tells apart
+        buffers of one dtype that are needed at the same time.
+        """
+        key = (dtype, device, slot)
         buffer = self._scratch.get(key)
         if buffer is None or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=dtype, device=device)
@@ -284,7 +289,7 @@ class ReductionPlan:
     def _run_flat(self, pack: Pack, kind: str, tensors: Sequence[torch.Tensor], parts: list[torch.Tensor]) -> None:
         first = tensors[pack.batches[0].members[0]]
         dtype = first.dtype
-        flat = flatten([tensors[m] for b in pack.batches for m in b.members])
+        flat = flat_copy([tensors[m] for b in pack.batches for m in b.members], pack.numel, self.resolver)
         values = _transform_(flat, kind)
         how = _HOW[kind]
         for batch in pack.batches:
