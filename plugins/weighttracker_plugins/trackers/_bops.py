@@ -88,7 +88,7 @@ class BopsTracker:
         self.options: BopsOptions = ctx.options
         self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name)
         self.labels = [layer_label(info.name) for info in self.layers]
-        self._rows = torch.tensor([info.index for info in self.layers], dtype=torch.long)
+        self._rows = torch.tensor([info.index for info in self.layers], dtype=torch.int32)
         # bit-widths of weighted layers come from the shared calculations; layers of other
         # categories that include= adds are asked here, on every track() as well
         self._extra = [(i, info) for i, info in enumerate(self.layers) if info.category is not LayerCategory.WEIGHTED]

@@ -129,7 +129,7 @@ class Nvidia24Sparsity:
                 )
                 self.axes.append(axis)
             self.labels.append(layer_label(info.name))
-        param_layer = torch.tensor([p.layer for p in self.params], dtype=torch.long)
+        param_layer = torch.tensor([p.layer for p in self.params], dtype=torch.int32)
         blocks = torch.zeros(len(self.labels), dtype=torch.float64)
         tails = torch.zeros(len(self.labels), dtype=torch.float64)
         if self.params:
@@ -142,7 +142,7 @@ class Nvidia24Sparsity:
         scanned = {name: i for i, (name, _) in enumerate(scanner.blocks)}
         self._rows = [scanned.get(p.name) for p in self.params]
         self._missing = [i for i, row in enumerate(self._rows) if row is None]
-        rows = torch.tensor([-1 if r is None else r for r in self._rows], dtype=torch.long)
+        rows = torch.tensor([-1 if r is None else r for r in self._rows], dtype=torch.int32)
         self._static = (param_layer, blocks, tails, rows.clamp(min=0))
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
