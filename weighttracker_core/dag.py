@@ -1,4 +1,4 @@
-"""The calculation DAG (SPEC §3.5).
+"""The calculation DAG.
 
 Calculations are named, declare what they require and how long their value lives:
 

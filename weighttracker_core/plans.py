@@ -1,4 +1,4 @@
-"""Reduction plans: per-unit and per-layer reductions in a handful of kernels (SPEC §3.4).
+"""Reduction plans: per-unit and per-layer reductions in a handful of kernels.
 
 A plan is compiled once per structure. Every member slice of every group is a *key*
 ``(parameter, dims, view)`` plus ``(position, unit)`` pairs; slices that share a key share
