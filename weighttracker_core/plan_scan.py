@@ -48,9 +48,9 @@ def nonfinite_error(name: str, tensor: torch.Tensor, given: bool = False) -> Non
         where = [int(i) for i in bad.nonzero()[0].tolist()]
         count = int(bad.sum())
         value = tensor[tuple(where)].item()
-    what = f"The values given for parameter {name!r}" if given else f"Parameter {name!r}"
+    what = f"The values given for parameter {name!r} hold" if given else f"Parameter {name!r} holds"
     return NonFiniteWeightError(
-        f"{what} hold {count} NaN or inf value(s) (first: {value} at index {where}). A unit "
+        f"{what} {count} NaN or inf value(s) (first: {value} at index {where}). A unit "
         "with such a weight is neither zero nor a norm to penalise, so weighttracker refuses "
         "instead of reporting, pruning or shrinking it. Training has usually diverged: restore "
         "a checkpoint or lower the learning rate; to go on with this model, replace the values "

@@ -176,3 +176,14 @@ def test_index_tensors_use_int32():
     tracker = WeightTracker(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), plugin_manager=PM())
     plan = tracker.structure.plan()
     assert plan._gather.dtype == torch.int32 and plan._lengths.dtype == torch.int32
+
+
+def test_non_finite_given_tensors_are_named_as_given_values():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    tracker = WeightTracker(model, torch.randn(1, 3), plugin_manager=PM())
+    plan = tracker.structure.plan()
+    tensors = [torch.ones_like(param_of(model, *n.rsplit(".", 1))) for n in plan.param_names]
+    tensors[1].view(-1)[-1] = float("nan")
+    with pytest.raises(PlanError, match=rf"values given for parameter '{plan.param_names[1]}' hold 1 NaN"):
+        plan.unit_reduce("sum", tensors=tensors)
+    assert torch.isfinite(plan.unit_reduce("zeros", tensors=tensors)).all()  # counts: NaN is not a zero
