@@ -1,4 +1,4 @@
-"""The calculation DAG (SPEC §3.5).
+"""The calculation DAG.
 
 Calculations are named, declare what they require and how long their value lives:
 
@@ -104,6 +104,12 @@ class Evaluation(Mapping[str, Any]):
         self._stack: list[str] = []
 
     def __getitem__(self, name: str) -> Any:
+        # computed values first: names are unique across lifetimes
+        if name in self._values:
+            return self._values[name]
+        static = self.graph._static
+        if name in static:
+            return static[name]
         spec = self.graph.spec(name, tuple(self._stack))
         lifetime = Lifetime(spec.lifetime)
         cache = self.graph._static if lifetime is Lifetime.STATIC else self._values

@@ -58,6 +58,10 @@ class PlanError(WeightTrackerError, ValueError):
     """A reduction plan was asked for an unknown operation or no longer fits the model."""
 
 
+class NonFiniteWeightError(PlanError, ConfigError):
+    """A parameter holds NaN or inf: its units are neither zero nor a norm to penalise."""
+
+
 class CalculationCycleError(WeightTrackerError, RuntimeError):
     """Calculations depend on each other in a cycle."""
 

@@ -1,20 +1,29 @@
-"""Reduction plans: per-unit and per-layer reductions in a handful of kernels (SPEC §3.4).
+"""Reduction plans: per-unit and per-layer reductions in a handful of kernels.
 
 A plan is compiled once per structure. Every member slice of every group is a *key*
 ``(parameter, dims, view)`` plus ``(position, unit)`` pairs; slices that share a key share
 one reduction. Per call the plan
 
-1. transforms each parameter once, element-wise (square, abs, ``== 0``), into a buffer the
-   plan reuses, and reduces it for each of its keys over the other dims in contiguous
-   stages (a parameter cut on rows only takes one fused ``vector_norm``); no slice is
-   ever copied,
+1. transforms each parameter element-wise (square, abs, or the magnitude bits
+   ``bits(w) & 0x7fff...`` whose integer order is the order of ``|w|``), and reduces it for
+   each of its keys over the other dims in contiguous stages; no slice is ever copied,
 2. concatenates those per-position vectors (one kernel),
 3. gathers the owned positions, sorted by unit when the plan is compiled, and reduces
    each unit's run (one ``segment_reduce``: deterministic on every device, unlike an
    ``index_add`` with atomics).
 
-So the work per call grows with the number of distinct parameter slices, never with the
-number of groups, members or units, and nothing loops over members.
+Small parameters (at most :data:`SMALL_ELEMENTS` elements: biases, norms, the convs of a
+CIFAR network) are copied into one flat buffer per call and every parameter of the same
+shape and keys is reduced by one kernel on a ``[n, *shape]`` view, so a small model costs a
+few dozen kernels, not a few per parameter. Larger parameters are reduced in place; the
+element-wise values go to a scratch buffer of at most :data:`SCRATCH_ELEMENTS` elements,
+filled a slice of whole rows at a time (a parameter whose single row along dim 0 is larger
+takes one row at a time). One scratch buffer per dtype and device is shared by every plan
+of a structure.
+
+So the work per call grows with the number of distinct parameter shapes and large
+parameters, never with the number of groups, members or units, and nothing loops over
+members. Index tensors use ``int32`` while they fit.
 
 Example: a ``Linear(2, 2)`` whose rows are units 0 and 1 with
 ``weight = [[3, 4], [0, 0]]`` gives ``unit_reduce("l2") == tensor([5., 0.])``.
@@ -22,18 +31,37 @@ Example: a ``Linear(2, 2)`` whose rows are units 0 and 1 with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import PlanError
+from .errors import NonFiniteWeightError, PlanError
 from .plan_backward import ANALYTIC_GRADS, PositionReduction, backward_recipe
-from .units import CanonicalUnitGroup, MemberSlice
+from .plan_layout import Batch, Key, Layout, Member, Pack, flat_copy, index_dtype, reduce_keep
+from .plan_scan import Scanner, nonfinite_error
+from .units import CanonicalUnitGroup
 
 UNIT_OPS = ("sum", "sum_sq", "l1", "l2", "max_abs", "zeros", "nonzeros", "numel")
+
+#: Parameters with at most this many elements are batched: copied into one flat buffer per
+#: call and reduced together with every parameter of the same shape.
+SMALL_ELEMENTS = 1 << 17
+#: Upper bound (elements) of the scratch buffer a call writes element-wise values into;
+#: larger parameters are processed a slice of whole rows at a time.
+SCRATCH_ELEMENTS = 1 << 22
+
+#: Ops whose per-unit result is NaN or inf when a weight is: checked on every call.
+_CHECKED_OPS = ("sum", "sum_sq", "l1", "l2", "max_abs")
+
+#: IEEE float dtype -> (integer dtype of the same width, mask clearing the sign bit).
+_MAGNITUDE = {
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF),
+}
 
 
 def effective_parameter(module: nn.Module, attr: str) -> torch.Tensor:
@@ -52,12 +80,15 @@ class ParamResolver:
     """Resolves full parameter names to their current effective tensors.
 
     Owners are looked up once; the attribute is read on every call so that replaced
-    parameters, parametrizations and pruning masks are always current.
+    parameters, parametrizations and pruning masks are always current. The resolver also
+    keeps the scratch buffers its plans share (one per dtype and device).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._owners: dict[str, tuple[nn.Module, str]] = {}
+        self._scratch: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+        self._lookups: dict[tuple[str, ...], list[tuple[dict[str, Any], str]]] = {}
 
     def owner(self, name: str) -> tuple[nn.Module, str]:
         if name not in self._owners:
@@ -71,95 +102,50 @@ class ParamResolver:
 
     def __call__(self, name: str) -> torch.Tensor:
         owner, attr = self.owner(name)
-        value = effective_parameter(owner, attr)
+        # a registered parameter is never pruned or parametrized (both move it away)
+        value = owner._parameters.get(attr)
+        if value is None:
+            value = effective_parameter(owner, attr)
         if value is None:
             raise PlanError(f"Parameter {name!r} is None; the structure is out of date.")
         return value
 
     def many(self, names: Iterable[str]) -> list[torch.Tensor]:
-        return [self(n) for n in names]
+        names = tuple(names)
+        lookups = self._lookups.get(names)
+        if lookups is None:
+            lookups = [(self.owner(n)[0]._parameters, self.owner(n)[1]) for n in names]
+            self._lookups[names] = lookups
+        out = [params.get(attr) for params, attr in lookups]
+        if any(t is None for t in out):  # pruned, parametrized or plain tensors: the slow way
+            return [t if t is not None else self(n) for t, n in zip(out, names)]
+        return out  # type: ignore[return-value]
+
+    def scratch(self, dtype: torch.dtype, device: torch.device, numel: int, slot: int = 0) -> torch.Tensor:
+        """A reused 1-D buffer of ``numel`` elements (contents undefined).
+
+        Reuse matters on CPU: a fresh multi-megabyte buffer is fresh pages, and faulting
+        them in costs more than the arithmetic written into them. ``slot`` tells apart
+        buffers of one dtype that are needed at the same time.
+        """
+        key = (dtype, device, slot)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._scratch[key] = buffer
+        return buffer[:numel]
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes the scratch buffers hold now."""
+        return sum(b.numel() * b.element_size() for b in self._scratch.values())
 
 
 def _full_name(module_name: str, param: str) -> str:
     return f"{module_name}.{param}" if module_name else param
 
 
-class _Key:
-    """One distinct (parameter, dims, view) reduction."""
-
-    __slots__ = ("name", "dims", "view", "shape", "length", "per_position", "offset")
-
-    def __init__(self, name: str, piece: MemberSlice, shape: tuple[int, ...]) -> None:
-        self.name = name
-        self.dims = piece.dims
-        self.view = piece.view
-        self.shape = piece.viewed_shape(shape)
-        self.length = piece.axis_length(shape)
-        self.per_position = piece.elements_per_position(shape)
-        self.offset = 0
-        ndim = len(self.shape)
-        if any(not -ndim <= d < ndim for d in self.dims):
-            raise PlanError(f"Slice of {name!r} uses dims {self.dims} on shape {self.shape}.")
-        self.dims = tuple(d % ndim for d in self.dims)
-
-    @property
-    def leading_rows(self) -> bool:
-        """Whether the positions are the leading dims (rows of a contiguous 2-D view)."""
-        return self.dims == tuple(range(len(self.dims)))
-
-    def reduce(self, values: torch.Tensor, maximum: bool = False) -> torch.Tensor:
-        """Sum (or max) ``values`` (already element-wise transformed) over the other dims.
-
-        Reductions run in contiguity-friendly stages on views: the dims before the first
-        sliced dim are reduced as columns of a 2-D view, then the dims after the last one as
-        rows, and anything in between on the (by then small) remainder. No slice is ever
-        copied. Returns one value per position, row-major over ``dims`` in their given order.
-        """
-        t = values.reshape(self.shape)
-        kept = sorted(self.dims)
-        first, last = kept[0], kept[-1]
-        # leading dims first: a column reduction of the full tensor streams contiguously
-        # and leaves a much smaller tensor for the (short) trailing rows
-        if first > 0:
-            t = t.reshape(math.prod(self.shape[:first]), -1)
-            t = t.amax(0) if maximum else t.sum(0)
-        if last < len(self.shape) - 1:
-            t = t.reshape(math.prod(self.shape[first : last + 1]), -1)
-            t = t.amax(1) if maximum else t.sum(1)
-        t = t.reshape(self.shape[first : last + 1])
-        middle = [d - first for d in range(first, last + 1) if d not in kept]
-        if middle:
-            t = t.amax(dim=middle) if maximum else t.sum(dim=middle)
-        if list(self.dims) != kept:
-            order = sorted(range(len(self.dims)), key=lambda i: self.dims[i])
-            t = t.permute(*[order.index(i) for i in range(len(self.dims))])
-        if len(kept) == len(self.shape):
-            return t.reshape(-1).clone()  # nothing was reduced: do not hand out the scratch
-        return t.reshape(-1)
-
-
-    def broadcast(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-position ``values`` spread over the viewed shape (an expanded view, no copy)."""
-        kept = sorted(self.dims)
-        if list(self.dims) != kept:
-            sizes = [self.shape[d] for d in self.dims]
-            order = [self.dims.index(d) for d in kept]
-            values = values.reshape(sizes).permute(*order)
-        shape = [self.shape[d] if d in kept else 1 for d in range(len(self.shape))]
-        return values.reshape(shape).expand(self.shape)
-
-
-def _elementwise(tensor: torch.Tensor, op: str) -> torch.Tensor:
-    if op == "sum_sq":
-        return tensor * tensor
-    if op in ("l1", "max_abs"):
-        return tensor.abs()
-    if op == "zeros":
-        return tensor == 0
-    return tensor
-
-
-_ROW_NORMS = {"sum_sq": 2, "l1": 1, "max_abs": math.inf}
+# ------------------------------------------------------------------------------- plans
 
 
 class ReductionPlan:
@@ -179,11 +165,13 @@ class ReductionPlan:
         keep: Callable[[CanonicalUnitGroup, str], bool] | None = None,
     ) -> None:
         self.resolver = resolver
+        self.small = SMALL_ELEMENTS
+        self.scratch_limit = SCRATCH_ELEMENTS
         self.num_units = sum(g.n_units for g in groups)
-        keys: dict[tuple[Any, ...], _Key] = {}
+        keys: dict[tuple[Any, ...], Key] = {}
         index_of: dict[tuple[Any, ...], int] = {}
-        gather: list[list[int]] = []
-        units: list[list[int]] = []
+        gather: list[list[torch.Tensor]] = []
+        units: list[list[torch.Tensor]] = []
         for group in groups:
             for member, piece in group.iter_slices():
                 if keep is not None and not keep(group, member.module_name):
@@ -192,45 +180,48 @@ class ReductionPlan:
                 signature = (name, piece.dims, piece.view)
                 if signature not in keys:
                     shape = tuple(resolver(name).shape)
-                    keys[signature] = _Key(name, piece, shape)
+                    keys[signature] = Key(name, piece, shape)
                     index_of[signature] = len(gather)
                     gather.append([])
                     units.append([])
                 index = index_of[signature]
                 key = keys[signature]
-                if any(not 0 <= p < key.length for p in piece.positions):
+                positions = torch.tensor(piece.positions, dtype=torch.long)
+                if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= key.length):
                     raise PlanError(f"Positions of {name!r} exceed its {key.length} slices.")
-                gather[index].extend(piece.positions)
-                units[index].extend(group.offset + u for u in piece.units)
+                gather[index].append(positions)
+                units[index].append(torch.tensor(piece.units, dtype=torch.long) + group.offset)
         self.keys = list(keys.values())
-        offset = 0
-        for key in self.keys:
-            key.offset = offset
-            offset += key.length
-        self.num_positions = offset
-        flat_gather = [k.offset + p for k, g in zip(self.keys, gather) for p in g]
-        flat_units = [u for us in units for u in us]
-        units_tensor = torch.tensor(flat_units, dtype=torch.long)
-        # owned positions sorted by unit: one deterministic segment reduction per call (an
-        # index_add would use atomics on GPUs, and the same weights could sum differently)
-        order = torch.argsort(units_tensor, stable=True)
-        self._gather = torch.tensor(flat_gather, dtype=torch.long)[order]
-        self._lengths = torch.bincount(units_tensor, minlength=self.num_units)
-        self._units = units_tensor
         self._param_names = list(dict.fromkeys(k.name for k in self.keys))
-        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        self._recipes: dict[int, Any] = {}
-        self._largest = max((math.prod(resolver(n).shape) for n in self._param_names), default=0)
+        param_index = {n: i for i, n in enumerate(self._param_names)}
         self._keys_by_param: dict[int, list[int]] = {}
         for k, key in enumerate(self.keys):
-            self._keys_by_param.setdefault(self._param_names.index(key.name), []).append(k)
-        per_position = torch.tensor(
-            [k.per_position for k, g in zip(self.keys, gather) for _ in g], dtype=torch.float64
-        )
+            self._keys_by_param.setdefault(param_index[key.name], []).append(k)
+        members = [
+            Member(name, tuple(resolver(name).shape), list(self._keys_by_param[i]), False, None)
+            for i, name in enumerate(self._param_names)
+        ]
+        self._main = Layout(members, self.keys, self.small, self.scratch_limit)
+        for k, key in enumerate(self.keys):
+            key.offset = self._main.key_offset[k]
+        self.num_positions = self._main.num_positions
+        per_key = [(torch.cat(g) if g else torch.zeros(0, dtype=torch.long)) for g in gather]
+        flat_gather = torch.cat([g + key.offset for g, key in zip(per_key, self.keys)]) if per_key else torch.zeros(0, dtype=torch.long)
+        flat_units = torch.cat([torch.cat(u) for u in units if u]) if units else torch.zeros(0, dtype=torch.long)
+        per_position = torch.cat([torch.full((len(g),), float(key.per_position), dtype=torch.float64)
+                                  for g, key in zip(per_key, self.keys)]) if per_key else torch.zeros(0, dtype=torch.float64)
+        # owned positions sorted by unit: one deterministic segment reduction per call (an
+        # index_add would use atomics on GPUs, and the same weights could sum differently)
+        order = torch.argsort(flat_units, stable=True)
+        self._gather_cpu = flat_gather[order]
+        self._gather = self._gather_cpu.to(index_dtype(self.num_positions))
+        counts = torch.bincount(flat_units, minlength=self.num_units) if len(flat_units) else torch.zeros(self.num_units, dtype=torch.long)
+        self._lengths = counts.to(index_dtype(int(counts.max()) if len(counts) else 0))
         numel = torch.zeros(self.num_units, dtype=torch.float64)
-        numel.index_add_(0, self._units, per_position)
+        numel.index_add_(0, flat_units, per_position)
         self._numel = numel
         self._device: torch.device | None = None
+        self._scanners: dict[Any, Scanner] = {}
 
     # ------------------------------------------------------------------------- internals
 
@@ -241,62 +232,128 @@ class ReductionPlan:
             self._device = device
         return self._gather, self._lengths
 
-    def _positions(self, op: str, tensors: Sequence[torch.Tensor], fused: bool = True) -> torch.Tensor:
-        """Per-position reductions of every key, concatenated in key order.
+    def _uniform(self, pas: Layout, tensors: Sequence[torch.Tensor]) -> bool:
+        """Check every tensor's shape; whether those copied into flat buffers share a dtype.
 
-        Each parameter is transformed element-wise once (square, abs, ``== 0``) and every
-        key of it reduces that one tensor. With ``fused``, parameters whose keys are all
-        leading rows use one ``vector_norm`` per row and write nothing.
+        (A device mismatch among them makes the copy fail; :meth:`_run` then falls back.)
         """
-        parts: list[torch.Tensor | None] = [None] * len(self.keys)
-        maximum = op == "max_abs"
-        for pi, key_ids in self._keys_by_param.items():
-            tensor = tensors[pi]
-            keys = [self.keys[k] for k in key_ids]
-            if fused and op in _ROW_NORMS and all(k.leading_rows for k in keys):
-                for k, key in zip(key_ids, keys):
-                    rows = tensor.reshape(key.length, -1)
-                    norm = torch.linalg.vector_norm(rows, _ROW_NORMS[op], dim=1)
-                    parts[k] = norm.square() if op == "sum_sq" else norm
-                continue
-            if tensor.requires_grad and torch.is_grad_enabled():
-                values = _elementwise(tensor, op)
+        if len(tensors) != len(pas.shapes) or any(t.shape != s for t, s in zip(tensors, pas.shapes)):
+            self._check_shapes(pas, tensors)
+        if not pas.flat_members:
+            return True
+        dtype = tensors[pas.flat_members[0]].dtype
+        return all(tensors[i].dtype is dtype for i in pas.flat_members)
+
+    def _check_shapes(self, pas: Layout, tensors: Sequence[torch.Tensor]) -> None:
+        if len(tensors) != len(pas.members):
+            raise PlanError(f"Expected {len(pas.members)} tensors (one per parameter), got {len(tensors)}.")
+        for member, tensor in zip(pas.members, tensors):
+            if tensor.shape != member.shape:
+                raise PlanError(
+                    f"Parameter {member.name!r} has shape {tuple(tensor.shape)}, but the structure was "
+                    f"built for {member.shape}; the structure is out of date (rebuild the WeightTracker)."
+                )
+
+    def _positions(self, op: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-position reductions of every key, concatenated in position order (no grad).
+
+        ``op``: ``sum``, ``sum_sq``, ``l1``, ``max_abs`` (exact, from magnitude bits) or
+        ``nonzeros`` (int counts per position).
+        """
+        kind = {"max_abs": "max", "nonzeros": "nz"}.get(op, op)
+        with torch.no_grad():
+            return torch.cat(self._run(self._main, kind, tensors))
+
+    def _run(self, pas: Layout, kind: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-key parts of every pack of ``pas``, in position order."""
+        uniform = self._uniform(pas, tensors)
+        parts: list[torch.Tensor] = []
+        for pack in pas.packs:
+            first = tensors[pack.batches[0].members[0]]
+            if pack.flat and uniform and _runs_flat(first.dtype, kind):
+                mark = len(parts)
+                try:
+                    self._run_flat(pack, kind, tensors, parts)
+                    continue
+                except RuntimeError:  # parameters on several devices: one at a time below
+                    if not _several_devices(pack, tensors):
+                        raise
+                    del parts[mark:]
+            if pack.flat or not _runs_flat(first.dtype, kind):
+                for batch in pack.batches:
+                    _run_each(batch, kind, tensors, parts)
             else:
-                values = self._elementwise_scratch(tensor, op)
-            for k, key in zip(key_ids, keys):
-                parts[k] = key.reduce(values, maximum)
+                self._run_large(pack.batches[0], kind, first, parts)
+        return parts
+
+    def _run_flat(self, pack: Pack, kind: str, tensors: Sequence[torch.Tensor], parts: list[torch.Tensor]) -> None:
+        first = tensors[pack.batches[0].members[0]]
+        dtype = first.dtype
+        flat = flat_copy([tensors[m] for b in pack.batches for m in b.members], pack.numel, self.resolver)
+        values = _transform_(flat, kind)
+        how = _HOW[kind]
+        for batch in pack.batches:
+            chunk = values[batch.start : batch.start + batch.n * batch.numel]
+            for key, _ in batch.keys:
+                part = key.positions(chunk, how, copy=True, n=batch.n)
+                parts.append(part.view(dtype) if how == "max" else part)
+
+    def _run_large(self, batch: Batch, kind: str, tensor: torch.Tensor, parts: list[torch.Tensor]) -> None:
+        dtype = tensor.dtype
+        how = _HOW[kind]
+        if kind == "sum" or (kind == "sum_sq" and batch.rows):
+            for key, _ in batch.keys:
+                if kind == "sum":
+                    parts.append(key.positions(tensor, "sum", copy=False, n=1))
+                else:  # every key is leading rows: one fused norm per row, nothing written
+                    rows = tensor.reshape(key.length, -1)
+                    parts.append(torch.linalg.vector_norm(rows, 2, dim=1).square_())
+            return
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        source = tensor.reshape(-1)
+        if batch.chunks is None:
+            values = _transform(source, kind, self.resolver.scratch(dtype, tensor.device, batch.numel))
+            for key, _ in batch.keys:
+                part = key.positions(values, how, copy=True, n=1)
+                parts.append(part.view(dtype) if how == "max" else part)
+            return
+        acc_dtype = {"max": _MAGNITUDE[dtype][0], "nz": torch.long}.get(kind, dtype)
+        accs = [torch.zeros(key.length, dtype=acc_dtype, device=tensor.device) for key, _ in batch.keys]
+        views = [acc.view([key.shape[d] for d in key.dims]).permute(*[key.dims.index(d) for d in key.keep])
+                 for acc, (key, _) in zip(accs, batch.keys)]
+        scratch = self.resolver.scratch(dtype, tensor.device, max(c.stop - c.start for c in batch.chunks))
+        for chunk in batch.chunks:
+            values = _transform(source[chunk.start : chunk.stop], kind, scratch[: chunk.stop - chunk.start])
+            for (key, _), view, (extents, where) in zip(batch.keys, views, chunk.boxes):
+                result = reduce_keep(values.view(1, *extents), extents, key.keep, how)
+                target = view[where]
+                result = result.view(target.shape)
+                if how == "max":
+                    target.copy_(torch.maximum(target, result))
+                else:
+                    target.add_(result)
+        parts.extend(acc.view(dtype) if how == "max" else acc for acc in accs)
+
+    def _recipe(self, batch: Batch) -> Any:
+        """The cached backward recipe of one batch (see ``plan_backward.backward_recipe``)."""
+        if batch.recipe is False:  # widening a short broadcast pays off from ~64K elements
+            batch.recipe = backward_recipe(batch.keys, widen=batch.numel >= 1 << 16)
+        return batch.recipe
+
+    def _positions_autograd(self, op: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Positions with autograd through plain tensor ops (ops without a hand-written backward)."""
+        self._uniform(self._main, tensors)
+        parts: list[torch.Tensor] = []
+        for pack in self._main.packs:
+            for batch in pack.batches:
+                for key, _ in batch.keys:
+                    for m in batch.members:
+                        values = _elementwise(tensors[m], op).reshape(1, *key.shape)
+                        parts.append(key.positions(values, "max" if op == "max_abs" else "sum", copy=False))
         if op == "zeros":
-            return torch.cat([p.to(torch.float64) for p in parts])  # type: ignore[union-attr]
-        return torch.cat(parts)  # type: ignore[arg-type]
-
-    def _elementwise_scratch(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        """``_elementwise`` written into a buffer the plan keeps between calls.
-
-        Large temporaries would otherwise be fresh allocations on every call, and on CPU
-        the page faults of fresh memory cost as much as the arithmetic. One buffer, the
-        size of the largest parameter, is reused parameter after parameter.
-        """
-        if op == "sum":
-            return tensor
-        dtype = torch.bool if op == "zeros" else tensor.dtype
-        key = (dtype, tensor.device)
-        buffer = self._scratch.get(key)
-        if buffer is None or buffer.numel() < tensor.numel():
-            buffer = torch.empty(self._largest, dtype=dtype, device=tensor.device)
-            self._scratch[key] = buffer
-        out = buffer[: tensor.numel()].view(tensor.shape)
-        if op == "sum_sq":
-            return torch.mul(tensor, tensor, out=out)
-        if op == "zeros":
-            return torch.eq(tensor, 0, out=out)
-        return torch.abs(tensor, out=out)
-
-    def _recipe(self, param_index: int) -> Any:
-        """The cached backward recipe of one parameter (see ``plan_backward.backward_recipe``)."""
-        if param_index not in self._recipes:
-            keys = [self.keys[k] for k in self._keys_by_param[param_index]]
-            self._recipes[param_index] = backward_recipe(keys)
-        return self._recipes[param_index]
+            return torch.cat([p.to(torch.float64) for p in parts])
+        return torch.cat(parts)
 
     # ---------------------------------------------------------------------------- public
 
@@ -324,27 +381,38 @@ class ReductionPlan:
 
         Returns:
             A tensor of length ``num_units`` on the parameters' device.
+
+        Raises:
+            NonFiniteWeightError: ``sum``, ``sum_sq``, ``l1``, ``l2`` or ``max_abs`` met a
+                NaN or inf weight (names the parameter).
         """
         if op not in UNIT_OPS:
             raise PlanError(f"Unknown reduction {op!r}; choose one of {', '.join(UNIT_OPS)}.")
         if op == "numel":
             return self.unit_numel()
-        if op == "nonzeros":
-            zeros = self.unit_reduce("zeros", tensors=tensors)
-            return self._numel.to(zeros) - zeros
+        given = tensors is not None
         if tensors is None:
             tensors = self.resolver.many(self._param_names)
         if not tensors:
-            return torch.zeros(self.num_units)
+            return torch.zeros(self.num_units, dtype=torch.float64 if op in ("zeros", "nonzeros") else torch.float32)
         device, dtype = tensors[0].device, tensors[0].dtype
         gather, lengths = self._indices(device)
+        if op in ("zeros", "nonzeros"):
+            with torch.no_grad():
+                positions = self._positions("nonzeros", tensors)
+                values = positions.index_select(0, gather).to(torch.float64)
+                nonzeros = (torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True, initial=0.0)
+                            if self.num_units else values.new_zeros(0))
+                return nonzeros if op == "nonzeros" else self._numel.to(nonzeros) - nonzeros
         inner = "sum_sq" if op == "l2" else op
         grad = grad and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             if grad and inner in ANALYTIC_GRADS:
                 positions = PositionReduction.apply(self, inner, *tensors)
+            elif grad:
+                positions = self._positions_autograd(inner, tensors)
             else:
-                positions = self._positions(inner, tensors, fused=not grad)
+                positions = self._positions(inner, tensors)
             values = positions.index_select(0, gather)
             if self.num_units == 0:
                 out = values.new_zeros(0)
@@ -353,13 +421,118 @@ class ReductionPlan:
                     values, "max" if op == "max_abs" else "sum", lengths=lengths,
                     unsafe=True, initial=0.0,
                 )
+            if op in _CHECKED_OPS:  # before the square root, which maps NaN to 0
+                self.check_finite(out.detach(), tensors, given=given)
             if op == "l2":
                 out = safe_sqrt(out)
-        return out if op == "zeros" else out.to(dtype)
+        return out.to(dtype)
+
+    def scanner(self, count: Sequence[str] = (), blocks: Sequence[tuple[str, int]] = (), block: int = 4) -> Scanner:
+        """A compiled one-pass scan (see :class:`Scanner`), cached per arguments.
+
+        Args:
+            count: Parameters (full names) whose non-zero elements to count.
+            blocks: ``(parameter, axis)`` pairs whose zeros per block of ``block``
+                consecutive elements along ``axis`` to histogram.
+            block: Block length.
+        """
+        key = (tuple(count), tuple(blocks), block)
+        if key not in self._scanners:
+            self._scanners[key] = Scanner(self, count, blocks, block)
+        return self._scanners[key]
+
+    def check_finite(self, values: torch.Tensor, tensors: Sequence[torch.Tensor] | None = None, *,
+                     given: bool = False) -> None:
+        """Raise :class:`NonFiniteWeightError` if per-unit ``values`` hold NaN or inf.
+
+        The check is one reduction of ``values`` (a non-finite weight propagates into every
+        per-unit sum and max); only then are the parameters searched for the culprit.
+        Values that overflowed from finite weights pass.
+        """
+        if values.numel() == 0 or bool(torch.isfinite(values).all()):
+            return
+        if tensors is None:
+            tensors = self.resolver.many(self._param_names)
+        for name, tensor in zip(self._param_names, tensors):
+            error = nonfinite_error(name, tensor, given)
+            if error is not None:
+                raise error
 
     def group_values(self, values: torch.Tensor, group: CanonicalUnitGroup) -> torch.Tensor:
         """The slice of a per-unit tensor that belongs to ``group``."""
         return values[group.offset : group.offset + group.n_units]
+
+
+# ----------------------------------------------------------------------- element-wise
+
+
+_HOW = {"sum": "sum", "sum_sq": "sum", "l1": "sum", "max": "max", "nz": "isum"}
+
+
+def _several_devices(pack: Pack, tensors: Sequence[torch.Tensor]) -> bool:
+    return len({tensors[m].device for b in pack.batches for m in b.members}) > 1
+
+
+def _runs_flat(dtype: torch.dtype, kind: str) -> bool:
+    """Whether the scratch paths handle ``dtype`` for ``kind`` (bit tricks need IEEE floats)."""
+    if kind in ("max", "nz"):
+        return dtype in _MAGNITUDE
+    return dtype.is_floating_point
+
+
+def _transform_(flat: torch.Tensor, kind: str) -> torch.Tensor:
+    """The element-wise step of ``kind``, in place on a scratch copy."""
+    if kind == "sum_sq":
+        return flat.mul_(flat)
+    if kind == "l1":
+        return flat.abs_()
+    if kind in ("max", "nz"):
+        itype, mask = _MAGNITUDE[flat.dtype]
+        bits = flat.view(itype).bitwise_and_(mask)
+        return bits.clamp_max_(1) if kind == "nz" else bits
+    return flat
+
+
+def _transform(source: torch.Tensor, kind: str, out: torch.Tensor) -> torch.Tensor:
+    """The element-wise step of ``kind`` from ``source`` into scratch ``out``."""
+    if kind == "sum_sq":
+        return torch.mul(source, source, out=out)
+    if kind == "l1":
+        return torch.abs(source, out=out)
+    if kind in ("max", "nz"):
+        itype, mask = _MAGNITUDE[source.dtype]
+        bits = torch.bitwise_and(source.view(itype), mask, out=out.view(itype))
+        return bits.clamp_max_(1) if kind == "nz" else bits
+    return source
+
+
+def _elementwise(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    if op == "sum_sq":
+        return tensor * tensor
+    if op in ("l1", "max_abs"):
+        return tensor.abs()
+    if op == "zeros":
+        return tensor == 0
+    return tensor
+
+
+def _run_each(batch: Batch, kind: str, tensors: Sequence[torch.Tensor], parts: list[torch.Tensor]) -> None:
+    """A batch one parameter at a time with plain tensor ops (mixed dtypes or devices,
+    non-IEEE dtypes): no shared scratch, temporaries as large as each parameter."""
+    how = _HOW[kind]
+    per_key: list[list[torch.Tensor]] = [[] for _ in batch.keys]
+    for m in batch.members:
+        tensor = tensors[m]
+        if kind == "max":
+            values = tensor.abs()
+        elif kind == "nz":
+            values = (tensor != 0).to(torch.int32)
+        else:
+            values = _elementwise(tensor, kind)
+        for j, (key, _) in enumerate(batch.keys):
+            per_key[j].append(key.positions(values.reshape(1, *key.shape), how, copy=False))
+    for group in per_key:
+        parts.extend(group)
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -132,6 +133,46 @@ def _inference_mode_for_counting(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
+#: The hook dicts of ``nn.Module`` that fvcore (or a tracer) may add entries to.
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_backward_hooks", "_backward_pre_hooks",
+)
+
+
+@contextlib.contextmanager
+def _hooks_restored(model: nn.Module) -> Iterator[None]:
+    """Remove every hook added to ``model``'s modules inside the block, however it exits.
+
+    fvcore registers scope hooks on every module and removes them only when tracing
+    succeeds; a failed trace (or a KeyboardInterrupt) would leave them behind, and their
+    local classes make the model unpicklable.
+    """
+    before = [(m, {n: set(getattr(m, n)) for n in _HOOK_DICTS if isinstance(getattr(m, n, None), dict)})
+              for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, saved in before:
+            for name, keys in saved.items():
+                hooks = getattr(module, name)
+                for key in [k for k in hooks if k not in keys]:
+                    del hooks[key]
+
+
+def _dtype_hint(model: nn.Module, leaves: Sequence[torch.Tensor]) -> str:
+    """A sentence naming a float dtype mismatch between parameters and inputs, if any."""
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    inputs = {t.dtype for t in leaves if t.is_floating_point()}
+    if len(params) == 1 and inputs and inputs != params:
+        (param,) = params
+        given = ", ".join(sorted(str(d) for d in inputs))
+        return (f" The model's parameters are {param} but the example inputs are {given}: "
+                f"create the WeightTracker again with inputs of {param} (e.g. `x.to({param})`).")
+    return ""
+
+
 def fvcore_macs_by_operator(
     model: nn.Module, example_inputs: Any, forward_fn: Any = None
 ) -> dict[str, dict[str, int]]:
@@ -159,7 +200,7 @@ def fvcore_macs_by_operator(
     logger = logging.getLogger("fvcore")
     level = logger.level
     try:
-        with _inference_mode_for_counting(model), warnings.catch_warnings():
+        with _hooks_restored(model), _inference_mode_for_counting(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logger.setLevel(logging.ERROR)
             analysis = FlopCountAnalysis(wrapper, tuple(leaves))
@@ -169,10 +210,12 @@ def fvcore_macs_by_operator(
             counts = analysis.by_module_and_operator()
     except Exception as err:  # fvcore and the JIT tracer raise many kinds
         raise ConfigError(
-            f"fvcore could not count the MACs of {type(model).__name__} with the tracker's "
-            f"example inputs ({type(err).__name__}: {err}). BOPs need a model that "
-            "torch.jit.trace can follow; pass forward_fn= to WeightTracker if the model "
-            "needs a special call."
+            f"fvcore could not count the baseline MACs of {type(model).__name__}: tracing it "
+            f"with the tracker's example inputs failed ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})."
+            f"{_dtype_hint(model, leaves)} BOPs need a model that torch.jit.trace can follow; "
+            "pass forward_fn= to WeightTracker if the model needs a special call. The model "
+            "is unchanged (fvcore's hooks are removed)."
         ) from err
     finally:
         logger.setLevel(level)
@@ -218,9 +261,24 @@ def _device(structure: Any) -> torch.device:
     return next((p.device for p in structure.model.parameters()), torch.device("cpu"))
 
 
+#: Per structure and kind: the bit-width vector when no function is given (all 32).
+_DEFAULT_BITS: weakref.WeakKeyDictionary[Any, dict[Any, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 def _bits(ctx: Any, kind: str) -> torch.Tensor:
-    """Bit-widths of every layer of the table; the function is called for weighted layers."""
+    """Bit-widths of every layer of the table; the function is called for weighted layers.
+
+    Without a function every layer has 32 bits: that vector is built once per structure
+    (consumers only read it).
+    """
     structure = ctx.structure
+    if getattr(structure, f"{kind}_bitwidth_fn", None) is None:
+        cache = _DEFAULT_BITS.setdefault(structure, {})
+        device = _device(structure)
+        if (kind, device) not in cache:
+            cache[(kind, device)] = torch.full((len(structure.modules),), float(DEFAULT_BITS),
+                                               dtype=torch.float64, device=device)
+        return cache[(kind, device)]
     infos = structure.modules
     weighted = [i for i in infos if i.category is LayerCategory.WEIGHTED]
     values = [float(DEFAULT_BITS)] * len(infos)

@@ -128,6 +128,10 @@ class CostModel:
             for info in structure.modules
             if (rule := rules.rule_for(info.module_type)) is not None and rule.cost_fn is not None
         )
+        # index tensors in int32 where the kernels take it (scatter_reduce needs int64)
+        for name in ("axis_layer", "slot_axis", "cov_slot", "cov_unit", "pair_axis_of_cover",
+                     "term_layer", "pair_axis"):
+            setattr(self, name, getattr(self, name).to(torch.int32))
         self._on: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._shares: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 

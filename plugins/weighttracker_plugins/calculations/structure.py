@@ -2,6 +2,12 @@
 
 All are over every member of every group; consumers with ``include`` / ``ignore`` build
 their own plan through ``ctx.structure.plan(selection)``.
+
+``weight_scan`` is the one read of the weights that every "is it zero" metric shares:
+whether each unit owns a non-zero weight (``unit_active``), the non-zero count of every
+weight parameter of the layer table (``weight_param_zeros``) and the histogram of zeros
+per block of 4 along the input axis of every weight with 2 or more dims (the 2:4
+tracker). Each parameter is read once per ``track()``, whichever of those trackers exist.
 """
 
 from __future__ import annotations
@@ -9,8 +15,47 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from weighttracker_core import CalculationSpec, Lifetime, hookimpl
+
+#: Block length of the N:M block histograms in ``weight_scan`` (NVIDIA 2:4).
+BLOCK = 4
+
+
+def input_axis(module: nn.Module) -> int:
+    """The dim of a weight that a GEMM reduces over (1, or 0 for transposed convs)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        return 0
+    return 1
+
+
+def block_params(structure: Any) -> list[tuple[str, int]]:
+    """``(weight name, input axis)`` of every weight of the layer table with 2+ dims.
+
+    Embedding tables are left out (a lookup, not a GEMM): the 2:4 tracker histograms one
+    itself when ``include=`` names it.
+    """
+    out = []
+    for info in structure.modules:
+        module = structure.module(info.name)
+        if isinstance(module, nn.Embedding):
+            continue
+        for name in info.weight_params:
+            if structure.resolver(name).dim() >= 2:
+                out.append((name, input_axis(module)))
+    return out
+
+
+def weight_scanner(ctx: Any) -> Any:
+    """The compiled one-pass scan (static; see ``ReductionPlan.scanner``)."""
+    table = ctx["weight_param_table"]
+    return _plan(ctx).scanner(count=table.names, blocks=block_params(ctx.structure), block=BLOCK)
+
+
+def weight_scan(ctx: Any) -> Any:
+    """One read of every weight: ``unit_nonzero``, ``nonzeros``, ``block_zeros``, ``totals``."""
+    return ctx["weight_scanner"]()
 
 
 def _plan(ctx: Any) -> Any:
@@ -41,9 +86,15 @@ def unit_zero_count(ctx: Any) -> torch.Tensor:
 
 
 def unit_active(ctx: Any) -> torch.Tensor:
-    """A unit is active while any of its weights is non-zero (units without weights count)."""
-    numel = ctx["unit_numel"].to(ctx["unit_max_abs"].device)
-    return (ctx["unit_max_abs"] != 0) | (numel == 0)
+    """A unit is active while any of its weights is non-zero (units without weights count).
+
+    Raises ``NonFiniteWeightError`` (naming the parameter) when a unit holds NaN or inf:
+    such a unit is neither zero nor active in any meaningful sense.
+    """
+    scan = ctx["weight_scan"]
+    ctx["weight_scanner"].check_finite(scan)
+    numel = ctx["unit_numel"].to(scan.unit_nonzero.device)
+    return scan.unit_nonzero | (numel == 0)
 
 
 def unit_l2_norm_grad(ctx: Any) -> torch.Tensor:
@@ -57,11 +108,17 @@ CALCULATIONS = (
                     summary="Sum of squared weights per unit."),
     CalculationSpec(name="unit_l2_norm", compute=unit_l2_norm, requires=("unit_sum_sq",),
                     summary="L2 norm of all coupled weights per unit."),
+    CalculationSpec(name="weight_scanner", compute=weight_scanner, requires=("weight_param_table",),
+                    lifetime=Lifetime.STATIC,
+                    summary="The compiled one-pass scan of every weight (zero tests, counts, 2:4 blocks)."),
+    CalculationSpec(name="weight_scan", compute=weight_scan, requires=("weight_scanner",),
+                    summary="Per-unit non-zero flags, per-weight non-zeros and 2:4 block histograms, in one read."),
     CalculationSpec(name="unit_max_abs", compute=unit_max_abs,
                     summary="Largest absolute weight per unit."),
     CalculationSpec(name="unit_zero_count", compute=unit_zero_count,
                     summary="Zero weights per unit."),
-    CalculationSpec(name="unit_active", compute=unit_active, requires=("unit_numel", "unit_max_abs"),
+    CalculationSpec(name="unit_active", compute=unit_active,
+                    requires=("unit_numel", "weight_scanner", "weight_scan"),
                     summary="Whether each unit has a non-zero weight."),
     CalculationSpec(name="unit_l2_norm_grad", compute=unit_l2_norm_grad, lifetime=Lifetime.DIFFERENTIABLE,
                     summary="Per-unit L2 norm with autograd (regularizers)."),

@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import ConfigError, MemberSlice, Selection, Structure, stored_parameter
+from weighttracker_core import (
+    ConfigError,
+    MemberSlice,
+    NonFiniteWeightError,
+    Selection,
+    Structure,
+    stored_parameter,
+)
 
 
 def check_rate(name: str, value: Any) -> float:
@@ -218,9 +225,9 @@ class ProximalStep:
         return factors
 
 
-def _non_finite_error(culprits: dict[str, str]) -> ConfigError:
+def _non_finite_error(culprits: dict[str, str]) -> NonFiniteWeightError:
     listed = "; ".join(f"{name!r} has {what}" for name, what in culprits.items())
-    return ConfigError(
+    return NonFiniteWeightError(
         f"proximal_step_ refused: {listed}. Nothing was changed: the norm of a unit with a "
         "non-finite weight is meaningless, and the step would zero its finite weights while the "
         "NaN stayed. Replace those values (reload a checkpoint; if training diverged, lower the "

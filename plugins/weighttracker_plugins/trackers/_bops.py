@@ -88,7 +88,7 @@ class BopsTracker:
         self.options: BopsOptions = ctx.options
         self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name)
         self.labels = [layer_label(info.name) for info in self.layers]
-        self._rows = torch.tensor([info.index for info in self.layers], dtype=torch.long)
+        self._rows = torch.tensor([info.index for info in self.layers], dtype=torch.int32)
         # bit-widths of weighted layers come from the shared calculations; layers of other
         # categories that include= adds are asked here, on every track() as well
         self._extra = [(i, info) for i, info in enumerate(self.layers) if info.category is not LayerCategory.WEIGHTED]
@@ -138,14 +138,27 @@ class BopsTracker:
             bits = bits.index_copy(0, where, torch.tensor(extra, dtype=bits.dtype, device=bits.device))
         return bits
 
+    def _baseline(self, values: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Dense 32x32-bit BOPs per counted layer, their sum, the sum clamped, and whether it
+        is positive (static)."""
+        key = ("baseline", device)
+        if key not in self._device_cache:
+            rows, norm = self._on(device)
+            base_macs = values["layer_baseline_macs"].to(device).index_select(0, rows) if norm is None else norm
+            baseline = base_macs * BASELINE_BITS
+            total = baseline.sum()
+            self._device_cache[key] = (baseline, total, total.clamp(min=1e-300), bool(total > 0))  # type: ignore[assignment]
+        return self._device_cache[key]  # type: ignore[return-value]
+
     def track(self, values: Any) -> dict[str, Any]:
         macs = self.active_macs(values)
-        rows, norm = self._on(macs.device)
+        rows, _ = self._on(macs.device)
         bops = macs.index_select(0, rows) * self._bits(values, "weight", rows) * self._bits(values, "activation", rows)
-        base_macs = values["layer_baseline_macs"].to(macs.device).index_select(0, rows) if norm is None else norm
-        baseline = base_macs * BASELINE_BITS
-        total, total_baseline = bops.sum(), baseline.sum()
-        out: dict[str, Any] = {"compression": _compression(total, total_baseline)}
+        baseline, total_baseline, clamped, positive = self._baseline(values, macs.device)
+        total = bops.sum()
+        # 1 - bops / baseline, and 0 without a baseline (nothing to compress)
+        compression = 1 - total / clamped if positive else torch.zeros_like(total)
+        out: dict[str, Any] = {"compression": compression}
         if self.options.log_total_bops:
             out["bops"] = total
             out["baseline"] = total_baseline

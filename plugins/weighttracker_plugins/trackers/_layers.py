@@ -153,7 +153,7 @@ class WeightParams:
                 storage.append(_storage(structure, name))
         return cls(
             names=tuple(names),
-            layer=torch.tensor(layers, dtype=torch.long),
+            layer=torch.tensor(layers, dtype=torch.int32),
             numel=torch.tensor(numel, dtype=torch.float64),
             storage=tuple(storage),
             num_layers=len(structure.modules),

@@ -195,10 +195,47 @@ class RemovalCounter:
         flat = [s for _, pieces in self.params for s in pieces]
         self._slices = flat
         self._entry_units = torch.cat([s.units for s in flat]) if flat else torch.zeros(0, dtype=torch.long)
+        self._entry_units = self._entry_units.to(torch.int32)
         self._entry_slice = torch.repeat_interleave(
-            torch.arange(len(flat)), torch.tensor([len(s.units) for s in flat], dtype=torch.long)
+            torch.arange(len(flat), dtype=torch.int32), torch.tensor([len(s.units) for s in flat], dtype=torch.long)
         )
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._static = self._closed_forms()
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _closed_forms(self) -> tuple[torch.Tensor, ...]:
+        """Per slice: how its count follows from the removed positions per slice alone.
+
+        A parameter with one slice, or with two slices cutting disjoint factor sets (a
+        conv's output and input channels), needs no masks: the first slice deletes
+        ``hits * per_position`` elements, the second ``hits * (per_position / L0) * (L0 -
+        hits0)`` (``L0``: positions of the first). Every other parameter is ``general``
+        and counted by :func:`owner_counts` when two of its slices remove something.
+        """
+        scale, prev, prev_length, general, target = [], [], [], [], []
+        self._general: list[tuple[int, str, list[_Slice]]] = []
+        index = 0
+        for name, pieces in self.params:
+            closed = len(pieces) == 1 or (len(pieces) == 2 and _disjoint(pieces))
+            if not closed:
+                self._general.append((index, name, pieces))
+            for rank, piece in enumerate(pieces):
+                target.append((0 if piece.role is ParamRole.WEIGHT else 1) * self.num_groups + piece.group)
+                general.append(not closed)
+                if closed and rank == 1:
+                    first = pieces[0]
+                    scale.append(piece.per_position // first.length)
+                    prev.append(index)
+                    prev_length.append(first.length)
+                else:
+                    scale.append(piece.per_position)
+                    prev.append(index + rank)  # itself; its term is 1 (see count)
+                    prev_length.append(0)
+            index += len(pieces)
+        return (
+            torch.tensor(scale, dtype=torch.long), torch.tensor(prev, dtype=torch.long),
+            torch.tensor(prev_length, dtype=torch.long), torch.tensor(general, dtype=torch.bool),
+            torch.tensor(target, dtype=torch.long),
+        )
 
     def count(self, removed_units: torch.Tensor) -> dict[str, list[int]]:
         """``{"weight": [per group], "bias": [per group]}`` elements deleted.
@@ -206,26 +243,48 @@ class RemovalCounter:
         Args:
             removed_units: Boolean ``[num_units]``: which global units are removed.
         """
-        out = {"weight": [0] * self.num_groups, "bias": [0] * self.num_groups}
+        groups = self.num_groups
         if not self._slices:
-            return out
+            return {"weight": [0] * groups, "bias": [0] * groups}
         device = removed_units.device
         if device not in self._on:
-            self._on[device] = (self._entry_units.to(device), self._entry_slice.to(device))
-        units, slice_of = self._on[device]
+            self._on[device] = tuple(t.to(device) for t in (self._entry_units, self._entry_slice, *self._static))
+        units, slice_of, scale, prev, prev_length, general, target = self._on[device]
         hits = removed_units.index_select(0, units).to(torch.int64)
-        per_slice = torch.zeros(len(self._slices), dtype=torch.int64, device=device)
-        per_slice = per_slice.index_add(0, slice_of, hits).tolist()
-        index = 0
-        for name, pieces in self.params:
-            active = [(p, n) for p, n in zip(pieces, per_slice[index : index + len(pieces)]) if n]
-            index += len(pieces)
-            if len(active) == 1:
-                piece, n = active[0]
-                out[str(piece.role)][piece.group] += n * piece.per_position
-            elif active:
-                chosen = [p for p, _ in active]
-                masks = [p.removed(removed_units) for p in chosen]
-                for piece, n in zip(chosen, owner_counts(chosen, masks, self.numel[name])):
-                    out[str(piece.role)][piece.group] += n
-        return out
+        per_slice = torch.zeros(len(self._slices), dtype=torch.int64, device=device).index_add_(0, slice_of, hits)
+        # second slices of closed pairs keep the elements their first slice did not delete
+        survive = torch.where(prev_length > 0, prev_length - per_slice.index_select(0, prev), 1)
+        counts = (per_slice * scale * survive).masked_fill_(general, 0)
+        out = torch.zeros(2 * groups, dtype=torch.int64, device=device).index_add_(0, target, counts).tolist()
+        result = {"weight": out[:groups], "bias": out[groups:]}
+        if self._general:
+            hits_list = per_slice.tolist()
+            for index, name, pieces in self._general:
+                active = [(p, n) for p, n in zip(pieces, hits_list[index : index + len(pieces)]) if n]
+                if len(active) == 1:
+                    piece, n = active[0]
+                    result[str(piece.role)][piece.group] += n * piece.per_position
+                elif active:
+                    chosen = [p for p, _ in active]
+                    masks = [p.removed(removed_units) for p in chosen]
+                    for piece, n in zip(chosen, owner_counts(chosen, masks, self.numel[name])):
+                        result[str(piece.role)][piece.group] += n
+        return result
+
+
+def _disjoint(pieces: Sequence[_Slice]) -> bool:
+    """Whether the slices cut disjoint factor sets of one common refinement (static)."""
+    views = [p.view for p in pieces]
+    grid = refine(views)
+    if grid is None:
+        return False
+    cuts = sorted(set().union(*(_boundaries(v) for v in views)), reverse=True)
+    sets = []
+    for piece in pieces:
+        factors: set[int] = set()
+        for d in piece.dims:
+            start = cuts.index(math.prod(piece.view[d:]))
+            stop = cuts.index(math.prod(piece.view[d + 1 :]))
+            factors.update(range(start, stop))
+        sets.append(factors)
+    return not (sets[0] & sets[1])

@@ -79,10 +79,15 @@ class GroupPruningSummary:
 
     def track(self, values: Any) -> dict[str, Any]:
         removed = self._removed(values)
-        owners = self._device(removed.device)[1]
-        per_group_units = torch.zeros(len(self.structure.groups), dtype=torch.int64, device=removed.device)
-        per_group_units = per_group_units.index_add(0, owners, removed.to(torch.int64)).tolist()
-        counts = self.counter.count(removed)
+        num_groups = len(self.structure.groups)
+        if not bool(removed.any()):  # nothing would be pruned: every figure is 0
+            per_group_units = [0] * num_groups
+            counts = {"weight": per_group_units, "bias": per_group_units}
+        else:
+            owners = self._device(removed.device)[1]
+            per_group_units = torch.zeros(num_groups, dtype=torch.int64, device=removed.device)
+            per_group_units = per_group_units.index_add(0, owners, removed.to(torch.int64)).tolist()
+            counts = self.counter.count(removed)
         groups: dict[str, Any] = {}
         totals = {"pruned_units": 0, "pruned_params": 0, "pruned_bias_params": 0, "pruned_physical_params": 0}
         for gid, label in self.groups:

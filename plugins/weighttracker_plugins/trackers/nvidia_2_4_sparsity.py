@@ -42,9 +42,9 @@ from torch import nn
 
 from weighttracker_core import TrackerSpec, hookimpl
 
+from ..calculations.structure import BLOCK, input_axis
 from ._layers import counted_layers, layer_label
 
-BLOCK = 4
 
 
 @attrs.frozen(kw_only=True)
@@ -52,13 +52,6 @@ class Nvidia24Options:
     """``log_layerwise_stats``: add ``layers[name]`` with each layer's own figures."""
 
     log_layerwise_stats: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-
-
-def input_axis(module: nn.Module) -> int:
-    """The dim of a weight that a GEMM reduces over (1, or 0 for transposed convs)."""
-    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
-        return 0
-    return 1
 
 
 @attrs.frozen
@@ -136,24 +129,45 @@ class Nvidia24Sparsity:
                 )
                 self.axes.append(axis)
             self.labels.append(layer_label(info.name))
-        param_layer = torch.tensor([p.layer for p in self.params], dtype=torch.long)
+        param_layer = torch.tensor([p.layer for p in self.params], dtype=torch.int32)
         blocks = torch.zeros(len(self.labels), dtype=torch.float64)
         tails = torch.zeros(len(self.labels), dtype=torch.float64)
         if self.params:
             per_param = torch.tensor([[p.blocks, p.tail] for p in self.params], dtype=torch.float64)
             blocks.index_add_(0, param_layer, per_param[:, 0])
             tails.index_add_(0, param_layer, per_param[:, 1])
-        self._static = (param_layer, blocks, tails)
+        # histograms come from the shared one-pass weight_scan; a weight it does not cover
+        # (an embedding named in include=) is histogrammed here
+        scanner = ctx.graph.evaluation()["weight_scanner"]  # static: cached per structure
+        scanned = {name: i for i, (name, _) in enumerate(scanner.blocks)}
+        self._rows = [scanned.get(p.name) for p in self.params]
+        self._missing = [i for i, row in enumerate(self._rows) if row is None]
+        rows = torch.tensor([-1 if r is None else r for r in self._rows], dtype=torch.int32)
+        self._static = (param_layer, blocks, tails, rows.clamp(min=0))
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Strict and eligible block counts per parameter (float64)."""
-        with torch.no_grad():
-            histograms = torch.stack([
-                block_histogram(self.structure.resolver(p.name), axis)
-                for p, axis in zip(self.params, self.axes)
-            ]).to(torch.float64)
-        return histograms[:, 2], histograms[:, 2:].sum(dim=1)
+    def _histograms(self, values: Any, rows: torch.Tensor) -> torch.Tensor:
+        """int64 ``[num_params, 5]``: blocks with 0..4 zeros of each counted weight."""
+        histograms = values["weight_scan"].block_zeros.index_select(0, rows)
+        if self._missing:
+            with torch.no_grad():
+                extra = torch.stack([
+                    block_histogram(self.structure.resolver(self.params[i].name), self.axes[i])
+                    for i in self._missing
+                ]).to(histograms)
+            histograms = histograms.index_copy(
+                0, torch.tensor(self._missing, device=histograms.device), extra)
+        return histograms
+
+    def _statics(self, device: torch.device) -> tuple[Any, ...]:
+        if device not in self._on:
+            index, blocks, tails, rows = (t.to(device) for t in self._static)
+            total = blocks.sum()
+            self._on[device] = (
+                index, blocks, tails, rows, (tails == 0) & (blocks > 0), total.clamp(min=1),
+                tails.sum().to(torch.int64), total.to(torch.int64), (tails > 0).sum(),
+            )
+        return self._on[device]
 
     def track(self, values: Any) -> dict[str, Any]:
         num_layers = len(self.labels)
@@ -165,29 +179,29 @@ class Nvidia24Sparsity:
                 "num_eligible_blocks": 0, "num_layers": 0, "num_strict_layers": 0,
                 "num_eligible_layers": 0, "num_layers_with_tail": 0,
             }
-        strict, eligible = self._counts()
-        device = strict.device
-        if device not in self._on:
-            self._on[device] = tuple(t.to(device) for t in self._static)
-        index, blocks, tails = self._on[device]
-        empty = torch.zeros(num_layers, dtype=torch.float64, device=device)
-        layer_strict = empty.index_add(0, index, strict)
-        layer_eligible = empty.index_add(0, index, eligible)
-        clean = (tails == 0) & (blocks > 0)
-        strict_layers = clean & (layer_strict == blocks)
-        eligible_layers = clean & (layer_eligible == blocks)
-        total = blocks.sum()
+        device = values["weight_scan"].block_zeros.device
+        index, blocks, tails, rows, clean, total, tail_elements, num_blocks, with_tail = self._statics(device)
+        per_layer = torch.zeros(num_layers, 5, dtype=torch.int64, device=device)
+        per_layer.index_add_(0, index, self._histograms(values, rows))
+        # strict: exactly 2 zeros; eligible: at least 2 (by layer; exact in float64)
+        counts = torch.stack((per_layer[:, 2], per_layer[:, 2:].sum(1)))
+        totals = counts.sum(1)
+        layer_strict, layer_eligible = counts.to(torch.float64).unbind()
+        fractions = totals / total
+        layer_flags = clean & (torch.stack((layer_strict, layer_eligible)) == blocks)
+        strict_layers, eligible_layers = layer_flags.unbind()
+        flag_counts = layer_flags.sum(1)
         out: dict[str, Any] = {
-            "strict_block_fraction": layer_strict.sum() / total.clamp(min=1),
-            "nvidia_eligible_block_fraction": layer_eligible.sum() / total.clamp(min=1),
-            "tail_elements": tails.sum().to(torch.int64),
-            "num_blocks": total.to(torch.int64),
-            "num_strict_blocks": layer_strict.sum().to(torch.int64),
-            "num_eligible_blocks": layer_eligible.sum().to(torch.int64),
+            "strict_block_fraction": fractions[0],
+            "nvidia_eligible_block_fraction": fractions[1],
+            "tail_elements": tail_elements,
+            "num_blocks": num_blocks,
+            "num_strict_blocks": totals[0],
+            "num_eligible_blocks": totals[1],
             "num_layers": num_layers,
-            "num_strict_layers": strict_layers.sum(),
-            "num_eligible_layers": eligible_layers.sum(),
-            "num_layers_with_tail": (tails > 0).sum(),
+            "num_strict_layers": flag_counts[0],
+            "num_eligible_layers": flag_counts[1],
+            "num_layers_with_tail": with_tail,
         }
         if self.options.log_layerwise_stats:
             rows = zip(
@@ -220,6 +234,7 @@ def wt_register_trackers() -> tuple[TrackerSpec, ...]:
             name="nvidia_2_4_sparsity",
             build=Nvidia24Sparsity,
             options=Nvidia24Options,
+            requires=("weight_scanner", "weight_scan"),
             summary="Share of 4-weight blocks along the input axis that fit NVIDIA 2:4 sparsity.",
         ),
     )

@@ -27,13 +27,19 @@ from ._bops import BopsOptions, BopsTracker
 class UnstructuredBops(BopsTracker):
     """Unstructured BOPs: baseline MACs times the fraction of non-zero weights."""
 
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self._layer_numel: dict[torch.device, torch.Tensor] = {}
+
     def active_macs(self, values: Any) -> torch.Tensor:
         table = values["weight_param_table"]  # per weight parameter; static
         zeros = table.per_layer(values["weight_param_zeros"])
-        numel = table.per_layer(table.numel.to(zeros.device))
-        baseline = values["layer_baseline_macs"].to(zeros.device)
-        density = torch.where(numel > 0, 1 - zeros / numel.clamp(min=1), torch.ones_like(zeros))
-        return baseline * density
+        device = zeros.device
+        if device not in self._layer_numel:  # static: weights per layer, at least 1
+            self._layer_numel[device] = table.per_layer(table.numel.to(device)).clamp(min=1)
+        # a layer without weights has no zeros, so its density is 1 - 0 / 1 = 1
+        density = 1 - zeros / self._layer_numel[device]
+        return values["layer_baseline_macs"].to(device) * density
 
 
 TRACKERS = (

@@ -20,8 +20,8 @@ Calculations registered here (other trackers may require them):
 * ``weight_param_table`` (static): the :class:`WeightParams` table (every weight parameter
   of the layer table, its layer, size and storage identity).
 * ``weight_param_zeros`` (per evaluation): zeros of each of those parameters (float64),
-  all counted in one ``torch._foreach_norm(..., 0)`` call; ``table.per_layer(zeros)``
-  sums them per layer.
+  counted in the shared one-pass ``weight_scan``; ``table.per_layer(zeros)`` sums them
+  per layer.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 from weighttracker_core import CalculationSpec, Lifetime, TrackerSpec, hookimpl
 
-from ._layers import WeightParams, count_nonzeros, counted_layers, layer_label
+from ._layers import WeightParams, counted_layers, layer_label
 
 # ---------------------------------------------------------------------------- calculations
 
@@ -44,9 +44,7 @@ def weight_param_table(ctx: Any) -> WeightParams:
 
 def weight_param_zeros(ctx: Any) -> torch.Tensor:
     table: WeightParams = ctx["weight_param_table"]
-    with torch.no_grad():
-        tensors = ctx.structure.resolver.many(table.names)
-        nonzeros = count_nonzeros(tensors)
+    nonzeros = ctx["weight_scan"].nonzeros  # counted in the shared one-pass scan
     return table.on(nonzeros.device)[1] - nonzeros
 
 
@@ -54,7 +52,7 @@ CALCULATIONS = (
     CalculationSpec(name="weight_param_table", compute=weight_param_table, lifetime=Lifetime.STATIC,
                     summary="Weight parameters of every counted layer (names, sizes, layer)."),
     CalculationSpec(name="weight_param_zeros", compute=weight_param_zeros,
-                    requires=("weight_param_table",),
+                    requires=("weight_param_table", "weight_scan"),
                     summary="Zero elements of each effective weight parameter."),
 )
 

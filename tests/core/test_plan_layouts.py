@@ -1,0 +1,189 @@
+"""Every layout of a reduction plan gives the brute-force values: batched small parameters,
+large ones in bounded chunks, mixed dtypes; and the one-pass weight scan equals direct counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from _oracles import param_of, unit_rows
+from models import MHANet, sequence_input
+from plugin_managers import core_plugin_manager as PM
+from torch import nn
+
+import weighttracker_core.plans as plans
+from weighttracker_core import PlanError, WeightTracker
+
+#: (batched up to, scratch bound): the defaults, everything chunked in tiny runs, nothing
+#: batched, everything batched into one buffer
+LAYOUTS = [(None, None), (64, 1000), (0, 300), (10**9, 10**9)]
+
+
+@pytest.fixture(params=LAYOUTS, ids=["default", "tiny-chunks", "no-batches", "one-buffer"])
+def layout(request, monkeypatch):
+    small, scratch = request.param
+    if small is not None:
+        monkeypatch.setattr(plans, "SMALL_ELEMENTS", small)
+        monkeypatch.setattr(plans, "SCRATCH_ELEMENTS", scratch)
+    return request.param
+
+
+def _models():
+    def resnet():
+        return torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), {}
+
+    def mha():
+        model = MHANet()
+        return model, sequence_input(), {"num_heads": {model.attn: 4}, "prune_num_heads": True}
+
+    def vit():
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10)
+        heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}  # heads and head dims overlap
+        return model, torch.randn(1, 3, 32, 32), {"num_heads": heads, "prune_num_heads": True}
+
+    return [("resnet18", resnet), ("mha", mha), ("vit", vit)]
+
+
+MODELS = _models()
+
+
+def _sparsify_(model: nn.Module, every: int = 1) -> None:
+    """Zero ~40% of every ``every``-th parameter (the others stay dense)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            if i % every == 0:
+                p.mul_((torch.rand(p.shape, generator=gen) > 0.4).to(p.dtype))
+
+
+def _brute(rows, num_units: int, op: str) -> torch.Tensor:
+    out = torch.zeros(num_units, dtype=torch.float64)
+    for units, block in rows:
+        b = block.detach().double()
+        value = {"sum": b.sum(1), "sum_sq": (b * b).sum(1), "l1": b.abs().sum(1),
+                 "max_abs": b.abs().amax(1), "zeros": (b == 0).sum(1).double()}[op]
+        if op == "max_abs":
+            out = out.scatter_reduce(0, units, value, "amax", include_self=True)
+        else:
+            out = out.index_add(0, units, value)
+    return out
+
+
+@pytest.mark.parametrize("name,factory", MODELS, ids=[m[0] for m in MODELS])
+def test_every_layout_reduces_like_brute_force(name, factory, layout):
+    model, x, kwargs = factory()
+    tracker = WeightTracker(model, x, plugin_manager=PM(), **kwargs)
+    _sparsify_(model)
+    tracker.fake_prune_unit(1, 0)
+    plan = tracker.structure.plan()
+    rows = unit_rows(model, tracker.groups)
+    for op in ("sum", "sum_sq", "l1", "max_abs", "zeros"):
+        got, want = plan.unit_reduce(op).double(), _brute(rows, tracker.num_units, op)
+        if op in ("max_abs", "zeros"):
+            assert torch.equal(got, want), op  # exact: a max and counts
+        else:
+            bound = 1e-5 * _brute(rows, tracker.num_units, "l1") + 1e-6
+            assert ((got - want).abs() <= bound).all(), op
+
+    weights = torch.rand(tracker.num_units, dtype=torch.float64)
+    (plan.unit_reduce("l2", grad=True).double() * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    sq = torch.zeros(tracker.num_units, dtype=torch.float64)
+    for units, block in unit_rows(model, tracker.groups):
+        sq = sq.index_add(0, units, (block.double() ** 2).sum(1))
+    norms = torch.where(sq > 0, sq.clamp_min(1e-300).sqrt(), torch.zeros_like(sq))
+    (norms * weights).sum().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _zero_histogram(weight: torch.Tensor, axis: int) -> list[int]:
+    """Blocks of 4 along ``axis`` by number of zeros, one block at a time."""
+    moved = weight.detach().movedim(axis, -1)
+    full = moved.shape[-1] // 4 * 4
+    hist = [0] * 5
+    for row in moved.reshape(-1, moved.shape[-1]):
+        for start in range(0, full, 4):
+            hist[int((row[start : start + 4] == 0).sum())] += 1
+    return hist
+
+
+@pytest.mark.parametrize("every", [1, 2, 10**6], ids=["sparse", "half-dense", "dense"])
+def test_weight_scan_equals_direct_counts(every, layout):
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1),  # 6: a tail of 2
+        nn.Flatten(), nn.Linear(6 * 6 * 6, 12), nn.ReLU(), nn.Linear(12, 5),
+    )
+    tracker = WeightTracker(model, torch.randn(1, 3, 8, 8))
+    _sparsify_(model, every)
+    tracker.fake_prune_unit(0, 2)
+    evaluation = tracker.graph.evaluation()
+    scanner, scan = evaluation["weight_scanner"], evaluation["weight_scan"]
+    named = dict(model.named_parameters())
+    assert scan.nonzeros.tolist() == [float((named[n] != 0).sum()) for n in scanner.count]
+    assert scan.block_zeros.tolist() == [_zero_histogram(named[n], a) for n, a in scanner.blocks]
+    nonzero = torch.zeros(tracker.num_units, dtype=torch.bool)
+    for units, block in unit_rows(model, tracker.groups):
+        nonzero[units] |= (block != 0).any(1)
+    assert torch.equal(scan.unit_nonzero, nonzero)
+
+
+def test_mixed_dtypes_fall_back_to_one_parameter_at_a_time():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    tracker = WeightTracker(model, torch.randn(2, 6), plugin_manager=PM(), prune_model_outputs=True)
+    model[2].to(torch.float64)
+    _sparsify_(model)
+    plan = tracker.structure.plan()
+    rows = unit_rows(model, tracker.groups)
+    assert torch.equal(plan.unit_reduce("max_abs").double(), _brute(rows, tracker.num_units, "max_abs"))
+    assert torch.equal(plan.unit_reduce("zeros"), _brute(rows, tracker.num_units, "zeros"))
+    (plan.unit_reduce("sum_sq", grad=True)).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    sum(((block.double() ** 2).sum() for _, block in unit_rows(model, tracker.groups))).backward()
+    for n, p in model.named_parameters():
+        assert got[n].dtype == p.dtype, n
+        torch.testing.assert_close(got[n], p.grad, msg=n)
+
+
+def test_chunks_of_a_large_parameter_stay_under_the_scratch_bound(monkeypatch):
+    monkeypatch.setattr(plans, "SMALL_ELEMENTS", 16)
+    monkeypatch.setattr(plans, "SCRATCH_ELEMENTS", 256)
+    model = nn.Sequential(nn.Conv2d(4, 64, 3), nn.ReLU(), nn.Conv2d(64, 32, 3))  # 18432 elements
+    tracker = WeightTracker(model, torch.randn(1, 4, 9, 9), plugin_manager=PM())
+    plan = tracker.structure.plan()
+    _sparsify_(model)
+    rows = unit_rows(model, tracker.groups)
+    assert torch.equal(plan.unit_reduce("max_abs").double(), _brute(rows, tracker.num_units, "max_abs"))
+    # the bound is the larger of the limit and one row along dim 0 (576 elements here)
+    assert 0 < tracker.structure.resolver.scratch_bytes <= 4 * max(256, 64 * 9)
+
+
+def test_given_tensors_of_the_wrong_shape_are_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    tracker = WeightTracker(model, torch.randn(1, 3), plugin_manager=PM())
+    plan = tracker.structure.plan()
+    tensors = [torch.zeros(5, 5) if i == 0 else param_of(model, *n.rsplit(".", 1)) for i, n in
+               enumerate(plan.param_names)]
+    with pytest.raises(PlanError, match=r"shape \(5, 5\).*built for"):
+        plan.unit_reduce("sum", tensors=tensors)
+
+
+def test_index_tensors_use_int32():
+    tracker = WeightTracker(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), plugin_manager=PM())
+    plan = tracker.structure.plan()
+    assert plan._gather.dtype == torch.int32 and plan._lengths.dtype == torch.int32
+
+
+def test_non_finite_given_tensors_are_named_as_given_values():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    tracker = WeightTracker(model, torch.randn(1, 3), plugin_manager=PM())
+    plan = tracker.structure.plan()
+    tensors = [torch.ones_like(param_of(model, *n.rsplit(".", 1))) for n in plan.param_names]
+    tensors[1].view(-1)[-1] = float("nan")
+    with pytest.raises(PlanError, match=rf"values given for parameter '{plan.param_names[1]}' hold 1 NaN"):
+        plan.unit_reduce("sum", tensors=tensors)
+    assert torch.isfinite(plan.unit_reduce("zeros", tensors=tensors)).all()  # counts: NaN is not a zero

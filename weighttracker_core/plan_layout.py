@@ -1,0 +1,415 @@
+"""How a reduction plan lays its work out: keys, batches, packs, chunks and positions.
+
+Pure bookkeeping, compiled once per plan (no tensors of the model are read here):
+
+* a :class:`Key` is one distinct ``(parameter, dims, view)`` reduction; :func:`reduce_keep`
+  reduces a ``[n, *shape]`` tensor over the dims a key does not keep, in contiguous stages;
+* a :class:`Batch` is parameters of one shape and the same keys, reduced as one
+  ``[n, *shape]`` tensor; a :class:`Pack` is either several small batches copied into one
+  flat buffer per call, or one large parameter reduced in place;
+* a large parameter is cut into :class:`Chunk` runs of whole rows so that no scratch buffer
+  exceeds the plan's bound: chunk boundaries follow the common refinement of the
+  parameter's shape and its keys' views, so each chunk is a box in every key's view;
+* a :class:`Layout` orders all of it and says at which offset each key's positions start.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch._utils import _flatten_dense_tensors
+
+from .errors import PlanError
+from .units import MemberSlice
+
+
+#: Packs up to this many elements are copied by one ``_flatten_dense_tensors`` call (one
+#: C++ call: half the cost of a ``torch.cat`` of ``reshape(-1)`` views for many small
+#: tensors); larger ones are concatenated into reused scratch (fresh pages cost more).
+FLATTEN_ELEMENTS = 1 << 18
+
+
+def flat_copy(tensors: Sequence[torch.Tensor], numel: int, resolver: Any) -> torch.Tensor:
+    """``tensors`` (one dtype and device) one after the other in a 1-D tensor we may overwrite."""
+    if numel <= FLATTEN_ELEMENTS:
+        return _flatten_dense_tensors(list(tensors))
+    first = tensors[0]
+    out = resolver.scratch(first.dtype, first.device, numel)
+    return torch.cat([t.reshape(-1) for t in tensors], out=out)
+
+
+def index_dtype(upper: int) -> torch.dtype:
+    """The smallest index dtype ``index_select`` takes that holds ``0..upper``."""
+    return torch.int32 if upper < 2**31 else torch.long
+
+
+class Key:
+    """One distinct (parameter, dims, view) reduction."""
+
+    __slots__ = ("name", "dims", "view", "shape", "length", "per_position", "offset", "keep", "_steps")
+
+    def __init__(self, name: str, piece: MemberSlice, shape: tuple[int, ...]) -> None:
+        self.name = name
+        self.view = piece.view
+        self.shape = piece.viewed_shape(shape)
+        self.length = piece.axis_length(shape)
+        self.per_position = piece.elements_per_position(shape)
+        self.offset = 0
+        ndim = len(self.shape)
+        if any(not -ndim <= d < ndim for d in piece.dims):
+            raise PlanError(f"Slice of {name!r} uses dims {piece.dims} on shape {self.shape}.")
+        self.dims = tuple(d % ndim for d in piece.dims)
+        self.keep = tuple(sorted(self.dims))
+        self._steps: dict[int, tuple[Any, Any]] = {}
+
+    @property
+    def sig(self) -> tuple[Any, ...]:
+        """What decides the reduction: dims and viewed shape."""
+        return (self.dims, self.shape)
+
+    @property
+    def leading_rows(self) -> bool:
+        """Whether the positions are the leading dims (rows of a contiguous 2-D view)."""
+        return self.dims == tuple(range(len(self.dims)))
+
+    @property
+    def reduces_nothing(self) -> bool:
+        return len(self.keep) == len(self.shape)
+
+    def sorted_sizes(self) -> list[int]:
+        return [self.shape[d] for d in self.keep]
+
+    def order_back(self) -> list[int] | None:
+        """Permutation from sorted-dims order to the given dims order (``None``: same)."""
+        if list(self.dims) == list(self.keep):
+            return None
+        return [self.keep.index(d) for d in self.dims]
+
+    def steps(self, n: int) -> tuple[tuple[tuple[tuple[int, ...], Any], ...], Any]:
+        """The reshapes and reductions :meth:`positions` runs for ``n`` members (cached).
+
+        Stages on views: the dims before the first kept dim as columns, the dims after the
+        last one as rows, then the (by then small) remainder; finally a permutation when the
+        dims are not listed in order.
+        """
+        cached = self._steps.get(n)
+        if cached is None:
+            shape, keep = self.shape, self.keep
+            first, last = keep[0], keep[-1]
+            stages: list[tuple[tuple[int, ...], Any]] = []
+            if first > 0:
+                stages.append(((n, math.prod(shape[:first]), math.prod(shape[first:])), 1))
+            if last < len(shape) - 1:
+                stages.append(((n * math.prod(shape[first : last + 1]), math.prod(shape[last + 1 :])), 1))
+            middle = [d - first + 1 for d in range(first, last + 1) if d not in keep]
+            if middle:
+                stages.append(((n, *shape[first : last + 1]), tuple(middle)))
+            order = self.order_back()
+            final = None if order is None else ((n, *self.sorted_sizes()), (0, *[1 + o for o in order]))
+            cached = (tuple(stages), final)
+            self._steps[n] = cached
+        return cached
+
+    def positions(self, values: torch.Tensor, how: str, copy: bool, n: int | None = None) -> torch.Tensor:
+        """Per-position reduction of ``values`` (``n`` members of ``shape``), flat ``[n * length]``.
+
+        ``values`` is ``[n, *shape]`` or any view with those elements in that order.
+        ``copy``: ``values`` is scratch, so a key that reduces nothing must not return a
+        view of it.
+        """
+        if n is None:
+            n = values.shape[0]
+        stages, final = self.steps(n)
+        reduce = _REDUCERS[how]
+        t = values
+        for shape, dim in stages:
+            t = reduce(t.reshape(shape), dim)
+        if final is not None:
+            return t.reshape(final[0]).permute(final[1]).reshape(-1)
+        if copy and not stages:
+            return t.reshape(-1).clone()
+        return t.reshape(-1)
+
+    def broadcast(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-position ``values`` spread over the viewed shape (an expanded view, no copy)."""
+        kept = sorted(self.dims)
+        if list(self.dims) != kept:
+            sizes = [self.shape[d] for d in self.dims]
+            order = [self.dims.index(d) for d in kept]
+            values = values.reshape(sizes).permute(*order)
+        shape = [self.shape[d] if d in kept else 1 for d in range(len(self.shape))]
+        return values.reshape(shape).expand(self.shape)
+
+
+_REDUCERS = {
+    "max": lambda t, dim: t.amax(dim),
+    "sum": lambda t, dim: t.sum(dim),
+    "isum": lambda t, dim: t.sum(dim, dtype=torch.int32),
+}
+
+
+def _reduce(t: torch.Tensor, dim: Any, how: str) -> torch.Tensor:
+    if how == "max":
+        return t.amax(dim)
+    if how == "isum":
+        return t.sum(dim, dtype=torch.int32)
+    return t.sum(dim)
+
+
+def reduce_keep(t: torch.Tensor, shape: Sequence[int], keep: Sequence[int], how: str) -> torch.Tensor:
+    """Reduce ``t`` (``[n, *shape]``) over every dim of ``shape`` not in ``keep`` (sorted).
+
+    Stages on views: the dims before the first kept dim as columns, the dims after the last
+    one as rows, then the (by then small) remainder. ``how``: ``"sum"``, ``"max"`` or
+    ``"isum"`` (an int32 sum). Returns ``[n, prod(kept sizes)]``, row-major over ``keep``.
+    """
+    n = t.shape[0]
+    first, last = keep[0], keep[-1]
+    if first > 0:
+        t = _reduce(t.reshape(n, math.prod(shape[:first]), -1), 1, how)
+    if last < len(shape) - 1:
+        t = _reduce(t.reshape(n * math.prod(shape[first : last + 1]), -1), 1, how)
+    middle = [d - first + 1 for d in range(first, last + 1) if d not in keep]
+    if middle:
+        t = _reduce(t.reshape(n, *shape[first : last + 1]), middle, how)
+    return t.reshape(n, -1)
+
+
+def refine(shapes: Iterable[Sequence[int]]) -> tuple[int, ...] | None:
+    """The coarsest shape every one of ``shapes`` (same numel) is a grouping of.
+
+    ``refine([(12, 4), (3, 2, 2, 4)]) == (3, 2, 2, 4)``; ``None`` when no common
+    factorisation exists (``(6, 2)`` and ``(4, 3)``).
+    """
+    cuts: set[int] = set()
+    for shape in shapes:
+        acc = 1
+        cuts.add(1)
+        for size in reversed(shape):
+            acc *= size
+            cuts.add(acc)
+    ordered = sorted(cuts, reverse=True)
+    sizes = []
+    for big, small in zip(ordered, ordered[1:]):
+        if big % small:
+            return None
+        sizes.append(big // small)
+    return tuple(sizes)
+
+
+
+def merge_ranges(fine: Sequence[int], coarse: Sequence[int]) -> list[range] | None:
+    """For each dim of ``coarse``, the run of ``fine`` dims it merges (``None`` if it does not).
+
+    ``fine = (3, 4, 8, 32)`` and ``coarse = (96, 32)`` give ``[range(0, 3), range(3, 4)]``.
+    """
+    out, i = [], 0
+    for size in coarse:
+        start, product = i, 1
+        while i < len(fine) and product < size:
+            product *= fine[i]
+            i += 1
+        if product != size:
+            return None
+        out.append(range(start, i))
+    if i != len(fine):
+        if any(fine[j] != 1 for j in range(i, len(fine))) or not out:
+            return None
+        out[-1] = range(out[-1].start, len(fine))
+    return out
+
+
+class Chunk:
+    """A run of whole rows of one large parameter, and where it lands in each key."""
+
+    __slots__ = ("start", "stop", "rows", "boxes")
+
+    def __init__(self, start: int, stop: int, rows: int, boxes: list[tuple[tuple[int, ...], tuple[slice, ...]]]):
+        self.start, self.stop, self.rows, self.boxes = start, stop, rows, boxes
+
+
+class Member:
+    """One parameter a pass reads."""
+
+    __slots__ = ("name", "shape", "numel", "keys", "count", "block")
+
+    def __init__(self, name: str, shape: tuple[int, ...], keys: list[int], count: bool, block: int | None):
+        self.name, self.shape, self.numel = name, shape, math.prod(shape)
+        self.keys, self.count, self.block = keys, count, block
+
+
+class Batch:
+    """Parameters of one shape, keys and extras, reduced as one ``[n, *shape]`` tensor.
+
+    ``keys[j] = (template key, base)``: member ``i``'s positions for its ``j``-th key start
+    at ``base + i * length``.
+    """
+
+    __slots__ = ("members", "n", "shape", "numel", "keys", "count", "block", "start", "chunks",
+                 "rows", "recipe", "prepared")
+
+    def __init__(self, members: list[int], proto: Member, keys: list[Key]) -> None:
+        self.members = members
+        self.n = len(members)
+        self.shape = proto.shape
+        self.numel = proto.numel
+        self.keys: list[tuple[Key, int]] = [(k, 0) for k in keys]
+        self.count, self.block = proto.count, proto.block
+        self.start = 0
+        self.chunks: list[Chunk] | None = None
+        self.rows = bool(keys) and all(k.leading_rows for k in keys)
+        self.recipe: Any = False  # computed on first backward
+        self.prepared: dict[tuple[int, int], Any] = {}  # the recipe for (n, first member)
+
+
+class Pack:
+    """One unit of work: several small batches copied into one flat buffer, or one
+    large parameter reduced in place (``flat=False``)."""
+
+    __slots__ = ("batches", "numel", "flat")
+
+    def __init__(self, batches: list[Batch], flat: bool) -> None:
+        self.batches = batches
+        self.flat = flat
+        self.numel = sum(b.n * b.numel for b in batches)
+
+
+class Layout:
+    """Which parameters, in which packs, at which position offsets.
+
+    Positions are laid out pack by pack, batch by batch, key by key, member by member, so a
+    batch's reduction for one key is one contiguous run of ``n * key.length`` positions.
+    """
+
+    def __init__(self, members: list[Member], keys: Sequence[Key], small: int, scratch: int) -> None:
+        self.members = members
+        self.names = [m.name for m in members]
+        for m in members:  # a canonical key order, so that parameters of one shape batch
+            m.keys.sort(key=lambda k: keys[k].sig)
+        classes: dict[Any, list[int]] = {}
+        packs: list[Pack] = []
+        for i, m in enumerate(members):
+            if m.numel <= small:
+                sig = (m.shape, tuple(keys[k].sig for k in m.keys), m.count, m.block)
+                classes.setdefault(sig, []).append(i)
+            else:
+                batch = Batch([i], m, [keys[k] for k in m.keys])
+                batch.chunks = compile_chunks(m, batch, scratch)
+                packs.append(Pack([batch], flat=False))
+        current: list[Batch] = []
+        used = 0
+        for ids in classes.values():
+            proto = members[ids[0]]
+            run: list[int] = []
+            for i in ids:
+                if used + proto.numel > scratch and (run or current):
+                    if run:
+                        current.append(Batch(run, proto, [keys[k] for k in proto.keys]))
+                    packs.append(Pack(current, flat=True))
+                    current, run, used = [], [], 0
+                run.append(i)
+                used += proto.numel
+            current.append(Batch(run, proto, [keys[k] for k in proto.keys]))
+        if current:
+            packs.append(Pack(current, flat=True))
+        self.packs = packs
+        # positions: pack by pack, batch by batch, key by key, member by member
+        self.key_offset: dict[int, int] = {}
+        self.flat_members: list[int] = []
+        count_layout: list[int] = []
+        block_layout: list[int] = []
+        offset = 0
+        for pack in packs:
+            start = 0
+            for batch in pack.batches:
+                batch.start = start
+                start += batch.n * batch.numel
+                for j, (key, _) in enumerate(batch.keys):
+                    batch.keys[j] = (key, offset)
+                    for i, m in enumerate(batch.members):
+                        self.key_offset[members[m].keys[j]] = offset + i * key.length
+                    offset += batch.n * key.length
+                if pack.flat:
+                    self.flat_members.extend(batch.members)
+                if batch.count:
+                    count_layout.extend(batch.members)
+                if batch.block is not None:
+                    block_layout.extend(batch.members)
+        self.num_positions = offset
+        self.shapes = [torch.Size(m.shape) for m in members]
+        self.count_layout = count_layout
+        self.block_layout = block_layout
+
+
+def compile_chunks(member: Member, batch: Batch, limit: int) -> list[Chunk] | None:
+    """Runs of whole rows of ``member`` of at most ``limit`` elements (``None``: one run).
+
+    Chunk boundaries follow the common refinement of the parameter's shape and its keys'
+    views, so every chunk is a box in every key's view: each key reduces a chunk into a
+    contiguous box of its positions (partial when the chunk cuts a reduced dim).
+    """
+    shape = member.shape
+    if member.numel <= limit or len(shape) == 0 or shape[0] <= 1:
+        return None
+    views = [key.shape for key, _ in batch.keys]
+    fine = refine([shape, *views])
+    if fine is None:
+        return None
+    row_dims, product = 0, 1  # fine dims that make up raw dim 0
+    while product < shape[0]:
+        product *= fine[row_dims]
+        row_dims += 1
+    split = row_dims - 1
+    for k in range(row_dims):
+        if math.prod(fine[k + 1 :]) <= limit:
+            split = k
+            break
+    inner = math.prod(fine[split + 1 :])
+    step = max(1, min(fine[split], limit // inner))
+    if member.block == 0:  # 2:4 blocks along dim 0: runs must hold whole blocks of 4
+        if row_dims != 1 or step < 4:
+            return None
+        step -= step % 4
+    ranges = [merge_ranges(fine, view) for view in views]
+    if any(r is None for r in ranges):
+        return None
+    row_size = math.prod(shape[1:])
+    chunks = []
+    for prefix in itertools.product(*[range(f) for f in fine[:split]]):
+        for a in range(0, fine[split], step):
+            b = min(a + step, fine[split])
+            index = list(prefix) + [a]
+            start = 0
+            for f, i in zip(fine[: split + 1], index):
+                start = start * f + i
+            start *= inner
+            stop = start + (b - a) * inner
+            boxes = []
+            for (key, _), spans in zip(batch.keys, ranges):
+                extents, where = [], []
+                for size, span in zip(key.shape, spans):  # type: ignore[arg-type]
+                    s, e = span.start, span.stop
+                    if s == e or s > split:  # whole dim
+                        extents.append(size)
+                        where.append(slice(None))
+                    elif e <= split:  # fixed by the prefix
+                        pos = 0
+                        for f in range(s, e):
+                            pos = pos * fine[f] + prefix[f]
+                        extents.append(1)
+                        where.append(slice(pos, pos + 1))
+                    else:  # the split dim: a range
+                        pos = 0
+                        for f in range(s, split):
+                            pos = pos * fine[f] + prefix[f]
+                        scale = math.prod(fine[split + 1 : e])
+                        first = (pos * fine[split] + a) * scale
+                        extents.append((b - a) * scale)
+                        where.append(slice(first, first + (b - a) * scale))
+                boxes.append((tuple(extents), tuple(where[d] for d in key.keep)))
+            chunks.append(Chunk(start, stop, (stop - start) // row_size, boxes))
+    return chunks
