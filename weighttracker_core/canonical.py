@@ -114,6 +114,28 @@ def module_table(
     return tuple(infos), uncovered
 
 
+def attention_entries(model: nn.Module, layouts: Sequence[HeadLayout], start: int) -> tuple[ModuleInfo, ...]:
+    """Layer-table entries for the attention products of separate-projection attention.
+
+    One per attention whose q, k and v sit in a common module (``self_attn``): the products
+    ``q k^T`` and ``softmax(.) v`` run in that module's forward. They have no weights
+    (``weight_params`` is empty) and category ``attention``.
+    """
+    out = []
+    for layout in layouts:
+        if layout.name in (layout.q, layout.k, layout.v):
+            continue
+        module = model.get_submodule(layout.name)
+        out.append(
+            ModuleInfo(
+                index=start + len(out), name=layout.name, module_type=type(module),
+                rule="attention_products", category=LayerCategory.ATTENTION,
+                weight_params=(), param_names=(),
+            )
+        )
+    return tuple(out)
+
+
 class GroupBuilder:
     """Build canonical groups from a checked dependency graph.
 

@@ -59,10 +59,16 @@ class Lifetime(str, enum.Enum):
 
 
 class LayerCategory(str, enum.Enum):
-    """What a layer is, for trackers that count only some kinds (BOPs skip norms)."""
+    """What a layer is, for trackers that count only some kinds (BOPs skip norms).
+
+    ``attention`` entries are the attention products (``q k^T`` and ``softmax(.) v``) of an
+    attention with separate projections, counted under the module that holds q, k and v:
+    they have MACs but no weights.
+    """
 
     WEIGHTED = "weighted"
     NORMALIZATION = "normalization"
+    ATTENTION = "attention"
     OTHER = "other"
 
     def __str__(self) -> str:

@@ -15,7 +15,14 @@ import attrs
 import torch
 from torch import nn
 
-from .canonical import GroupBuilder, ModuleInfo, module_table, warn_uncovered, warn_untraced
+from .canonical import (
+    GroupBuilder,
+    ModuleInfo,
+    attention_entries,
+    module_table,
+    warn_uncovered,
+    warn_untraced,
+)
 from .errors import ConfigError, UnitIndexError
 from .graph import DependencyGraphHandle
 from .heads import HeadLayout
@@ -169,6 +176,8 @@ class Structure:
             prune_model_outputs=options.prune_model_outputs,
         )
         self.groups: tuple[CanonicalUnitGroup, ...] = builder.build()
+        self.modules = self.modules + attention_entries(model, builder.layouts, len(self.modules))
+        self.module_index = {m.name: m for m in self.modules}
         #: Separate-projection attention, by the name of its ``q_proj`` (head groups' root).
         self.layouts: dict[str, HeadLayout] = {layout.q: layout for layout in builder.layouts}
         #: Groups left out because they would change the model's outputs.

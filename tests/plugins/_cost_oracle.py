@@ -25,18 +25,41 @@ def _no_mha_fastpath():
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
+def _attention_macs(inputs, outputs):
+    """scaled_dot_product_attention = scores (q @ k^T) + weighted values (p @ v), as matmuls."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    batch = q[:-2]
+    n = 1
+    for s in batch:
+        n *= s
+    return n * q[-2] * k[-2] * q[-1] + n * q[-2] * k[-2] * v[-1]
+
+
 def fvcore_macs(model: nn.Module, inputs) -> dict[str, int]:
-    """fvcore ``by_module()`` MACs of ``model`` in eval mode (the model is left in eval)."""
+    """fvcore ``by_module()`` MACs of ``model`` in eval mode (the model is left in eval).
+
+    ``scaled_dot_product_attention`` counts as its two matrix products (fvcore has no
+    count for it).
+    """
     from fvcore.nn import FlopCountAnalysis
 
     model.eval()
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     with _no_mha_fastpath(), torch.no_grad():
         analysis = FlopCountAnalysis(model, inputs)
+        analysis.set_op_handle("aten::scaled_dot_product_attention", _attention_macs)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
         return dict(analysis.by_module())
+
+
+def own_macs(macs: dict[str, int], model: nn.Module, name: str) -> int:
+    """MACs a module's own forward runs (its total minus its direct submodules')."""
+    prefix = f"{name}." if name else ""
+    return macs.get(name, 0) - sum(macs.get(prefix + child, 0) for child, _ in model.get_submodule(name).named_children())
 
 
 def fake_prune_randomly(tracker, seed: int = 0, share: float = 0.6) -> dict[int, list[int]]:

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from _cost_oracle import fvcore_macs
+from _cost_oracle import fvcore_macs, own_macs
 
 from transformer_models import BertLike, LlamaLike, sync_heads, token_ids
 from weighttracker_core import WeightTracker
@@ -127,22 +127,61 @@ def test_proximal_step_zeroes_weak_heads_which_then_prune():
     assert report.num_units == 2 and model.layers[0].self_attn.num_heads == 6
 
 
+def _macs(model, inputs, name, attention):
+    macs = fvcore_macs(model, inputs)
+    return own_macs(macs, model, name) if name in attention else macs.get(name, 0)
+
+
 def test_structured_bops_equal_fvcore_on_the_physically_pruned_copy():
+    # the attention products (q k^T and softmax(.) v, T x T per head) count under the
+    # attention module: its own MACs, which shrink with the query heads
     torch.manual_seed(3)
     model = LlamaLike().eval()
     ids = token_ids()
-    baseline = fvcore_macs(model, ids)
     tracker = _tracker(model)
+    attention = {"layers.0.self_attn", "layers.1.self_attn"}
     bops = tracker.create_tracker("structured_bops", log_total_bops=True, log_layerwise_stats=True)
     tracker.fake_prune_units(_request(tracker))
     metrics = bops.track()["structured_bops"]
     clone = copy.deepcopy(model)
     _tracker(clone).prune_zero_units()
-    after = fvcore_macs(clone, ids)
     for name, stats in metrics["modules"].items():
-        assert stats["baseline"] == pytest.approx(baseline.get(name, 0) * 32 * 32, rel=1e-12), name
-        assert stats["bops"] == pytest.approx(after.get(name, 0) * 32 * 32, rel=1e-9, abs=1e-6), name
-    assert {"layers.1.self_attn.q_proj", "layers.1.self_attn.o_proj"} <= set(metrics["modules"])
+        assert stats["baseline"] == pytest.approx(_macs(model, ids, name, attention) * 32 * 32, rel=1e-12), name
+        assert stats["bops"] == pytest.approx(_macs(clone, ids, name, attention) * 32 * 32, rel=1e-9, abs=1e-6), name
+    assert {"layers.1.self_attn.q_proj", "layers.1.self_attn.o_proj"} | attention <= set(metrics["modules"])
+    # batch 2, 12 tokens, 8 heads of 8: (q k^T) + (p v) = 2 * (2 * 8 * 12 * 12 * 8)
+    assert metrics["modules"]["layers.0.self_attn"]["baseline"] == 2 * (2 * 8 * 12 * 12 * 8) * 32 * 32
+    # layer 0 keeps 6 of 8 query heads
+    assert metrics["modules"]["layers.0.self_attn"]["bops"] == 2 * (2 * 6 * 12 * 12 * 8) * 32 * 32
+
+
+def test_explicit_attention_products_count_and_scale_with_head_dims():
+    torch.manual_seed(5)
+    model = BertLike().eval()
+    ids = token_ids(vocab=50)
+
+    def tracker_of(m):
+        def sync(t):
+            for name, change in t.pruned_attention.items():
+                attn = t.model.get_submodule(name)
+                attn.num_heads, attn.head_dim = change.num_heads, change.head_dim
+
+        return WeightTracker(m, ids, prune_num_heads=True, post_prune_hooks=[sync],
+                             activation_bitwidth_fn=lambda n, mod: 8)
+
+    tracker = tracker_of(model)
+    groups = _groups(tracker)
+    bops = tracker.create_tracker("structured_bops", log_layerwise_stats=True)
+    tracker.fake_prune_units({groups["layers.0.attention.query:prune_num_heads"].id: [1],
+                              groups["layers.1.attention.query:prune_head_dims"].id: [2, 3, 7]})
+    metrics = bops.track()["structured_bops"]["modules"]
+    clone = copy.deepcopy(model)
+    tracker_of(clone).prune_zero_units()
+    attention = {"layers.0.attention", "layers.1.attention"}
+    for name in attention:
+        # both operands are activations: 8 x 8 bits
+        assert metrics[name]["bops"] == pytest.approx(_macs(clone, ids, name, attention) * 64, rel=1e-9), name
+    assert clone.layers[1].attention.head_dim == 5
 
 
 def test_ranked_pruner_removes_as_many_query_heads_from_every_kv_group():

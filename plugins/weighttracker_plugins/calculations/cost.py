@@ -173,6 +173,24 @@ def _dtype_hint(model: nn.Module, leaves: Sequence[torch.Tensor]) -> str:
     return ""
 
 
+def _sdpa_macs(inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
+    """fvcore handle for ``scaled_dot_product_attention``: the two products it computes.
+
+    ``q k^T`` costs ``prod(q.shape[:-1]) * T_k * d`` MACs and ``softmax(.) v`` costs
+    ``prod(q.shape[:-1]) * T_k * d_v``, exactly what fvcore counts for the two matmuls of
+    the explicit path.
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    query, key, value = (get_shape(v) for v in inputs[:3])
+    if not query or not key or not value:
+        return 0
+    rows = 1
+    for size in query[:-1]:
+        rows *= int(size)
+    return rows * int(key[-2]) * (int(query[-1]) + int(value[-1]))
+
+
 def fvcore_macs_by_operator(
     model: nn.Module, example_inputs: Any, forward_fn: Any = None
 ) -> dict[str, dict[str, int]]:
@@ -204,6 +222,7 @@ def fvcore_macs_by_operator(
             warnings.simplefilter("ignore")
             logger.setLevel(logging.ERROR)
             analysis = FlopCountAnalysis(wrapper, tuple(leaves))
+            analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             analysis.tracer_warnings("none")
@@ -232,7 +251,18 @@ def layer_macs_by_operator(ctx: Any) -> list[dict[str, int]]:
     """fvcore's baseline MACs of each layer of the table, by operator (static)."""
     structure = ctx.structure
     counts = fvcore_macs_by_operator(structure.model, structure.example_inputs, structure.options.forward_fn)
-    return [dict(counts.get(m.name, {})) for m in structure.modules]
+    return [_own(counts, m.name, structure) if m.category is LayerCategory.ATTENTION
+            else dict(counts.get(m.name, {})) for m in structure.modules]
+
+
+def _own(counts: dict[str, dict[str, int]], name: str, structure: Any) -> dict[str, int]:
+    """MACs of the operations a module runs itself, not those of its submodules."""
+    own = dict(counts.get(name, {}))
+    prefix = f"{name}." if name else ""
+    for child, _ in structure.module(name).named_children():
+        for op, value in counts.get(prefix + child, {}).items():
+            own[op] = own.get(op, 0) - value
+    return {op: value for op, value in own.items() if value}
 
 
 def layer_baseline_macs(ctx: Any) -> torch.Tensor:
@@ -272,7 +302,10 @@ def _bits(ctx: Any, kind: str) -> torch.Tensor:
     (consumers only read it).
     """
     structure = ctx.structure
-    if getattr(structure, f"{kind}_bitwidth_fn", None) is None:
+    # attention products multiply two activations: their "weight" width is an activation's
+    products = [i for i in structure.modules if i.category is LayerCategory.ATTENTION]
+    uses = (kind,) if kind == "activation" or not products else ("weight", "activation")
+    if all(getattr(structure, f"{k}_bitwidth_fn", None) is None for k in uses):
         cache = _DEFAULT_BITS.setdefault(structure, {})
         device = _device(structure)
         if (kind, device) not in cache:
@@ -283,6 +316,8 @@ def _bits(ctx: Any, kind: str) -> torch.Tensor:
     weighted = [i for i in infos if i.category is LayerCategory.WEIGHTED]
     values = [float(DEFAULT_BITS)] * len(infos)
     for info, bits in zip(weighted, read_bitwidths(structure, weighted, kind)):
+        values[info.index] = float(bits)
+    for info, bits in zip(products, read_bitwidths(structure, products, "activation")):
         values[info.index] = float(bits)
     return torch.tensor(values, dtype=torch.float64, device=_device(structure))
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import PruneAxis
+from weighttracker_core import LayerCategory, PruneAxis
 
 #: fvcore operators that are a layer's own weight products (projections), as opposed to
 #: products of two activations (attention scores).
@@ -157,7 +157,11 @@ class CostModel:
             ops = macs_by_operator[info.index]
             total = float(sum(ops.values()))
             axes = axes_of_layer.get(info.index, {})
-            if isinstance(structure.module(info.name), nn.MultiheadAttention):
+            if info.category is LayerCategory.ATTENTION:
+                # the products q k^T and softmax(.) v scale with the active q rows
+                # (query heads x head dimensions)
+                add(info.index, total, self._query_axis(structure, info.name, axis_of))
+            elif isinstance(structure.module(info.name), nn.MultiheadAttention):
                 projections = float(sum(v for op, v in ops.items() if op in PROJECTION_OPS))
                 add(info.index, projections, list(axes.values()))
                 width = [j for label, j in axes.items() if label == str(PruneAxis.OUT_CHANNEL)]
@@ -171,6 +175,14 @@ class CostModel:
         self.baseline = torch.zeros(self.num_layers, dtype=torch.float64).index_add_(
             0, self.term_layer, self.term_macs
         )
+
+    @staticmethod
+    def _query_axis(structure: Any, name: str, axis_of: Mapping[tuple[int, str], int]) -> list[int]:
+        for layout in getattr(structure, "layouts", {}).values():
+            if layout.name == name and layout.q in structure.module_index:
+                j = axis_of.get((structure.module_index[layout.q].index, str(PruneAxis.OUT_CHANNEL)))
+                return [] if j is None else [j]
+        return []
 
     # ---------------------------------------------------------------------------- per call
 

@@ -86,12 +86,14 @@ class BopsTracker:
     def __init__(self, ctx: Any) -> None:
         self.structure = ctx.structure
         self.options: BopsOptions = ctx.options
-        self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name)
+        self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name,
+                                     categories=(LayerCategory.WEIGHTED, LayerCategory.ATTENTION))
         self.labels = [layer_label(info.name) for info in self.layers]
         self._rows = torch.tensor([info.index for info in self.layers], dtype=torch.int32)
         # bit-widths of weighted layers come from the shared calculations; layers of other
         # categories that include= adds are asked here, on every track() as well
-        self._extra = [(i, info) for i, info in enumerate(self.layers) if info.category is not LayerCategory.WEIGHTED]
+        self._extra = [(i, info) for i, info in enumerate(self.layers)
+                       if info.category not in (LayerCategory.WEIGHTED, LayerCategory.ATTENTION)]
         self._norm = self._normalization(ctx.name)
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
