@@ -54,6 +54,7 @@ MODELS = {
     "small": (1024, 4, 16, 16, 2816, 32000, "cpu"),
     "medium": (2048, 8, 16, 4, 5632, 32000, "cpu"),
     "wide": (4096, 8, 32, 32, 11008, 32000, "cpu"),
+    "7b-16l": (4096, 16, 32, 32, 11008, 32000, "cpu"),
     "7b": (4096, 32, 32, 32, 11008, 32000, "cpu"),
     "7b-gqa": (4096, 32, 32, 8, 11008, 32000, "cpu"),
     "7b-meta": (4096, 32, 32, 32, 11008, 32000, "meta"),
@@ -158,6 +159,8 @@ def _tp_alone(model, ids) -> dict:
 
 def measure(name: str, baseline: bool) -> dict:
     import torch
+    import torch_pruning  # noqa: F401 - counted in the libraries' share of the RSS
+    import weighttracker_core  # noqa: F401
 
     from transformer_models import LlamaLike
 
@@ -184,7 +187,7 @@ def measure(name: str, baseline: bool) -> dict:
     out["groups"] = len(tracker.groups)
     out["units"] = tracker.num_units
     out["kinds"] = sorted({str(g.kind) for g in tracker.groups})
-    out["structure_peak"] = _peak()
+    out["structure_peak"] = out["tracker_peak"] = _peak()
     if device != "meta":
         start = time.perf_counter()
         tracker.structure.plan()
