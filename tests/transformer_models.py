@@ -39,7 +39,7 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = torch.outer(torch.arange(length, dtype=torch.float32), self.inv_freq)
+        freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
         if self.style == "half":
             emb = torch.cat((freqs, freqs), dim=-1)
         else:
@@ -48,6 +48,7 @@ class Rotary(nn.Module):
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rotated = rotate_half(x) if self.style == "half" else rotate_pairs(x)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # a no-op in float32; bf16 models stay bf16
         return x * cos + rotated * sin
 
 

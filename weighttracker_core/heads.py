@@ -25,6 +25,7 @@ rows 4..7 (query heads 2 and 3).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -145,33 +146,45 @@ class HeadLayout:
 
 
 def unit_rows(layout: HeadLayout, kind: str) -> list[tuple[str, PruneAxis, tuple[int, ...], tuple[int, ...]]]:
-    """``(module, axis, positions, units)`` of every member of a ``kind`` group."""
-    d_ = layout.head_dim
-    q_rows = range(layout.num_heads * d_)
-    kv_rows = range(layout.num_kv_heads * d_)
+    """``(module, axis, positions, units)`` of every member of a ``kind`` group.
+
+    The position and unit tuples depend only on the geometry (head counts, width, rotary
+    style, kv repeat), so attention layers of one shape share them.
+    """
+    q_rows, q_units, kv_rows, kv_units = _geometry_rows(_geometry(layout), kind)
     if kind == "head":
-        q_units = tuple(r // d_ for r in q_rows)
-        rows = [(layout.q, PruneAxis.OUT_CHANNEL, tuple(q_rows), q_units)]
+        rows = [(layout.q, PruneAxis.OUT_CHANNEL, q_rows, q_units)]
         if not layout.grouped:
-            rows += [(m, PruneAxis.OUT_CHANNEL, tuple(q_rows), q_units) for m in (layout.k, layout.v)]
-        return rows + [(layout.o, PruneAxis.IN_CHANNEL, tuple(q_rows), q_units)]
-    if kind == "kv_head":
-        q_units = tuple(layout.kv_of(r // d_) for r in q_rows)
-        kv_units = tuple(r // d_ for r in kv_rows)
-        return [
-            (layout.q, PruneAxis.OUT_CHANNEL, tuple(q_rows), q_units),
-            (layout.k, PruneAxis.OUT_CHANNEL, tuple(kv_rows), kv_units),
-            (layout.v, PruneAxis.OUT_CHANNEL, tuple(kv_rows), kv_units),
-            (layout.o, PruneAxis.IN_CHANNEL, tuple(q_rows), q_units),
-        ]
-    q_dims = tuple(layout.dim_unit(r % d_) for r in q_rows)
-    kv_dims = tuple(layout.dim_unit(r % d_) for r in kv_rows)
+            rows += [(m, PruneAxis.OUT_CHANNEL, q_rows, q_units) for m in (layout.k, layout.v)]
+        return rows + [(layout.o, PruneAxis.IN_CHANNEL, q_rows, q_units)]
     return [
-        (layout.q, PruneAxis.OUT_CHANNEL, tuple(q_rows), q_dims),
-        (layout.k, PruneAxis.OUT_CHANNEL, tuple(kv_rows), kv_dims),
-        (layout.v, PruneAxis.OUT_CHANNEL, tuple(kv_rows), kv_dims),
-        (layout.o, PruneAxis.IN_CHANNEL, tuple(q_rows), q_dims),
+        (layout.q, PruneAxis.OUT_CHANNEL, q_rows, q_units),
+        (layout.k, PruneAxis.OUT_CHANNEL, kv_rows, kv_units),
+        (layout.v, PruneAxis.OUT_CHANNEL, kv_rows, kv_units),
+        (layout.o, PruneAxis.IN_CHANNEL, q_rows, q_units),
     ]
+
+
+def _geometry(layout: HeadLayout) -> HeadLayout:
+    """``layout`` without its names: the key of everything that depends on shape only."""
+    return attrs.evolve(layout, name="", q="", k="", v="", o="", source="")
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry_rows(
+    layout: HeadLayout, kind: str
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(q / o rows, their units, k / v rows, their units)`` of one geometry and kind."""
+    d_ = layout.head_dim
+    q_rows = tuple(range(layout.num_heads * d_))
+    kv_rows = tuple(range(layout.num_kv_heads * d_))
+    if kind == "head":
+        return q_rows, tuple(r // d_ for r in q_rows), kv_rows, tuple(r // d_ for r in kv_rows)
+    if kind == "kv_head":
+        kv_of = [layout.kv_of(h) for h in range(layout.num_heads)]
+        return q_rows, tuple(kv_of[r // d_] for r in q_rows), kv_rows, tuple(r // d_ for r in kv_rows)
+    dims = [layout.dim_unit(d) for d in range(d_)]
+    return q_rows, tuple(dims[r % d_] for r in q_rows), kv_rows, tuple(dims[r % d_] for r in kv_rows)
 
 
 @attrs.frozen(kw_only=True)

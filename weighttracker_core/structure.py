@@ -138,6 +138,8 @@ class Structure:
         self.version = version
         #: The model's prune count when this structure was built (see ``model_version``).
         self.model_version = model_version(model)
+        #: Whether some parameter was on the meta device (shapes only) when this was built.
+        self.built_on_meta = any(p.is_meta for p in model.parameters())
         rules = registries.unit_rules
         roots = options.root_module_types
         if roots is None:
@@ -214,6 +216,39 @@ class Structure:
             else:
                 trusted.append(name)
         return trusted, untrusted
+
+    def meta_parameters(self) -> list[str]:
+        """Names of the model's parameters on the meta device (shapes without values)."""
+        return [n for n, p in self.model.named_parameters() if p.is_meta]
+
+    def require_values(self, action: str) -> None:
+        """Refuse ``action`` (something that reads or changes weight values) on meta tensors.
+
+        A structure built on the meta device has every group and unit count, but nothing
+        that reads weights can run on it; a structure built before the weights were
+        materialised is refused too, because ``to_empty`` replaces the parameters it saw.
+
+        Raises:
+            ConfigError: Parameters are on the meta device, or were when this was built.
+        """
+        meta = self.meta_parameters()
+        if not meta and not self.built_on_meta:
+            return
+        if meta:
+            shown = ", ".join(meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3 else "")
+            where = (f"the model's parameters are on the meta device ({shown}): they have "
+                     "shapes but no values")
+        else:
+            where = ("this WeightTracker was built while the model's parameters were on the "
+                     "meta device, and materialising them replaced the parameters it saw")
+        raise ConfigError(
+            f"{action} needs real weight values, but {where}. The structure (groups, num_units, "
+            "view_structures()) works on meta tensors; for trackers, regularizers and pruning, "
+            "materialise the weights first (model.to_empty(device='cpu'), then "
+            "model.load_state_dict(state_dict); or build the model on a real device) and "
+            "create a new WeightTracker(model, example_inputs) with example_inputs on that "
+            "device."
+        )
 
     @property
     def current(self) -> bool:

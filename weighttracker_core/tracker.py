@@ -242,6 +242,7 @@ class WeightTracker:
         option none of them accepts is an error.
         """
         self.check_current()
+        self.structure.require_values("create_tracker")
         kinds = list(kind_or_kinds) if isinstance(kind_or_kinds, (list, tuple)) else [kind_or_kinds]
         if not kinds:
             raise ConfigError("create_tracker needs at least one tracker name.")
@@ -272,6 +273,7 @@ class WeightTracker:
         One evaluation is shared, so a calculation several trackers need runs once.
         """
         self.check_current()
+        self.structure.require_values("track()")
         evaluation = self.graph.evaluation()
         out: dict[str, Any] = {}
         for handle in dict.fromkeys(self._trackers.values()):
@@ -290,6 +292,7 @@ class WeightTracker:
     ) -> RegularizerHandle:
         """A callable returning a differentiable scalar (SPEC §6)."""
         self.check_current()
+        self.structure.require_values("create_regularizer")
         spec = self.registries.regularizers.get(kind)
         opts = build_options("regularizer", spec.name, spec.options, options)
         self.graph.validate(spec.requires, consumer=f"regularizer {spec.name}")
@@ -299,6 +302,7 @@ class WeightTracker:
     def create_pruner(self, name: Any, *, config: Any = None, **options: Any) -> PrunerHandle:
         """A pruning algorithm (SPEC §10); ``config`` is a dict or the pruner's config object."""
         self.check_current()
+        self.structure.require_values("create_pruner")
         spec = self.registries.pruners.get(name)
         if config is not None and options:
             raise ConfigError("Pass either config= or keyword options to create_pruner, not both.")
@@ -325,11 +329,13 @@ class WeightTracker:
     def fake_prune_unit(self, group_id: int, unit_id: int) -> None:
         """Zero every weight of one unit in every coupled layer (shapes unchanged)."""
         self.check_current()
+        self.structure.require_values("fake_prune_unit")
         masking.fake_prune_units_(self.structure, {group_id: [unit_id]})
 
     def fake_prune_units(self, units: Mapping[int, Iterable[int]]) -> None:
         """Zero several units: ``{group id: [unit ids]}``."""
         self.check_current()
+        self.structure.require_values("fake_prune_units")
         masking.fake_prune_units_(self.structure, units)
 
     def zero_units(self, ignore: Sequence[Any] = ()) -> dict[int, list[int]]:
@@ -338,6 +344,7 @@ class WeightTracker:
         Weights of layers selected by ``ignore`` are not looked at.
         """
         self.check_current()
+        self.structure.require_values("zero_units")
         selection = self._selection((), ignore)
         plan = self.structure.plan(selection)
         with torch.no_grad():
@@ -383,6 +390,7 @@ class WeightTracker:
         and why.
         """
         self.check_current()
+        self.structure.require_values("prune_zero_units")
         if not isinstance(dry_run, bool):
             raise ConfigError(f"dry_run must be True or False, got {dry_run!r}.")
         ignore = opt.check_selection(self.model, ignore, "ignore")
@@ -407,6 +415,7 @@ class WeightTracker:
 
     def _prune(self, units: Mapping[int, Iterable[int]], dry_run: bool) -> surgery.PruneReport:
         self.check_current()
+        self.structure.require_values("prune_units")
         if not isinstance(dry_run, bool):
             raise ConfigError(f"dry_run must be True or False, got {dry_run!r}.")
         units = {gid: sorted(ids) for gid, ids in masking.check_units(self.structure, units).items()}

@@ -170,34 +170,44 @@ class GraphChecks:
             "this part of the model out, or restructure that part of the forward."
         )
 
-    @contextlib.contextmanager
-    def bounded_search(self) -> Iterator[None]:
-        """Stop Torch-Pruning's group search if it keeps adding dependencies.
+    def search_bound(self) -> Callable[[Any, Any, int, int], None]:
+        """``bound(root_dep, dep, n_deps, n_idxs)``: raises when a group search does not end.
 
-        Some graphs make its index mapping produce ever larger index sets, and the search
-        never ends. A group never needs more entries than a small multiple of the graph's
-        nodes.
+        Some graphs make Torch-Pruning's index mapping produce ever larger index sets, and
+        the search never ends. A group never needs more entries than a small multiple of
+        the graph's nodes, nor more indices on one layer than its widest input or output.
         """
+        # [shared] (scale): the limits moved here from bounded_search, for the array search
         limit = 10 * len(self.dg.module2node) + 1000
         widths = [
             c for m in self._names if m in self.dg.module2node
             for c in (self.dg.get_out_channels(m), self.dg.get_in_channels(m)) if c
         ]
-        # a group never maps more indices onto one layer than its widest input or output
         index_limit = 4 * max([4096, *widths])
-        original = tp.dependency.group.Group.add_dep
 
-        def add_dep(group: Any, dep: Any, idxs: Any) -> None:
-            if len(group._group) >= limit or len(idxs) > index_limit:
-                why = (f"more than {limit} dependencies" if len(group._group) >= limit
-                       else f"{len(idxs)} indices on {dep.target.name}, more than any layer has")
+        def bound(root_dep: Any, dep: Any, n_deps: int, n_idxs: int) -> None:
+            if n_deps >= limit or n_idxs > index_limit:
+                why = (f"more than {limit} dependencies" if n_deps >= limit
+                       else f"{n_idxs} indices on {dep.target.name}, more than any layer has")
                 raise CouplingError(
-                    f"Torch-Pruning's search for the group of {group._group[0].dep.target.name} "
+                    f"Torch-Pruning's search for the group of {root_dep.target.name} "
                     f"did not end ({why}): its index mapping loops or multiplies, typically "
                     "because one tensor reaches a torch.cat through two paths, or reshapes "
                     "it cannot follow. Add that layer to ignored_layers, or restructure that "
                     "part of the forward."
                 )
+
+        return bound
+
+    @contextlib.contextmanager
+    def bounded_search(self) -> Iterator[None]:
+        """Stop Torch-Pruning's own group search if it keeps adding dependencies (see
+        :meth:`search_bound`)."""
+        bound = self.search_bound()
+        original = tp.dependency.group.Group.add_dep
+
+        def add_dep(group: Any, dep: Any, idxs: Any) -> None:
+            bound(group._group[0].dep if group._group else dep, dep, len(group._group), len(idxs))
             original(group, dep, idxs)
 
         tp.dependency.group.Group.add_dep = add_dep  # type: ignore[method-assign]
@@ -307,14 +317,20 @@ class GraphChecks:
         """The nearest layer fed by ``node``, for error messages."""
         return next(iter(self.consumer_modules(node)), "the model output")
 
-    def feeds_output(self, node: Any) -> bool:
-        """Whether ``node``'s output reaches a model output without passing another layer."""
-        for n in self._walk(node.outputs, upward=False):
+    def feeds_output(self, *nodes: Any) -> bool:
+        """Whether some ``node``'s output reaches a model output without passing another layer.
+
+        [shared] (scale): several nodes share one walk (a residual stream's members would
+        each walk the whole chain of adds otherwise).
+        """
+        if any(not node.outputs for node in nodes):
+            return True
+        for n in self._walk([out for node in nodes for out in node.outputs], upward=False):
             if self._is_layer(n):
                 continue
             if not n.outputs or isinstance(n.module, tp.ops._OutputOp):
                 return True
-        return not node.outputs
+        return False
 
     def _producer_channels(self, node: Any) -> int | None:
         """Output channels of the nearest layer upstream of ``node``, if any."""
@@ -352,25 +368,35 @@ class GraphChecks:
                     return
         covered: set[int] = set()
         has_consumer = False
+        # [shared] (scale): items mostly share one index tuple; each tuple is read once
+        spans: dict[int, tuple[int, int, bool]] = {}
+        added: set[int] = set()
         for item in raw.items:
             size = (
                 _param_dim_size(item.module, item.param_name, item.pruning_dim)
                 if item.param_name is not None
                 else channels(item.module, item.axis)
             )
-            if size is not None and any(not 0 <= i < size for i in item.idxs):
+            span = spans.get(id(item.idxs))
+            if span is None and item.idxs:
+                span = spans[id(item.idxs)] = (
+                    min(item.idxs), max(item.idxs), len(set(item.idxs)) == len(item.idxs)
+                )
+            if size is not None and span is not None and (span[0] < 0 or span[1] >= size):
                 raise CouplingError(
                     f"Group {raw.root_name}:{raw.pruning_fn} maps indices outside "
                     f"{item.module_name or item.param_name} ({item.axis}, size {size})."
                 )
-            if len(set(item.idxs)) != len(item.idxs):
+            if span is not None and not span[2]:
                 raise CouplingError(
                     f"Group {raw.root_name}:{raw.pruning_fn} maps two units onto one index "
                     f"of {item.module_name} ({item.axis})."
                 )
             if item.axis is PruneAxis.IN_CHANNEL:
                 has_consumer = True
-                covered.update(item.root_idxs)
+                if id(item.root_idxs) not in added:
+                    added.add(id(item.root_idxs))
+                    covered.update(item.root_idxs)
         if not coverage:
             return
         advice = (

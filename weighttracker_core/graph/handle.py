@@ -8,6 +8,8 @@ plain records (:mod:`.records`) so that no Torch-Pruning object leaks further.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -20,6 +22,7 @@ from ..units import PruneAxis
 from .attention import AttentionFinder, FoundAttention
 from .checks import GraphChecks
 from .records import RawGroup, RawItem
+from .search import NO_ROOT, GroupSearch, SearchedGroup
 from .tracing import guarded_index_mapping, trace
 
 
@@ -161,40 +164,47 @@ class DependencyGraphHandle:
         def remaining() -> list[nn.Module]:
             return [m for m in roots if m not in visited]
 
-        with self.checks.bounded_search(), guarded_index_mapping(set(), once=True):
-            for root in roots:
-                if root in visited:
-                    continue
-                group = self._search(root, remaining)
-                group = self._coarsest(group, remaining)
-                prunable = True
-                for dep, _ in group:
-                    if self.dg.is_out_channel_pruning_fn(dep.handler):
-                        visited.add(dep.target.module)
-                        if dep.target.module in blocked:
-                            prunable = False
-                if not prunable:
-                    continue
-                self.checks.check_operations(group, remaining)
-                raw = self._to_raw(group)
-                self.checks.check_group(
-                    raw, self.channels, coverage=raw.root_module not in exempt, untrusted=untrusted
-                )
-                out.append(raw)
+        with guarded_index_mapping(set()):
+            # the mapping depends on the graph only (and on the chunk order fixed above)
+            tp.dependency.index_mapping.update_index_mapping(self.dg)
+        search = GroupSearch(self.dg, self.checks.search_bound())
+        for root in roots:
+            if root in visited:
+                continue
+            group = self._search(search, root, remaining)
+            group = self._coarsest(search, group, remaining)
+            prunable = True
+            for item in group.items:
+                if self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                    visited.add(item.dep.target.module)
+                    if item.dep.target.module in blocked:
+                        prunable = False
+            if not prunable:
+                continue
+            self.checks.check_operations(group, remaining)
+            raw = self._to_raw(group)
+            self.checks.check_group(
+                raw, self.channels, coverage=raw.root_module not in exempt, untrusted=untrusted
+            )
+            out.append(raw)
         return out
 
     def _prunable(self, module: nn.Module) -> bool:
         pruner = self.dg.get_pruner_of_module(module)
         return pruner is not None and pruner.get_out_channels(module) is not None
 
-    def _search(self, root: nn.Module, remaining: Callable[[], list[nn.Module]]) -> Any:
+    def _search(
+        self, search: GroupSearch, root: nn.Module, remaining: Callable[[], list[nn.Module]]
+    ) -> SearchedGroup:
         """Torch-Pruning's group of ``root``'s output channels, after the loop check."""
         pruner = self.dg.get_pruner_of_module(root)
         self.checks.before_group(root, pruner.prune_out_channels, remaining)
         channels = pruner.get_out_channels(root)
-        return self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(channels)))
+        return search.group(root, pruner.prune_out_channels, int(channels))
 
-    def _coarsest(self, group: Any, remaining: Callable[[], list[nn.Module]]) -> Any:
+    def _coarsest(
+        self, search: GroupSearch, group: SearchedGroup, remaining: Callable[[], list[nn.Module]]
+    ) -> SearchedGroup:
         """The group re-rooted at its coarsest member when the root is finer.
 
         When a conv's channels are flattened into a linear layer's features and the linear
@@ -218,7 +228,7 @@ class DependencyGraphHandle:
                     and len(other.idxs) < len(group[0].idxs)
                     and self._prunable(module)
                 ):
-                    return self._coarsest(self._search(module, remaining), remaining)
+                    return self._coarsest(search, self._search(search, module, remaining), remaining)
         return group
 
     def axis_of(self, handler: Callable[..., Any]) -> PruneAxis:
@@ -260,14 +270,16 @@ class DependencyGraphHandle:
 
     # ------------------------------------------------------------------------- conversion
 
-    def _to_raw(self, group: Any) -> RawGroup:
+    def _to_raw(self, group: SearchedGroup) -> RawGroup:
         items = []
-        root_dep, root_idxs = group[0]
-        feeds_output = False
+        root = group[0]
+        root_dep = root.dep
+        producers = []
+        as_tuple = _TupleCache()
         for item in group.items:
             dep = item.dep
             target = dep.target.module
-            if item.root_idxs is None or any(i is None for i in item.root_idxs):
+            if len(item.root_idxs) and int(item.root_idxs.min()) == NO_ROOT:
                 raise CouplingError(
                     f"Torch-Pruning lost the channel mapping between {self._names.get(root_dep.target.module, '?')} "
                     f"and {self._names.get(target, dep.target.name)} (its index mapping through an "
@@ -276,8 +288,8 @@ class DependencyGraphHandle:
                     "num_heads= or attention_layouts=; otherwise add "
                     f"model.{self._names.get(root_dep.target.module, '?')} to ignored_layers."
                 )
-            if self.dg.is_out_channel_pruning_fn(dep.handler) and not feeds_output:
-                feeds_output = self.checks.feeds_output(dep.target)
+            if self.dg.is_out_channel_pruning_fn(dep.handler):
+                producers.append(dep.target)
             if isinstance(target, nn.Parameter):
                 full = self._param_names.get(target, "")
                 owner_name, _, attr = full.rpartition(".")
@@ -290,8 +302,8 @@ class DependencyGraphHandle:
                         pruning_dim=int(dep.target.pruning_dim),
                         axis=PruneAxis.FEATURE,
                         pruning_fn=dep.handler.__name__,
-                        idxs=tuple(int(i) for i in item.idxs),
-                        root_idxs=tuple(int(i) for i in item.root_idxs),
+                        idxs=as_tuple(item.idxs),
+                        root_idxs=as_tuple(item.root_idxs),
                     )
                 )
                 continue
@@ -305,8 +317,8 @@ class DependencyGraphHandle:
                     pruning_dim=None,
                     axis=self.axis_of(dep.handler),
                     pruning_fn=dep.handler.__name__,
-                    idxs=tuple(int(i) for i in item.idxs),
-                    root_idxs=tuple(int(i) for i in item.root_idxs),
+                    idxs=as_tuple(item.idxs),
+                    root_idxs=as_tuple(item.root_idxs),
                 )
             )
         root_module = root_dep.target.module
@@ -314,11 +326,40 @@ class DependencyGraphHandle:
             root_name=self._names[root_module],
             root_module=root_module,
             pruning_fn=root_dep.handler.__name__,
-            n_root=len(root_idxs),
+            n_root=len(root.idxs),
             items=tuple(items),
-            feeds_output=feeds_output,
+            feeds_output=self.checks.feeds_output(*producers) if producers else False,
             consumer=self.checks._first_consumer(root_dep.target),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _range_tuple(n: int) -> tuple[int, ...]:
+    return tuple(range(n))
+
+
+class _TupleCache:
+    """Index arrays as tuples of ints, one tuple per array and one per ``range(n)``.
+
+    Most items of a group share their root's index array (element-wise operations map
+    indices unchanged), and most groups index whole layers: sharing the tuples keeps a
+    70B-shaped model's groups to one copy of ``range(n)`` per width.
+    """
+
+    def __init__(self) -> None:
+        self._by_array: dict[int, tuple[Any, tuple[int, ...]]] = {}
+
+    def __call__(self, values: Any) -> tuple[int, ...]:
+        hit = self._by_array.get(id(values))
+        if hit is not None and hit[0] is values:
+            return hit[1]
+        n = len(values)
+        if n and int(values[0]) == 0 and int(values[-1]) == n - 1 and bool((values[1:] - values[:-1] == 1).all()):
+            out = _range_tuple(n)
+        else:
+            out = tuple(values.tolist())
+        self._by_array[id(values)] = (values, out)
+        return out
 
 
 def _unwrapped_list(value: Any) -> list[tuple[nn.Parameter, int]] | None:
