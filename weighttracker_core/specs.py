@@ -267,7 +267,12 @@ class IntegrationSpec:
         applies_to: ``model -> bool``; with ``integrations="auto"`` every integration that
             applies is used.
         tracker_options: ``model -> dict`` of ``WeightTracker`` options to fill in
-            (``num_heads``); options the user passed explicitly win.
+            (``num_heads``, ``attention_layouts``, ``forward_fn``, ``output_transform``);
+            options the user passed explicitly win.
+        before_prune: ``tracker -> None``, run before a physical prune (and a dry run)
+            changes anything, after the core's own checks; ``tracker.pruned_units`` and
+            ``tracker.pruned_attention`` describe the request, as for ``after_prune``.
+            Raise ``PruningError`` (or ``ConfigError``) to refuse it: the model is untouched.
         after_prune: ``tracker -> None``, run after every physical prune, before the user's
             ``post_prune_hooks``.
         ignored_parameters: ``model -> parameters`` that Torch-Pruning must leave out of
@@ -282,6 +287,7 @@ class IntegrationSpec:
     after_prune: Callable[[Any], None] | None = None
     ignored_parameters: Callable[[Any], Any] = lambda model: ()
     summary: str = ""
+    before_prune: Callable[[Any], None] | None = None
 
 
 @attrs.frozen(kw_only=True)
