@@ -296,12 +296,22 @@ class ModelSourceSpec:
 
     ``load(name)`` returns the model with random weights (nothing downloaded);
     ``default_input_shape`` is used when the user gives no ``--input-shape``.
+
+    Args:
+        accepts_config: ``load`` also takes ``config={key: value}``, the strings the user
+            gave as ``--config key=value,...`` (a source that builds models from a config
+            converts and checks them); without it ``--config`` is refused.
+        example_input: ``(model, shape) -> input`` for models that do not take a float
+            tensor (token ids for a language model); ``shape`` is the ``--input-shape``,
+            or ``None`` for the source's default. The input must be a tensor.
     """
 
     prefix: str
-    load: Callable[[str], Any]
+    load: Callable[..., Any]
     default_input_shape: tuple[int, ...] = (1, 3, 224, 224)
     summary: str = ""
+    accepts_config: bool = False
+    example_input: Callable[[Any, tuple[int, ...] | None], Any] | None = None
 
 
 @attrs.frozen(kw_only=True)
