@@ -14,6 +14,7 @@ from .families import FAMILIES, Family, family_of
 from .sources import build_model, token_ids
 from .sync import check_prune, sync_after_prune
 from .tracing import hf_forward, hf_outputs
+from .uniform import prune_zero_units_uniformly, uniform_zero_units
 
 __all__ = [
     "FAMILIES",
@@ -23,6 +24,8 @@ __all__ = [
     "family_of",
     "hf_forward",
     "hf_outputs",
+    "prune_zero_units_uniformly",
     "sync_after_prune",
     "token_ids",
+    "uniform_zero_units",
 ]
