@@ -21,9 +21,8 @@ config keeps only the sizes that are the same in every layer.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
-
-from transformers import PreTrainedModel
 
 from weighttracker_core import IntegrationSpec, hookimpl
 
@@ -34,8 +33,14 @@ NAME = "transformers"
 
 
 def applies_to(model: Any) -> bool:
-    """Whether ``model`` is a Hugging Face ``PreTrainedModel``."""
-    return isinstance(model, PreTrainedModel)
+    """Whether ``model`` is a Hugging Face ``PreTrainedModel``.
+
+    transformers is not imported for this: where its model base class was never loaded, no
+    model can be one (and users of other models do not pay for the import).
+    """
+    modeling = sys.modules.get("transformers.modeling_utils")
+    base = getattr(modeling, "PreTrainedModel", None)
+    return isinstance(base, type) and isinstance(model, base)
 
 
 def tracker_options(model: Any) -> dict[str, Any]:

@@ -31,12 +31,16 @@ RMS_NORM_CLASSES: tuple[tuple[str, str], ...] = (
 
 
 def rms_norm_types() -> tuple[type[nn.Module], ...]:
-    """The covered RMSNorm classes that this transformers version has."""
+    """The covered RMSNorm classes that this transformers version has.
+
+    Imports their modeling modules (the rules need the classes). A transformers that cannot
+    be imported gives no classes: then no model can hold one either.
+    """
     found = []
     for module_name, class_name in RMS_NORM_CLASSES:
         try:
             module = importlib.import_module(module_name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - absent or broken: a missing model family
             continue
         cls = getattr(module, class_name, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module):

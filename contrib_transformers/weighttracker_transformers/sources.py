@@ -18,10 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
-from transformers import PretrainedConfig
-from transformers.models.auto import configuration_auto, modeling_auto
 
 from weighttracker_core import ConfigError, ModelSourceSpec, UnknownNameError, hookimpl
 
@@ -46,11 +43,18 @@ DEFAULT_CLASSES = {"bert": "BertForSequenceClassification", "vit": "ViTForImageC
 DEFAULT_SEQUENCE = 16
 
 
+# transformers is imported when a model is built, not when the plugin loads
+
+
 def _model_types() -> list[str]:
+    from transformers.models.auto import configuration_auto
+
     return sorted(configuration_auto.CONFIG_MAPPING_NAMES)
 
 
 def _class_for(model_type: str) -> str:
+    from transformers.models.auto import modeling_auto
+
     if model_type in DEFAULT_CLASSES:
         return DEFAULT_CLASSES[model_type]
     for mapping in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -64,8 +68,11 @@ def _class_for(model_type: str) -> str:
     raise UnknownNameError(f"transformers has no model class for the model type {model_type!r}.")
 
 
-def _resolve(name: str) -> tuple[type[nn.Module], type[PretrainedConfig]]:
+def _resolve(name: str) -> tuple[type[nn.Module], type[Any]]:
     """The model class and config class ``name`` stands for."""
+    import transformers
+    from transformers.models.auto import configuration_auto
+
     if name in configuration_auto.CONFIG_MAPPING_NAMES:
         class_name = _class_for(name)
     else:
@@ -106,7 +113,7 @@ def _convert(key: str, text: str, default: Any) -> Any:
         ) from None
 
 
-def make_config(config_class: type[PretrainedConfig], settings: Mapping[str, Any]) -> PretrainedConfig:
+def make_config(config_class: type[Any], settings: Mapping[str, Any]) -> Any:
     """``config_class`` with :data:`TINY` sizes and ``settings`` (strings are converted).
 
     Raises:
