@@ -128,7 +128,8 @@ def make_config(config_class: type[Any], settings: Mapping[str, Any]) -> Any:
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"--config {key}: {config_class.__name__} has no setting {key!r}.{hint}")
         values[key] = _convert(key, value, getattr(default, key)) if isinstance(value, str) else value
-    if "num_attention_heads" in settings and "num_key_value_heads" not in settings and hasattr(default, "num_key_value_heads"):
+    if ("num_attention_heads" in settings and "num_key_value_heads" not in settings
+            and hasattr(default, "num_key_value_heads")):
         values["num_key_value_heads"] = values["num_attention_heads"]  # not the tiny 2 heads
     try:
         return config_class(**values)

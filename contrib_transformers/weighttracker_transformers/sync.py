@@ -104,7 +104,7 @@ def predicted_shapes(tracker: Any) -> dict[str, tuple[int, ...]]:
                     f"integrations=[{ANY_SHAPE!r}] to prune without the config check."
                 )
             dim = piece.dims[0] % params[full].dim()
-            gone = {p for p, u in zip(piece.positions, piece.units) if u in chosen}
+            gone = {p for p, u in zip(piece.positions, piece.units, strict=True) if u in chosen}
             if gone:
                 removed.setdefault((full, dim), set()).update(gone)
     aliases = _aliases(model)
@@ -132,7 +132,7 @@ def geometry(tracker: Any, shapes: Mapping[str, tuple[int, ...]], family: Family
     """The sizes a config needs, read from ``shapes`` and ``tracker.pruned_attention``."""
     model = tracker.model
     changes = tracker.pruned_attention or {}
-    layouts = sorted(tracker.structure.layouts.values(), key=lambda lay: lay.name)
+    layouts = list(tracker.structure.layouts.values())  # in model order
     attention = []
     for layout in layouts:
         change = changes.get(layout.name)
@@ -166,8 +166,17 @@ def geometry(tracker: Any, shapes: Mapping[str, tuple[int, ...]], family: Family
 
 
 def _listing(values: Mapping[str, int], limit: int = 6) -> str:
-    items = [f"{k}: {v}" for k, v in values.items()]
-    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+    """``"a: 4, b: 6"``; past ``limit`` entries grouped by value: ``"6 in 31 layers (...)"``."""
+    if len(values) <= limit:
+        return ", ".join(f"{k}: {v}" for k, v in values.items())
+    by_value: dict[int, list[str]] = {}
+    for name, value in values.items():
+        by_value.setdefault(value, []).append(name)
+    return ", ".join(
+        f"{value} in {len(names)} layer{'s' if len(names) > 1 else ''} "
+        f"({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+        for value, names in sorted(by_value.items(), key=lambda item: len(item[1]))
+    )
 
 
 def problems(model: nn.Module, family: Family, geo: Geometry) -> list[str]:

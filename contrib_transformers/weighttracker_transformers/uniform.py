@@ -23,11 +23,10 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 def _pattern(name: str) -> tuple[str, int | None]:
     """``("model.layers.{}.mlp.up_proj:prune_out_channels", 3)`` for layer 3's group."""
-    match = None
-    for match in _LAYER.finditer(name):
-        pass
-    if match is None:
+    matches = list(_LAYER.finditer(name))
+    if not matches:
         return name, None
+    match = matches[-1]  # the innermost layer index
     return name[: match.start()] + ".{}." + name[match.end():], int(match.group(1))
 
 

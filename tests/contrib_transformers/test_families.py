@@ -61,7 +61,7 @@ def _attention_matches_config(family, model):
     for layer in range(config.num_hidden_layers):
         attn = model.get_submodule(family.layer.format(layer))
         q = getattr(attn, family.q)
-        k = getattr(attn, "k_proj", None) or getattr(attn, "key")
+        k = getattr(attn, "k_proj", None) or attn.key
         assert q.out_features == config.num_attention_heads * head_dim
         assert k.out_features == kv_heads * head_dim
         assert q.in_features == config.hidden_size

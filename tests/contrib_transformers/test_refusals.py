@@ -55,11 +55,26 @@ def test_different_head_counts_per_layer_are_refused_before_anything_changes():
     assert all(layer.self_attn.num_key_value_groups == 2 for layer in model.model.layers)
 
 
+def test_many_layers_are_summarised_by_value():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=8,
+                                             num_hidden_layers=8, num_attention_heads=2,
+                                             num_key_value_heads=1)).eval()
+    tracker = WeightTracker(model, torch.randint(0, 32, (1, 4)))
+    mlp = groups(tracker)["model.layers.5.mlp.up_proj:prune_out_channels"]
+    with pytest.raises(PruningError, match=r"widths \(7 in 2 layers \(model\.layers\.5\.mlp\.gate_proj, "
+                                           r"model\.layers\.5\.mlp\.up_proj\), 8 in 14 layers \(model\.layers\.0"):
+        tracker.prune_units({mlp.id: [0]})
+
+
 def test_different_mlp_widths_are_refused():
     family, model, x = make("qwen2")
     tracker = WeightTracker(model, x)
     snap = _snapshot(model)
-    with pytest.raises(PruningError, match=r"the MLPs would have different widths \(model\.layers\.0\.mlp\.gate_proj: 48"):
+    widths = r"the MLPs would have different widths \(model\.layers\.0\.mlp\.gate_proj: 48"
+    with pytest.raises(PruningError, match=widths):
         tracker.prune_units(uniform_request(tracker, family, heads=False, kv=False, layers=(0,)))
     _unchanged(model, snap)
 
@@ -80,7 +95,8 @@ def test_head_dims_are_refused_the_reloaded_model_would_scale_differently():
     tracker = WeightTracker(model, x)
     snap = _snapshot(model)
     request = {group(tracker, family, i, "prune_head_dims").id: [0, 1] for i in range(2)}
-    with pytest.raises(PruningError, match=r"head_dim 6 instead of 8: .* scale the scores by 0\.4082 instead of 0\.3536"):
+    scale = r"head_dim 6 instead of 8: .* scale the scores by 0\.4082 instead of 0\.3536"
+    with pytest.raises(PruningError, match=scale):
         tracker.prune_units(request)
     _unchanged(model, snap)
 
