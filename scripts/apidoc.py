@@ -26,6 +26,7 @@ PACKAGES = {
     "weighttracker_core": ROOT / "weighttracker_core",
     "weighttracker_plugins": ROOT / "plugins" / "weighttracker_plugins",
     "weighttracker_timm": ROOT / "contrib_timm" / "weighttracker_timm",
+    "weighttracker_transformers": ROOT / "contrib_transformers" / "weighttracker_transformers",
 }
 
 #: (module, one-line description), in page order.
@@ -37,6 +38,8 @@ MODULES = [
     ("weighttracker_plugins.training.tensorboard", "TensorBoard logging (needs `tensorboard` to create a writer)."),
     ("weighttracker_plugins.training.lightning", "The Lightning callback (needs `lightning`)."),
     ("weighttracker_timm", "timm attention heads (distribution `weighttracker-timm`)."),
+    ("weighttracker_transformers", "Hugging Face models (distribution `weighttracker-transformers`)."),
+    ("weighttracker_transformers.trainer", "The Hugging Face `Trainer` callback (needs `transformers`, `accelerate`)."),
 ]
 
 

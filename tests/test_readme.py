@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # optional dependencies (test extras); a page whose examples need a missing one is skipped
-OPTIONAL = {"tensorboard", "lightning", "pytorch_lightning", "sklearn", "timm"}
+OPTIONAL = {"tensorboard", "lightning", "pytorch_lightning", "sklearn", "timm", "transformers",
+            "weighttracker_transformers", "accelerate"}
 
 
 def _blocks(path: Path) -> list[tuple[str, str]]:

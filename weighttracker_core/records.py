@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError
+from .heads import HEAD_FN
 from .structure import Structure
 from .surgery import PruneReport
 
@@ -227,13 +228,18 @@ def _group_difference(saved: Sequence[Mapping[str, Any]], current: Sequence[Mapp
 def simulate(record: Mapping[str, Any]) -> list[dict[str, int]]:
     """Unit counts of every group after each prune of ``record``, checking every id.
 
-    Returns one ``{group name: units}`` dict per prune. Nothing is pruned.
+    Returns one ``{group name: units}`` dict per prune. Nothing is pruned. Removing kv
+    heads also removes the query heads that read them, which the record alone cannot count
+    (it depends on how the attention shares kv heads): from then on the query-head group of
+    that attention is left out of the dicts (its count kept as an upper bound for the id
+    checks), and the parameter counts of the record check the replay instead.
 
     Raises:
         ConfigError: A prune names a group the dense model does not have, a unit id out
             of range or twice, or every unit of a group.
     """
     counts = {g["name"]: int(g["n_units"]) for g in record["fingerprint"].get("groups", [])}
+    uncertain: set[str] = set()
     after = []
     for step, prune in enumerate(record["prunes"], 1):
         for name, units in prune["units"].items():
@@ -251,5 +257,8 @@ def simulate(record: Mapping[str, Any]) -> list[dict[str, int]]:
                 )
         for name, units in prune["units"].items():
             counts[name] -= len(units)
-        after.append(dict(counts))
+            root, _, fn = name.rpartition(":")
+            if fn == HEAD_FN["kv_head"] and units:
+                uncertain.add(f"{root}:{HEAD_FN['head']}")
+        after.append({n: c for n, c in counts.items() if n not in uncertain})
     return after

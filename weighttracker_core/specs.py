@@ -273,7 +273,12 @@ class IntegrationSpec:
         applies_to: ``model -> bool``; with ``integrations="auto"`` every integration that
             applies is used.
         tracker_options: ``model -> dict`` of ``WeightTracker`` options to fill in
-            (``num_heads``); options the user passed explicitly win.
+            (``num_heads``, ``attention_layouts``, ``forward_fn``, ``output_transform``);
+            options the user passed explicitly win.
+        before_prune: ``tracker -> None``, run before a physical prune (and a dry run)
+            changes anything, after the core's own checks; ``tracker.pruned_units`` and
+            ``tracker.pruned_attention`` describe the request, as for ``after_prune``.
+            Raise ``PruningError`` (or ``ConfigError``) to refuse it: the model is untouched.
         after_prune: ``tracker -> None``, run after every physical prune, before the user's
             ``post_prune_hooks``.
         ignored_parameters: ``model -> parameters`` that Torch-Pruning must leave out of
@@ -288,6 +293,7 @@ class IntegrationSpec:
     after_prune: Callable[[Any], None] | None = None
     ignored_parameters: Callable[[Any], Any] = lambda model: ()
     summary: str = ""
+    before_prune: Callable[[Any], None] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -296,12 +302,22 @@ class ModelSourceSpec:
 
     ``load(name)`` returns the model with random weights (nothing downloaded);
     ``default_input_shape`` is used when the user gives no ``--input-shape``.
+
+    Args:
+        accepts_config: ``load`` also takes ``config={key: value}``, the strings the user
+            gave as ``--config key=value,...`` (a source that builds models from a config
+            converts and checks them); without it ``--config`` is refused.
+        example_input: ``(model, shape) -> input`` for models that do not take a float
+            tensor (token ids for a language model); ``shape`` is the ``--input-shape``,
+            or ``None`` for the source's default. The input must be a tensor.
     """
 
     prefix: str
-    load: Callable[[str], Any]
+    load: Callable[..., Any]
     default_input_shape: tuple[int, ...] = (1, 3, 224, 224)
     summary: str = ""
+    accepts_config: bool = False
+    example_input: Callable[[Any, tuple[int, ...] | None], Any] | None = None
 
 
 @attrs.frozen(kw_only=True)

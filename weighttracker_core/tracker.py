@@ -67,8 +67,10 @@ class WeightTracker:
         ignored_layers: Modules whose output channels are never units.
         unwrapped_parameters: ``{parameter: dim}`` for parameters outside standard layers.
         root_module_types: Layer types whose output channels start groups.
-        forward_fn: ``forward_fn(model, example_inputs)`` replaces ``model(example_inputs)``.
-        output_transform: Maps model outputs to the tensors to trace from.
+        forward_fn: ``forward_fn(model, example_inputs)`` replaces ``model(example_inputs)``
+            (integrations may fill it in, as they do for Hugging Face models).
+        output_transform: Maps model outputs to the tensors to trace from (integrations
+            may fill it in).
         post_prune_hooks: ``hook(tracker)`` callables run after every physical prune.
             While they run, ``tracker.pruned_units`` is ``{group name: local unit ids}``
             of the units just removed, ``tracker.pruned_attention`` is ``{attention name:
@@ -131,8 +133,14 @@ class WeightTracker:
             ignored_layers=opt.check_modules(model, ignored_layers, "ignored_layers"),
             unwrapped_parameters=unwrapped_parameters,
             root_module_types=opt.check_module_types(root_module_types, "root_module_types"),
-            forward_fn=opt.check_callable(forward_fn, "forward_fn", "(model, example_inputs) -> output"),
-            output_transform=opt.check_callable(output_transform, "output_transform", "(output) -> tensors"),
+            forward_fn=opt.check_callable(
+                forward_fn if forward_fn is not None else filled.get("forward_fn"),
+                "forward_fn", "(model, example_inputs) -> output",
+            ),
+            output_transform=opt.check_callable(
+                output_transform if output_transform is not None else filled.get("output_transform"),
+                "output_transform", "(output) -> tensors",
+            ),
             attention_layouts=self._layouts(filled),
             prune_model_outputs=opt.check_bool(prune_model_outputs, "prune_model_outputs"),
         )
@@ -422,14 +430,26 @@ class WeightTracker:
         removed_heads = self._removed_heads(units)
         changes = surgery.attention_changes(self.structure, units)
         version = model_version(self.model)
+        request = {
+            self.structure.group(gid).name: sorted({int(u) for u in local})
+            for gid, local in units.items() if local
+        }
+        checks = [i.before_prune for i in self.integrations if i.before_prune is not None]
+        if request and checks:
+            surgery.resolve_request(self.structure, units)  # the core's refusals come first
+            # integrations refuse what their models cannot express, before anything changes
+            self.pruned_units, self.pruned_attention = request, dict(changes)
+            try:
+                for check in checks:
+                    check(self)
+            finally:
+                self.pruned_units = None
+                self.pruned_attention = None
 
         def after() -> None:
             # hooks see what is being removed, numbered as in self.structure (still the
             # structure from before the prune: it is rebuilt after the hooks)
-            self.pruned_units = {
-                self.structure.group(gid).name: sorted({int(u) for u in local})
-                for gid, local in units.items() if local
-            }
+            self.pruned_units = dict(request)
             self.pruned_attention = dict(changes)
             try:
                 for integration in self.integrations:

@@ -11,7 +11,14 @@ from .. import report
 from ..errors import ConfigError
 from ..tracker import WeightTracker
 from .common import collect_metrics, count_parameters, emit, registries, total_macs
-from .models import example_input, load_model, parse_shape
+from .models import (
+    example_input,
+    load_model,
+    model_source,
+    parse_config,
+    parse_shape,
+    source_example_input,
+)
 
 #: Trackers ``inspect`` shows when they are installed, with the options it passes.
 INSPECT_TRACKERS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -44,6 +51,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--ignore", action="append", default=[], metavar="LAYER",
                         help="module name whose output channels are never units (repeatable), "
                         "e.g. --ignore fc")
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
+                        help="settings for model sources that build a model from a config "
+                        "(e.g. hf:llama --config hidden_size=64,num_hidden_layers=2); repeatable")
     parser.add_argument("--heads", action="store_true",
                         help="prune_num_heads=True: whole attention heads become units")
     parser.set_defaults(run=run)
@@ -55,12 +65,21 @@ def inspect_model(
     *,
     ignore: Sequence[str] = (),
     heads: bool = False,
+    config: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Plain-data description of ``spec``: structures, metrics, and what was unavailable."""
+    """Plain-data description of ``spec``: structures, metrics, and what was unavailable.
+
+    ``config`` holds ``--config`` settings for a model source that builds from a config.
+    """
     _, regs = registries()
-    model, default_shape = load_model(spec, regs)
-    shape = tuple(input_shape) if input_shape else default_shape
-    x = example_input(model, spec, shape)
+    model, default_shape = load_model(spec, regs, config)
+    source = model_source(spec, regs)
+    if source is not None and source.example_input is not None:
+        x = source_example_input(model, spec, source, tuple(input_shape) if input_shape else None)
+        shape = tuple(x.shape)
+    else:
+        shape = tuple(input_shape) if input_shape else default_shape
+        x = example_input(model, spec, shape)
     ignored = []
     for name in ignore:
         try:
@@ -91,7 +110,8 @@ def inspect_model(
 
 def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape) if args.input_shape is not None else None
-    data = inspect_model(args.model, shape, ignore=args.ignore, heads=args.heads)
+    data = inspect_model(args.model, shape, ignore=args.ignore, heads=args.heads,
+                         config=parse_config(args.config))
     if args.format == "json":
         text = report.to_json(data)
     elif args.format == "html":

@@ -83,11 +83,48 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {_clip(text[0], 300) if text else ''}"
 
 
-def load_model(spec: str, regs: Registries) -> tuple[nn.Module, tuple[int, ...]]:
-    """The model ``spec`` names and its default input shape.
+def parse_config(items: list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """``["hidden_size=64,num_hidden_layers=2", "vocab_size=128"]`` as ``{key: value}``.
+
+    Values stay strings; the model source converts them.
 
     Raises:
-        ConfigError: ``spec`` is malformed, or the factory fails or returns no module.
+        ConfigError: a piece is not ``key=value``, or a key is given twice.
+    """
+    out: dict[str, str] = {}
+    for item in items or ():
+        for piece in (p.strip() for p in item.split(",")):
+            if not piece:
+                continue
+            key, sep, value = piece.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key.isidentifier() or not value:
+                raise ConfigError(
+                    f"--config {_clip(piece)!r} is not KEY=VALUE: give comma-separated settings, "
+                    "e.g. --config hidden_size=64,num_hidden_layers=2."
+                )
+            if key in out:
+                raise ConfigError(f"--config sets {key!r} twice ({out[key]!r} and {value!r}); keep one.")
+            out[key] = value
+    return out
+
+
+def model_source(spec: str, regs: Registries) -> Any:
+    """The model source ``spec`` names (``PREFIX:NAME``), or ``None`` for a factory."""
+    prefix, sep, name = spec.partition(":")
+    return regs.model_sources.get(prefix) if sep and name and prefix in regs.model_sources else None
+
+
+def load_model(
+    spec: str, regs: Registries, config: dict[str, str] | None = None
+) -> tuple[nn.Module, tuple[int, ...]]:
+    """The model ``spec`` names and its default input shape.
+
+    ``config`` (from ``--config``) goes to a model source that accepts it.
+
+    Raises:
+        ConfigError: ``spec`` is malformed, the factory fails or returns no module, or
+            ``config`` is given for a model that does not take one.
         UnknownNameError: no source or module matches (the message lists the sources).
     """
     prefix, sep, name = spec.partition(":")
@@ -97,10 +134,18 @@ def load_model(spec: str, regs: Registries) -> tuple[nn.Module, tuple[int, ...]]
         raise ConfigError(
             f"MODEL {spec!r} must look like PREFIX:NAME ({listed}) or package.module:factory."
         )
+    if config:
+        takes = [p for p in sources.names() if sources.get(p).accepts_config]
+        if prefix not in sources or not sources.get(prefix).accepts_config:
+            raise ConfigError(
+                f"--config was given, but {spec!r} does not take a config; only the model "
+                f"sources {', '.join(f'{p}:NAME' for p in takes) or '(none installed)'} do. "
+                "Drop --config for this model."
+            )
     if prefix in sources:
         source = sources.get(prefix)
         try:
-            model = source.load(name)
+            model = source.load(name, config=dict(config)) if config else source.load(name)
         except WeightTrackerError:
             raise
         except (Exception, SystemExit) as err:
@@ -182,6 +227,39 @@ def example_input(model: nn.Module, spec: str, shape: tuple[int, ...]) -> torch.
             f"Cannot allocate an input of shape {shown} ({_first_line(err)}); pass a smaller "
             "--input-shape."
         ) from None
+    return _checked_forward(model, spec, x, shown)
+
+
+def source_example_input(
+    model: nn.Module, spec: str, source: Any, shape: tuple[int, ...] | None
+) -> torch.Tensor:
+    """The model source's own example input (token ids, say), checked by one forward pass.
+
+    Raises:
+        ConfigError: the source cannot build one of ``shape``, or the model rejects it.
+    """
+    if shape is not None:
+        check_input_size(shape)
+    try:
+        x = source.example_input(model, shape)
+    except WeightTrackerError:
+        raise
+    except Exception as err:
+        raise ConfigError(
+            f"Model source {source.prefix!r} could not build an example input"
+            + (f" of shape {','.join(map(str, shape))}" if shape else "")
+            + f" for {spec}: {_first_line(err)}. Pass --input-shape with the shape it expects."
+        ) from None
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(
+            f"Model source {source.prefix!r} gave a {type(x).__name__} as example input for "
+            f"{spec}; it must give a tensor (a bug in the plugin)."
+        )
+    check_input_size(tuple(x.shape))
+    return _checked_forward(model, spec, x, ",".join(map(str, x.shape)))
+
+
+def _checked_forward(model: nn.Module, spec: str, x: torch.Tensor, shown: str) -> torch.Tensor:
     model.eval()
     try:
         with torch.no_grad():
