@@ -35,18 +35,36 @@ class _Logits(torch.nn.Module):
         return hf_forward(self.model, x).logits
 
 
+def _sdpa(inputs, outputs):
+    """scaled_dot_product_attention as its two matrix products: q @ k^T and p @ v."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    rows = 1
+    for size in q[:-1]:
+        rows *= size
+    return rows * k[-2] * q[-1] + rows * k[-2] * v[-1]
+
+
 def fvcore_macs(model, x):
+    """MACs by module; an attention module's entry is what it runs itself (the products)."""
     with warnings.catch_warnings():  # fvcore's import warns about torch.jit.script
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis
 
     with torch.no_grad():
         analysis = FlopCountAnalysis(_Logits(model.eval()), (x,))
+        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
         counts = analysis.by_module()
-    return {name[len("model."):]: int(v) for name, v in counts.items() if name.startswith("model.")}
+    totals = {name[len("model."):]: int(v) for name, v in counts.items() if name.startswith("model.")}
+    own = {}
+    for name, module in model.named_modules():
+        children = [f"{name}.{c}" if name else c for c, _ in module.named_children()]
+        own[name] = totals.get(name, 0) - sum(totals.get(c, 0) for c in children)
+    return totals, own
 
 
 def _request(tracker, family):
@@ -64,8 +82,10 @@ def _request(tracker, family):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_trackers_and_lasso_run_and_bops_equal_fvcore_on_the_pruned_copy(name):
     family, model, x = make(name, seed=1)
-    baseline = fvcore_macs(model, x)
+    baseline, baseline_own = fvcore_macs(model, x)
     tracker = WeightTracker(model, x, prune_num_heads=True)
+    products = {m.name for m in tracker.structure.modules if str(m.category) == "attention"}
+    assert products  # the attention products are counted under their modules
     handle = tracker.create_tracker(TRACKERS, log_total_bops=True, log_layerwise_stats=True)
     lasso = tracker.create_regularizer("group_lasso")
     penalty = lasso()
@@ -84,12 +104,15 @@ def test_trackers_and_lasso_run_and_bops_equal_fvcore_on_the_pruned_copy(name):
     WeightTracker(clone, x, prune_num_heads=True).prune_zero_units()
     assert metrics["group_pruning_summary"]["pruned_physical_params"] == \
         before - sum(p.numel() for p in clone.parameters())
-    after = fvcore_macs(clone, x)
+    after_total, after_own = fvcore_macs(clone, x)
+    after = {n: (after_own[n] if n in products else after_total.get(n, 0)) for n in after_total}
+    before = {n: (baseline_own[n] if n in products else baseline[n]) for n in baseline}
     bops = metrics["structured_bops"]
     assert bops["compression"] > 0
     for layer, stats in bops["modules"].items():
-        assert stats["baseline"] == pytest.approx(baseline[layer] * 32 * 32, rel=1e-12), layer
+        assert stats["baseline"] == pytest.approx(before[layer] * 32 * 32, rel=1e-12), layer
         assert stats["bops"] == pytest.approx(after.get(layer, 0) * 32 * 32, rel=1e-9, abs=1e-6), layer
     attention = family.layer.format(0)
     assert any(layer.startswith(attention) for layer in bops["modules"])
+    assert all(before[p] > 0 for p in products)
     assert bops["bops"] == pytest.approx(sum(after.get(layer, 0) for layer in bops["modules"]) * 1024)
