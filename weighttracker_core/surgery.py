@@ -257,11 +257,52 @@ def _reparametrized(module: nn.Module, param: str) -> str | None:
     return None
 
 
+def _cut_places(structure: Structure, group: CanonicalUnitGroup) -> set[tuple[str, str]]:
+    """``(owner module, attribute)`` of every parameter the group's members cut.
+
+    Read from the unit rules (not the member slices, from which a tied parameter's second
+    place was deduplicated).
+    """
+    rules = structure.registries.unit_rules
+    out = set()
+    for member in group.members:
+        module = structure.module(member.module_name)
+        rule = rules.rule_for(type(module))
+        pieces = rule.slices_for(module, member.axis) if rule is not None else ()
+        for piece in (*pieces, *member.slices):
+            owner, _, attr = piece.param.rpartition(".")
+            full = ".".join(p for p in (member.module_name, owner) if p)
+            out.add((full, attr))
+    return out
+
+
+def _check_ties(structure: Structure, group: CanonicalUnitGroup) -> None:
+    """Refuse a group that cuts a tied parameter in one of its places but not the others."""
+    ties = tied_parameters(structure.model)
+    if not ties:
+        return
+    names = {id(m): n for n, m in structure.model.named_modules()}
+    cut = _cut_places(structure, group)
+    for places in ties:
+        where = [(names.get(id(module), "?"), attr) for module, attr in places]
+        touched = [p for p in where if p in cut]
+        if touched and len(touched) < len(where):
+            (first, attr), (other, other_attr) = touched[0], next(p for p in where if p not in touched)
+            raise PruningError(
+                f"Cannot remove units of group {group.id} ({group.name}): {first}.{attr} is tied "
+                f"to {other}.{other_attr} (one parameter), and this group cuts it only through "
+                f"{first}, so the tie could not be kept. Keep this group (ignore_prune, or "
+                "prune_model_outputs=False for an output layer), or untie them first: "
+                f"model.{first}.{attr} = torch.nn.Parameter(model.{first}.{attr}.detach().clone())."
+            )
+
+
 def _check(structure: Structure, request: Mapping[int, set[int]], ops: list[_Operation]) -> None:
     """Refuse, before anything changes, what the layers cannot take."""
     rules = structure.registries.unit_rules
     for group_id, units in request.items():
         group = structure.groups[group_id]
+        _check_ties(structure, group)
         for member in group.members:
             module = structure.module(member.module_name)
             for piece in member.slices:

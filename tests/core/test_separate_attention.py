@@ -360,3 +360,19 @@ def test_failed_physical_prune_restores_shapes_and_leaves_no_hooks():
     _assert_state(model, before)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     copy.deepcopy(model)
+
+
+def test_cutting_a_tied_parameter_in_one_place_is_refused_and_untying_works():
+    model = LlamaLike(layers=1, tie=True).eval()
+    tracker = WeightTracker(model, token_ids(), prune_model_outputs=True)
+    vocab = _groups(tracker)["lm_head:prune_out_channels"]  # the embedding keeps its rows
+    before = _state(model)
+    with pytest.raises(PruningError, match=r"lm_head\.weight is tied to embed_tokens\.weight.*untie"):
+        tracker.prune_units({vocab.id: [0, 1]})
+    _assert_state(model, before)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    # the advice: untie, then the vocabulary rows of lm_head go alone
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    tracker = WeightTracker(model, token_ids(), prune_model_outputs=True)
+    tracker.prune_units({_groups(tracker)["lm_head:prune_out_channels"].id: [0, 1]})
+    assert model.lm_head.out_features == 94 and model.embed_tokens.num_embeddings == 96
