@@ -98,6 +98,9 @@ class DependencyGraphHandle:
         self._param_names = {p: n for n, p in model.named_parameters()}
         self.checks = GraphChecks(self.dg, self._names, getattr(self.dg, "_wt_unmappable", ()))
         self.checks.fix_chunk_order()
+        with guarded_index_mapping(set()):  # the maps after the chunk order fix
+            tp.dependency.index_mapping.update_index_mapping(self.dg)
+        self.checks.repair_reshapes()
 
     # ----------------------------------------------------------------------------- queries
 
@@ -157,30 +160,38 @@ class DependencyGraphHandle:
         ]
         visited: set[nn.Module] = set()
         out = []
+        refused: list[tuple[nn.Module, CouplingError]] = []
 
         def remaining() -> list[nn.Module]:
             return [m for m in roots if m not in visited]
 
-        with self.checks.bounded_search(), guarded_index_mapping(set(), once=True):
+        with self.checks.bounded_search(), guarded_index_mapping(set(), once=True), self.checks.repaired():
             for root in roots:
                 if root in visited:
                     continue
-                group = self._search(root, remaining)
-                group = self._coarsest(group, remaining)
-                prunable = True
-                for dep, _ in group:
-                    if self.dg.is_out_channel_pruning_fn(dep.handler):
-                        visited.add(dep.target.module)
-                        if dep.target.module in blocked:
-                            prunable = False
-                if not prunable:
+                try:  # every refused group is collected: the advice names them all
+                    group = self._search(root, remaining)
+                    group = self._coarsest(group, remaining)
+                    prunable = True
+                    for dep, _ in group:
+                        if self.dg.is_out_channel_pruning_fn(dep.handler):
+                            visited.add(dep.target.module)
+                            if dep.target.module in blocked:
+                                prunable = False
+                    if not prunable:
+                        continue
+                    self.checks.check_operations(group, remaining)
+                    raw = self._to_raw(group)
+                    self.checks.check_group(
+                        raw, self.channels, coverage=raw.root_module not in exempt, untrusted=untrusted
+                    )
+                except CouplingError as err:
+                    refused.append((root, err))
                     continue
-                self.checks.check_operations(group, remaining)
-                raw = self._to_raw(group)
-                self.checks.check_group(
-                    raw, self.channels, coverage=raw.root_module not in exempt, untrusted=untrusted
-                )
                 out.append(raw)
+        if refused:
+            raise self.checks.refusal(refused)
+        self.checks.check_inputs_owned(out)
         return out
 
     def _prunable(self, module: nn.Module) -> bool:
@@ -244,7 +255,9 @@ class DependencyGraphHandle:
         if fn is None:
             # depthwise convolutions report prune_depthwise_conv_* names
             fn = pruner.prune_out_channels if "out" in pruning_fn else pruner.prune_in_channels
-        group = self.dg.get_pruning_group(root, fn, sorted(int(i) for i in idxs))
+        # the update of the maps divides by zero at reshapes no built group passes through
+        with guarded_index_mapping(set()), self.checks.repaired():
+            group = self.dg.get_pruning_group(root, fn, sorted(int(i) for i in idxs))
         group.prune(record_history=False)
 
     def prune_layer(self, module: nn.Module, axis: PruneAxis, idxs: Sequence[int]) -> None:
