@@ -191,6 +191,50 @@ class GraphChecks:
                 reason = self._concat_problem(node)
                 if reason:
                     self._loops[node] = reason
+                elif node in self._unmappable:
+                    self._refused[node] = (
+                        f"Torch-Pruning cannot map channels through the torch.cat "
+                        f"({node.grad_fn.name()}) that feeds {self._first_consumer(node)}: it "
+                        "infers no channel count for one of its inputs (the graph above it is "
+                        "too deep for its inference)."
+                    )
+        self._find_hidden_layers()
+
+    def _is_layer_type(self, module: nn.Module) -> bool:
+        """Whether Torch-Pruning would trace ``module`` as a layer (not as an operation)."""
+        return type(module) in self.dg.CUSTOMIZED_PRUNERS or tp.ops.module2type(module) not in (
+            _OPTYPE.ELEMENTWISE, _OPTYPE.PARAMETER
+        )
+
+    def _find_hidden_layers(self) -> None:
+        """Operations that use a layer's weights without calling the layer.
+
+        ``F.linear(x, self.qkv.weight)`` (torchvision's Swin) never runs ``self.qkv``: its
+        forward hook does not fire, Torch-Pruning sees no layer and maps channels through
+        the product as if it were element-wise. A layer whose parent module was called is
+        part of that module (``nn.MultiheadAttention.out_proj``) and fine.
+        """
+        owners: dict[int, nn.Module] = {}
+        for module in self._names:
+            for param in module.parameters(recurse=False):
+                owners.setdefault(id(param), module)
+        traced = {self._names[m] for m in self.dg.module2node if isinstance(m, nn.Module) and m in self._names}
+        for node in self.dg.module2node.values():
+            if self._is_layer(node) or node.grad_fn is None:
+                continue
+            for fn, _ in getattr(node.grad_fn, "next_functions", ()) or ():
+                owner = owners.get(id(getattr(fn, "variable", None)))
+                if owner is None or not self._is_layer_type(owner):
+                    continue
+                name = self._names[owner]
+                if any(t == "" or name == t or name.startswith(t + ".") for t in traced):
+                    continue
+                self._refused.setdefault(node, (
+                    f"{name} ({type(owner).__name__}) is not called as a module: the forward "
+                    f"uses its parameters directly ({node.grad_fn.name()}, e.g. "
+                    f"F.linear(x, {name}.weight)), so Torch-Pruning sees no layer there and "
+                    "maps channels through it as if it were element-wise."
+                ))
 
     # ------------------------------------------------------------------------- per group
 
@@ -251,7 +295,7 @@ class GraphChecks:
         reasons = list(dict.fromkeys(str(err) for _, err in refused))
         names = [self._names[root] for root, _ in refused]
         shown = ", ".join(f"model.{n}" for n in names)
-        others = f" ({len(reasons) - 1} other reasons for other groups, e.g.: {reasons[1]})" if len(reasons) > 1 else ""
+        others = f" (other groups for similar reasons, e.g.: {reasons[1]})" if len(reasons) > 1 else ""
         which = (f"The group of {names[0]} is refused" if len(names) == 1
                  else f"The groups of {len(names)} layers are refused ({', '.join(names)})")
         return CouplingError(

@@ -27,7 +27,7 @@ import torch_pruning as tp
 _OPTYPE = tp.ops.OPTYPE
 _HybridIndex = tp._helpers._HybridIndex
 _RESHAPES = ("view", "reshape", "unsafeview", "squeeze", "unsqueeze", "alias", "expandas")
-_MOVES = ("permute", "transpose", "constantpadnd", "roll", "flip", "slice")
+_MOVES = ("permute", "transpose", "constantpadnd", "roll", "flip", "slice", "repeatbackward")
 #: Torch-Pruning's own maps for reshapes and slices, replaced on a repaired chain
 _TP_SHAPE_MAPS = (
     tp.dependency.index_mapping._FlattenIndexMapping,
@@ -158,6 +158,8 @@ def replay(run: Sequence[Any], shape: tuple[int, ...], axis: int) -> torch.Tenso
                 t = F.pad(t.contiguous(), tuple(int(p) for p in fn._saved_pad), value=-1)
             elif "roll" in name:
                 t = torch.roll(t, tuple(int(s) for s in fn._saved_shifts), tuple(_signed(d) for d in fn._saved_dims))
+            elif "repeatbackward" in name:
+                t = t.repeat(*[int(r) for r in fn._saved_repeats])
             elif "flip" in name:
                 t = torch.flip(t, tuple(_signed(d) for d in fn._saved_dims))
             elif "slice" in name:
