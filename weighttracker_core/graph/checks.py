@@ -93,18 +93,45 @@ class GraphChecks:
         for run in reshapes.chains(self.dg.module2node.values(), self._is_layer):
             start = run[0].inputs[0]
             shape = _input_shape(run[0]) or (_output_shape(start.grad_fn) if start.grad_fn is not None else None)
+            if shape is None or len(shape) < 2:
+                continue
             axis = self._start_axis(run[0], shape)
-            if axis is None:
+            found = []
+            # when the layers above do not say, the layers below must: the one axis of
+            # the size of their inputs whose replay lands on them one to one (a channels-
+            # last tensor flattened for a Linear, as in MambaOut)
+            consumers = None if axis is not None else self._consumer_inputs(run[-1])
+            for candidate in [axis] if axis is not None else range(1, len(shape)):
+                if axis is None and (not consumers or shape[candidate] != consumers):
+                    continue
+                replayed = reshapes.replay(run, shape, candidate)
+                positions = None if replayed is None else reshapes.separable_positions(replayed, shape[candidate])
+                if positions is None:
+                    continue
+                if axis is None and sum(len(p) for p in positions) != consumers:
+                    continue
+                found.append((candidate, positions))
+            if len(found) != 1:
                 continue
-            channels = shape[axis]
-            replayed = reshapes.replay(run, shape, axis)
-            if replayed is None:
-                continue
-            positions = reshapes.separable_positions(replayed, channels)
-            if positions is None or positions == reshapes.tp_positions(run, start, channels):
+            candidate, positions = found[0]
+            if positions == reshapes.tp_positions(run, start, shape[candidate]):
                 continue
             self._repairs.extend(reshapes.install(run, start, positions))
             self._repaired.update(run)
+
+    def _consumer_inputs(self, node: Any) -> int | None:
+        """The input channels of the layers ``node`` feeds, if they all take as many and
+        only operations that keep the shape lie between."""
+        shape = _output_shape(node.grad_fn)
+        counts = set()
+        for n in self._walk(node.outputs, upward=False):
+            if self._is_layer(n):
+                counts.add(self.dg.get_in_channels(n.module))
+            elif _reads_parameters(n):
+                continue  # a layer's own product (a Linear on a 3-D or 4-D input)
+            elif _output_shape(n.grad_fn) != shape:
+                return None
+        return counts.pop() if len(counts) == 1 else None
 
     def _start_axis(self, node: Any, shape: tuple[int, ...] | None) -> int | None:
         """The channel axis of the tensor entering ``node`` (``None`` when unsure).
@@ -188,7 +215,9 @@ class GraphChecks:
                 if reason:
                     self._refused[node] = reason
             elif node.type == _OPTYPE.CONCAT:
-                reason = self._concat_problem(node)
+                # without offsets Torch-Pruning passes indices through unchanged (a cat
+                # along tokens, as in EVA's rotary embedding): nothing can loop there
+                reason = self._concat_problem(node) if node.module.offsets is not None else None
                 if reason:
                     self._loops[node] = reason
                 elif node in self._unmappable:
@@ -198,7 +227,28 @@ class GraphChecks:
                         "infers no channel count for one of its inputs (the graph above it is "
                         "too deep for its inference)."
                     )
+            elif node.type == _OPTYPE.EXPAND:
+                reason = self._expand_problem(node)
+                if reason:
+                    self._refused[node] = reason
         self._find_hidden_layers()
+
+    def _expand_problem(self, node: Any) -> str | None:
+        """A 5-D expand Torch-Pruning takes for a key/value head repeat that cannot be one.
+
+        Its map then divides by the repeat it infers (output channels over input
+        channels), which is 0 when the expanded tensor is narrower than what it feeds.
+        """
+        mapping = tp.dependency.index_mapping._GQAIndexMapping
+        for dep in [*node.dependencies, *(d for n in node.inputs for d in n.dependencies if d.target is node)]:
+            for m in dep.index_mapping:
+                if isinstance(m, mapping) and (int(m.repeat) < 1 or int(m.head_dim) < 1):
+                    return (
+                        f"Torch-Pruning maps the expand ({node.grad_fn.name()}) that feeds "
+                        f"{self._first_consumer(node)} as a repeat of key/value heads, but the "
+                        "tensor it expands is not narrower than what it feeds by a whole factor."
+                    )
+        return None
 
     def _is_layer_type(self, module: nn.Module) -> bool:
         """Whether Torch-Pruning would trace ``module`` as a layer (not as an operation)."""
@@ -342,14 +392,23 @@ class GraphChecks:
     # ---------------------------------------------------------------- problem operations
 
     def _concat_problem(self, node: Any) -> str | None:
-        """A ``torch.cat`` whose inputs come from one tensor through two paths."""
+        """A ``torch.cat`` whose inputs come from one tensor through two paths, one of them
+        through a slice or a flatten.
+
+        Along plain paths (``cat([y, bn(y)])``, DLA's roots) Torch-Pruning maps each channel
+        to all of its copies and its search ends. A slice or a flatten on the way makes
+        its index sets grow or reorder on every round trip through the cat: the search
+        never ends (or is stopped), so such groups are refused before it starts.
+        """
         reach = [self._upstream_operations(start) for start in node.inputs]
         if _partitioning_slices(node):
             return None
         for i, first in enumerate(reach):
             for second in reach[i + 1 :]:
                 common = first & second
-                if not common:
+                if not common or not any(
+                    n.type in (_OPTYPE.SLICE, _OPTYPE.RESHAPE) for n in (first | second) - common
+                ):
                     continue
                 layers = sorted(self._label(n) for n in common if n.module in self._names)
                 source = layers[0] if layers else sorted(self._label(n) for n in common)[0]

@@ -217,7 +217,8 @@ def separable_positions(t: torch.Tensor, channels: int) -> list[list[int]] | Non
 def tp_positions(run: Sequence[Any], start: Any, channels: int) -> list[list[int]]:
     """Where Torch-Pruning's own reshape / slice maps along the chain send each channel."""
     idxs = [_HybridIndex(idx=c, root_idx=c) for c in range(channels)]
-    for a, b in zip([start, *run], run):
+    edges = list(zip([start, *run], run)) + [(run[-1], out) for out in run[-1].outputs[:1]]
+    for a, b in edges:
         for dep in a.dependencies:
             if dep.target is b:
                 for mapping in dep.index_mapping:
