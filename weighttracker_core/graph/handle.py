@@ -96,6 +96,7 @@ class DependencyGraphHandle:
             ignored_params=list(ignored_params),
         )
         self._param_names = {p: n for n, p in model.named_parameters()}
+        self._coarser: dict[tuple[nn.Module, nn.Module], bool] = {}
         self.checks = GraphChecks(self.dg, self._names, getattr(self.dg, "_wt_unmappable", ()))
         self.checks.fix_chunk_order()
         with guarded_index_mapping(set()):  # the maps after the chunk order fix
@@ -203,34 +204,63 @@ class DependencyGraphHandle:
         pruner = self.dg.get_pruner_of_module(root)
         self.checks.before_group(root, pruner.prune_out_channels, remaining)
         channels = pruner.get_out_channels(root)
-        return self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(channels)))
+        try:
+            return self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(channels)))
+        except CouplingError:
+            raise
+        except (ArithmeticError, LookupError, TypeError, ValueError) as err:
+            # Torch-Pruning's index maps fail on operations they misread
+            raise CouplingError(
+                f"Torch-Pruning's search for the group of {self._names.get(root, '?')} failed in "
+                f"its index mapping ({type(err).__name__}: {err}): an operation on the way is "
+                "one it maps wrongly."
+            ) from err
 
-    def _coarsest(self, group: Any, remaining: Callable[[], list[nn.Module]]) -> Any:
+    def _coarsest(self, group: Any, remaining: Callable[[], list[nn.Module]], depth: int = 0) -> Any:
         """The group re-rooted at its coarsest member when the root is finer.
 
-        When a conv's channels are flattened into a linear layer's features and the linear
-        layer is the root, Torch-Pruning maps several features onto one channel (and keeps
-        one of them): the group's units would be fractions of channels. Rooted at the conv,
-        each channel owns all of its features.
+        When one channel of a member reaches several channels of the root (a conv's
+        channels flattened into a linear layer's features; a channel concatenated with a
+        per-channel function of itself, as in GhostNet), Torch-Pruning's group of the root
+        makes fractions of that member's channels its units, and keeps one of the root
+        channels per member channel. Rooted at the member, each of its channels owns all
+        the positions it reaches.
         """
+        root = group[0].dep.target.module
+        units = len(group[0].idxs)
         for item in group.items:
-            reverse = any(
-                type(m).__name__ == "_FlattenIndexMapping" and getattr(m, "reverse", False)
-                for m in item.dep.index_mapping
-            )
-            if not reverse:
-                continue
-            for other in group.items:
-                module = other.dep.target.module
-                if (
-                    isinstance(module, nn.Module)
-                    and module in self._names
-                    and self.dg.is_out_channel_pruning_fn(other.dep.handler)
-                    and len(other.idxs) < len(group[0].idxs)
-                    and self._prunable(module)
-                ):
-                    return self._coarsest(self._search(module, remaining), remaining)
+            module = item.dep.target.module
+            if (
+                depth < 8
+                and module is not root
+                and isinstance(module, nn.Module)
+                and module in self._names
+                and self.dg.is_out_channel_pruning_fn(item.dep.handler)
+                and len(set(item.idxs)) < units
+                and self._prunable(module)
+                and self._is_coarser(module, root, remaining)
+            ):
+                return self._coarsest(self._search(module, remaining), remaining, depth + 1)
         return group
+
+    def _is_coarser(self, module: nn.Module, root: nn.Module, remaining: Callable[[], list[nn.Module]]) -> bool:
+        """Whether one output channel of ``module`` reaches several of ``root``'s."""
+        key = (module, root)
+        if key not in self._coarser:
+            self._coarser[key] = False
+            try:
+                group = self._search(module, remaining)
+            except CouplingError:
+                return False
+            for item in group.items:
+                if item.dep.target.module is root and self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                    # coarser for every root channel, not for some of them only
+                    self._coarser[key] = (
+                        len(item.idxs) > len(set(item.root_idxs))
+                        and len(set(item.idxs)) == self.dg.get_out_channels(root)
+                    )
+                    break
+        return self._coarser[key]
 
     def axis_of(self, handler: Callable[..., Any]) -> PruneAxis:
         is_out = self.dg.is_out_channel_pruning_fn(handler)
