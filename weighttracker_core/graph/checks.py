@@ -614,6 +614,8 @@ class GraphChecks:
                     owned.setdefault(item.module, set()).update(item.idxs)
                 else:
                     root_of.setdefault(item.module, raw.root_name)
+        first = None
+        roots: list[str] = []
         for module, positions in owned.items():
             width = self.dg.get_in_channels(module)
             if not width or len(positions) >= width:
@@ -624,20 +626,24 @@ class GraphChecks:
             producers, ops = sources
             if not producers or any(p not in root_of for p in producers):
                 continue
-            names = sorted(self._names[p] for p in producers)
-            roots = sorted({root_of[p] for p in producers})
-            through = ", ".join(ops) if ops else "no operation"
-            missing = sorted(set(range(width)) - positions)
-            span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
+            roots.extend(r for r in sorted({root_of[p] for p in producers}) if r not in roots)
+            if first is None:
+                names = sorted(self._names[p] for p in producers)
+                through = ", ".join(ops) if ops else "no operation"
+                missing = sorted(set(range(width)) - positions)
+                span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
+                first = (
+                    f"Only {len(positions)} of the {width} input channels of {self._names[module]} "
+                    f"belong to a unit of the groups that feed it (from {', '.join(names)}; inputs "
+                    f"{span} belong to none): Torch-Pruning mapped channels one to one through an "
+                    f"operation that changes their number ({through}), so removing a unit would "
+                    "leave its copies behind."
+                )
+        if first is not None:
             shown = ", ".join(f"model.{n}" for n in roots)
             raise CouplingError(
-                f"Only {len(positions)} of the {width} input channels of {self._names[module]} "
-                f"belong to a unit of the groups that feed it (from {', '.join(names)}; inputs "
-                f"{span} belong to none): Torch-Pruning mapped channels one to one through an "
-                f"operation that changes their number ({through}), so removing a unit would "
-                f"leave its copies behind. Add {', '.join(roots)} to ignored_layers "
-                f"(ignored_layers=[{shown}]) to leave these channels out, or restructure that "
-                "part of the forward."
+                f"{first} Add {', '.join(roots)} to ignored_layers (ignored_layers=[{shown}]) to "
+                "leave these channels out, or restructure that part of the forward."
             )
 
     def _sources(self, node: Any) -> tuple[set[nn.Module], list[str]] | None:
