@@ -33,10 +33,13 @@ ADVICE = re.compile(r"ignored_layers=\[([^\]]*)\]")
 
 
 def follow(model, err):
-    """The modules an error's ``ignored_layers=[model.a, ...]`` advice names."""
+    """The modules an error's ``ignored_layers=[model.a, ...]`` advice names (the message
+    and the error's ``ignored_layers`` attribute must agree)."""
     match = ADVICE.search(str(err))
     assert match, f"no ignored_layers advice in: {err}"
-    return [model.get_submodule(n.strip()[len("model."):]) for n in match.group(1).split(",")]
+    names = [n.strip()[len("model."):] for n in match.group(1).split(",")]
+    assert list(err.ignored_layers) == names
+    return [model.get_submodule(n) for n in names]
 
 
 def state(model):

@@ -348,11 +348,13 @@ class GraphChecks:
         others = f" (other groups for similar reasons, e.g.: {reasons[1]})" if len(reasons) > 1 else ""
         which = (f"The group of {names[0]} is refused" if len(names) == 1
                  else f"The groups of {len(names)} layers are refused ({', '.join(names)})")
-        return CouplingError(
+        error = CouplingError(
             f"{reasons[0]}{others} {which}: add {'it' if len(names) == 1 else 'them'} to "
             f"ignored_layers (ignored_layers=[{shown}]) to leave that part of the model out, or "
             "restructure that part of the forward."
         )
+        error.ignored_layers = tuple(names)
+        return error
 
     @contextlib.contextmanager
     def bounded_search(self) -> Iterator[None]:
@@ -641,10 +643,12 @@ class GraphChecks:
                 )
         if first is not None:
             shown = ", ".join(f"model.{n}" for n in roots)
-            raise CouplingError(
+            error = CouplingError(
                 f"{first} Add {', '.join(roots)} to ignored_layers (ignored_layers=[{shown}]) to "
                 "leave these channels out, or restructure that part of the forward."
             )
+            error.ignored_layers = tuple(roots)
+            raise error
 
     def _sources(self, node: Any) -> tuple[set[nn.Module], list[str]] | None:
         """Layers feeding ``node`` and the operations between; ``None`` if anything else does.
