@@ -10,6 +10,7 @@ import importlib.metadata
 
 from .consumers import ConsumerContext, RegularizerHandle, TrackerHandle, flatten_metrics, to_python
 from .dag import CalculationGraph, Evaluation
+from .forwards import train_mode_forward
 from .errors import (
     ArgumentTypeError,
     CalculationCycleError,
@@ -132,6 +133,7 @@ __all__ = [
     "safe_sqrt",
     "stored_parameter",
     "to_python",
+    "train_mode_forward",
 ]
 
 __version__ = importlib.metadata.version("weighttracker")

@@ -563,7 +563,9 @@ def warn_untraced(names: Sequence[str]) -> None:
         f"weighttracker: the traced forward never runs these layers: {shown}. They belong to "
         "no unit and a physical prune does not adapt them: a forward that uses them (often "
         "train mode, e.g. auxiliary heads) would fail on the pruned model. Remove them before "
-        "pruning (e.g. aux_logits=False), or trace a forward that runs them (forward_fn=).",
+        "pruning (e.g. aux_logits=False), or trace a forward that runs them: "
+        "forward_fn=weighttracker_core.train_mode_forward runs train-mode branches without "
+        "changing running statistics.",
         UserWarning,
         stacklevel=3,
     )

@@ -43,7 +43,13 @@ class UnsupportedModuleError(WeightTrackerError, ValueError):
 
 
 class CouplingError(UnsupportedModuleError):
-    """Torch-Pruning's coupling of a group could not be verified or repaired."""
+    """Torch-Pruning's coupling of a group could not be verified or repaired.
+
+    ``ignored_layers`` holds the names of the modules the message suggests adding to
+    ``ignored_layers`` (empty when it suggests something else).
+    """
+
+    ignored_layers: tuple[str, ...] = ()
 
 
 class StaleConsumerError(WeightTrackerError, RuntimeError):

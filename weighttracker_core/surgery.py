@@ -439,6 +439,22 @@ def prune_units(
     if dry_run or not request:
         return PruneReport(units=report_units, tp_indices=report_idxs, params_before=before,
                            params_after=before, dry_run=dry_run)
+    # under torch.inference_mode() the pruned parameters (and the snapshot) would be
+    # inference tensors, which autograd cannot use: the next trace would fail
+    with torch.inference_mode(False):
+        return _prune(structure, ops, report_units, report_idxs, before, after_prune, rebuild, on_failure)
+
+
+def _prune(
+    structure: Structure,
+    ops: list[_Operation],
+    report_units: dict[str, list[int]],
+    report_idxs: dict[str, list[int]],
+    before: int,
+    after_prune: Callable[[], None],
+    rebuild: Callable[[], None],
+    on_failure: Callable[[], None],
+) -> PruneReport:
     snapshot = ModelSnapshot(structure.model)
     ties = tied_parameters(structure.model)
     try:

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import CouplingError
 from ..units import PruneAxis
+from . import reshapes
 
 if TYPE_CHECKING:
     from .records import RawGroup
@@ -56,6 +57,8 @@ class GraphChecks:
         self._unmappable = set(unmappable)
         self._loops: dict[Any, str] = {}  # cat nodes whose index mapping would loop
         self._reshapes_checked = False
+        self._repaired: set[Any] = set()  # shape-operation nodes with a replayed channel map
+        self._repairs: list[tuple[Any, list[Any]]] = []  # (dependency, its index mappings)
 
     # ------------------------------------------------------------------------ graph-wide
 
@@ -81,6 +84,120 @@ class GraphChecks:
                 continue
             node.outputs[:] = [out for _, out in sorted(refs, key=lambda r: r[0])]
 
+    def repair_reshapes(self) -> None:
+        """Replace Torch-Pruning's map through chains of reshapes where replaying them differs.
+
+        See :mod:`.reshapes`. Torch-Pruning recomputes its maps before every group search
+        and prune; :meth:`repaired` puts the repairs back each time.
+        """
+        for run in reshapes.chains(self.dg.module2node.values(), self._is_layer):
+            start = run[0].inputs[0]
+            shape = _input_shape(run[0]) or (_output_shape(start.grad_fn) if start.grad_fn is not None else None)
+            if shape is None or len(shape) < 2:
+                continue
+            axis = self._start_axis(run[0], shape)
+            found = []
+            # when the layers above do not say, the layers below must: the one axis of
+            # the size of their inputs whose replay lands on them one to one (a channels-
+            # last tensor flattened for a Linear, as in MambaOut)
+            consumers = None if axis is not None else self._consumer_inputs(run[-1])
+            for candidate in [axis] if axis is not None else range(1, len(shape)):
+                if axis is None and (not consumers or shape[candidate] != consumers):
+                    continue
+                replayed = reshapes.replay(run, shape, candidate)
+                positions = None if replayed is None else reshapes.separable_positions(replayed, shape[candidate])
+                if positions is None:
+                    continue
+                if axis is None and sum(len(p) for p in positions) != consumers:
+                    continue
+                found.append((candidate, positions))
+            if len(found) != 1:
+                continue
+            candidate, positions = found[0]
+            if positions == reshapes.tp_positions(run, start, shape[candidate]):
+                continue
+            self._repairs.extend(reshapes.install(run, start, positions))
+            self._repaired.update(run)
+
+    def _consumer_inputs(self, node: Any) -> int | None:
+        """The input channels of the layers ``node`` feeds, if they all take as many and
+        only operations that keep the shape lie between."""
+        shape = _output_shape(node.grad_fn)
+        counts = set()
+        for n in self._walk(node.outputs, upward=False):
+            if self._is_layer(n):
+                counts.add(self.dg.get_in_channels(n.module))
+            elif _reads_parameters(n):
+                continue  # a layer's own product (a Linear on a 3-D or 4-D input)
+            elif _output_shape(n.grad_fn) != shape:
+                return None
+        return counts.pop() if len(counts) == 1 else None
+
+    def _start_axis(self, node: Any, shape: tuple[int, ...] | None) -> int | None:
+        """The channel axis of the tensor entering ``node`` (``None`` when unsure).
+
+        Its channels are those of the nearest layers above, reached through operations
+        that do not mix channels with anything else (adds, activations, reshapes; not a
+        matrix product or an operation reading parameters, which would be a layer
+        Torch-Pruning does not see). The axis of that size is the channel axis; if
+        several have it, the layers' own layout decides (channels first for convolutions
+        and batch / group norms, last for linear layers and layer norms) while the tensor
+        still has their output shape.
+        """
+        if shape is None or len(shape) < 2:
+            return None
+        producers = []
+        for n in self._walk(node.inputs, upward=True):
+            if self._is_layer(n):
+                producers.append(n)
+                continue
+            name = _grad_name(n)
+            if isinstance(n.module, nn.Parameter) or n.grad_fn is None or any(
+                word in name for word in ("mm", "attention", "conv", "einsum")
+            ) or _reads_parameters(n):
+                return None
+        counts = {self.dg.get_out_channels(p.module) for p in producers}
+        if len(counts) != 1:
+            return None
+        channels = counts.pop()
+        fitting = [a for a in range(1, len(shape)) if shape[a] == channels]
+        if len(fitting) == 1:
+            return fitting[0]
+        if not fitting or any(_output_shape(p.grad_fn) != shape for p in producers):
+            return None
+        first = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                 nn.modules.instancenorm._InstanceNorm)
+        last = (nn.Linear, nn.LayerNorm, nn.Embedding)
+        if all(isinstance(p.module, first) for p in producers) and 1 in fitting:
+            return 1
+        if all(isinstance(p.module, last) for p in producers) and len(shape) - 1 in fitting:
+            return len(shape) - 1
+        return None
+
+    def reapply_repairs(self) -> None:
+        for dep, mappings in self._repairs:
+            dep.index_mapping[:] = mappings
+
+    @contextlib.contextmanager
+    def repaired(self) -> Iterator[None]:
+        """Torch-Pruning's index-mapping update followed by the repairs, while inside."""
+        if not self._repairs:
+            yield
+            return
+        mapping = tp.dependency.index_mapping
+        update = mapping.update_index_mapping
+
+        def update_and_repair(graph: Any) -> None:
+            update(graph)
+            if graph is self.dg:
+                self.reapply_repairs()
+
+        mapping.update_index_mapping = update_and_repair
+        try:
+            yield
+        finally:
+            mapping.update_index_mapping = update
+
     def _find_operations(self) -> None:
         """Reshapes and cats that no group may pass through (found once, lazily)."""
         if self._reshapes_checked:
@@ -98,9 +215,76 @@ class GraphChecks:
                 if reason:
                     self._refused[node] = reason
             elif node.type == _OPTYPE.CONCAT:
-                reason = self._concat_problem(node)
+                # without offsets Torch-Pruning passes indices through unchanged (a cat
+                # along tokens, as in EVA's rotary embedding): nothing can loop there
+                reason = self._concat_problem(node) if node.module.offsets is not None else None
                 if reason:
                     self._loops[node] = reason
+                elif node in self._unmappable:
+                    self._refused[node] = (
+                        f"Torch-Pruning cannot map channels through the torch.cat "
+                        f"({node.grad_fn.name()}) that feeds {self._first_consumer(node)}: it "
+                        "infers no channel count for one of its inputs (the graph above it is "
+                        "too deep for its inference)."
+                    )
+            elif node.type == _OPTYPE.EXPAND:
+                reason = self._expand_problem(node)
+                if reason:
+                    self._refused[node] = reason
+        self._find_hidden_layers()
+
+    def _expand_problem(self, node: Any) -> str | None:
+        """A 5-D expand Torch-Pruning takes for a key/value head repeat that cannot be one.
+
+        Its map then divides by the repeat it infers (output channels over input
+        channels), which is 0 when the expanded tensor is narrower than what it feeds.
+        """
+        mapping = tp.dependency.index_mapping._GQAIndexMapping
+        for dep in [*node.dependencies, *(d for n in node.inputs for d in n.dependencies if d.target is node)]:
+            for m in dep.index_mapping:
+                if isinstance(m, mapping) and (int(m.repeat) < 1 or int(m.head_dim) < 1):
+                    return (
+                        f"Torch-Pruning maps the expand ({node.grad_fn.name()}) that feeds "
+                        f"{self._first_consumer(node)} as a repeat of key/value heads, but the "
+                        "tensor it expands is not narrower than what it feeds by a whole factor."
+                    )
+        return None
+
+    def _is_layer_type(self, module: nn.Module) -> bool:
+        """Whether Torch-Pruning would trace ``module`` as a layer (not as an operation)."""
+        return type(module) in self.dg.CUSTOMIZED_PRUNERS or tp.ops.module2type(module) not in (
+            _OPTYPE.ELEMENTWISE, _OPTYPE.PARAMETER
+        )
+
+    def _find_hidden_layers(self) -> None:
+        """Operations that use a layer's weights without calling the layer.
+
+        ``F.linear(x, self.qkv.weight)`` (torchvision's Swin) never runs ``self.qkv``: its
+        forward hook does not fire, Torch-Pruning sees no layer and maps channels through
+        the product as if it were element-wise. A layer whose parent module was called is
+        part of that module (``nn.MultiheadAttention.out_proj``) and fine.
+        """
+        owners: dict[int, nn.Module] = {}
+        for module in self._names:
+            for param in module.parameters(recurse=False):
+                owners.setdefault(id(param), module)
+        traced = {self._names[m] for m in self.dg.module2node if isinstance(m, nn.Module) and m in self._names}
+        for node in self.dg.module2node.values():
+            if self._is_layer(node) or node.grad_fn is None:
+                continue
+            for fn, _ in getattr(node.grad_fn, "next_functions", ()) or ():
+                owner = owners.get(id(getattr(fn, "variable", None)))
+                if owner is None or not self._is_layer_type(owner):
+                    continue
+                name = self._names[owner]
+                if any(t == "" or name == t or name.startswith(t + ".") for t in traced):
+                    continue
+                self._refused.setdefault(node, (
+                    f"{name} ({type(owner).__name__}) is not called as a module: the forward "
+                    f"uses its parameters directly ({node.grad_fn.name()}, e.g. "
+                    f"F.linear(x, {name}.weight)), so Torch-Pruning sees no layer there and "
+                    "maps channels through it as if it were element-wise."
+                ))
 
     # ------------------------------------------------------------------------- per group
 
@@ -140,7 +324,7 @@ class GraphChecks:
         )
         for node, reason in problems:
             if node in reached:
-                raise CouplingError(reason + self._advice(node, roots()))
+                raise CouplingError(reason)
 
     def check_operations(self, group: Any, roots: Callable[[], Iterable[nn.Module]]) -> None:
         """Refuse a group that passes through an operation Torch-Pruning maps wrongly."""
@@ -150,25 +334,27 @@ class GraphChecks:
         for item in group.items:
             reason = self._refused.get(item.dep.target)
             if reason is not None:
-                raise CouplingError(reason + self._advice(item.dep.target, roots()))
+                raise CouplingError(reason)
 
-    def _advice(self, node: Any, roots: Iterable[nn.Module]) -> str:
-        """Which roots to ignore so that no group passes through ``node``."""
-        through = []
-        for root in roots:
-            pruner = self.dg.get_pruner_of_module(root)
-            if pruner is None:
-                continue
-            if node in self.reachable(self.dg.module2node[root], pruner.prune_out_channels):
-                through.append(self._names[root])
-        if not through:
-            return ""
-        shown = ", ".join(f"model.{n}" for n in through[:8]) + (", ..." if len(through) > 8 else "")
-        return (
-            f" The groups of {', '.join(through[:8])}{' ...' if len(through) > 8 else ''} pass "
-            f"through it: add them to ignored_layers (ignored_layers=[{shown}]) to leave "
-            "this part of the model out, or restructure that part of the forward."
+    def refusal(self, refused: list[tuple[nn.Module, CouplingError]]) -> CouplingError:
+        """One error for every group refused, whose advice names all their roots.
+
+        Following it (every root in ``ignored_layers``) leaves out exactly the groups that
+        were refused, so the rest of the model builds in one go.
+        """
+        reasons = list(dict.fromkeys(str(err) for _, err in refused))
+        names = [self._names[root] for root, _ in refused]
+        shown = ", ".join(f"model.{n}" for n in names)
+        others = f" (other groups for similar reasons, e.g.: {reasons[1]})" if len(reasons) > 1 else ""
+        which = (f"The group of {names[0]} is refused" if len(names) == 1
+                 else f"The groups of {len(names)} layers are refused ({', '.join(names)})")
+        error = CouplingError(
+            f"{reasons[0]}{others} {which}: add {'it' if len(names) == 1 else 'them'} to "
+            f"ignored_layers (ignored_layers=[{shown}]) to leave that part of the model out, or "
+            "restructure that part of the forward."
         )
+        error.ignored_layers = tuple(names)
+        return error
 
     def search_bound(self) -> Callable[[Any, Any, int, int], None]:
         """``bound(root_dep, dep, n_deps, n_idxs)``: raises when a group search does not end.
@@ -193,8 +379,7 @@ class GraphChecks:
                     f"Torch-Pruning's search for the group of {root_dep.target.name} "
                     f"did not end ({why}): its index mapping loops or multiplies, typically "
                     "because one tensor reaches a torch.cat through two paths, or reshapes "
-                    "it cannot follow. Add that layer to ignored_layers, or restructure that "
-                    "part of the forward."
+                    "it cannot follow."
                 )
 
         return bound
@@ -219,14 +404,23 @@ class GraphChecks:
     # ---------------------------------------------------------------- problem operations
 
     def _concat_problem(self, node: Any) -> str | None:
-        """A ``torch.cat`` whose inputs come from one tensor through two paths."""
+        """A ``torch.cat`` whose inputs come from one tensor through two paths, one of them
+        through a slice or a flatten.
+
+        Along plain paths (``cat([y, bn(y)])``, DLA's roots) Torch-Pruning maps each channel
+        to all of its copies and its search ends. A slice or a flatten on the way makes
+        its index sets grow or reorder on every round trip through the cat: the search
+        never ends (or is stopped), so such groups are refused before it starts.
+        """
         reach = [self._upstream_operations(start) for start in node.inputs]
         if _partitioning_slices(node):
             return None
         for i, first in enumerate(reach):
             for second in reach[i + 1 :]:
                 common = first & second
-                if not common:
+                if not common or not any(
+                    n.type in (_OPTYPE.SLICE, _OPTYPE.RESHAPE) for n in (first | second) - common
+                ):
                     continue
                 layers = sorted(self._label(n) for n in common if n.module in self._names)
                 source = layers[0] if layers else sorted(self._label(n) for n in common)[0]
@@ -247,6 +441,8 @@ class GraphChecks:
         )
 
     def _reshape_problem(self, node: Any) -> str | None:
+        if node in self._repaired:
+            return None
         own = self._shuffle_message(node)
         if own is not None:
             return own
@@ -385,12 +581,15 @@ class GraphChecks:
             if size is not None and span is not None and (span[0] < 0 or span[1] >= size):
                 raise CouplingError(
                     f"Group {raw.root_name}:{raw.pruning_fn} maps indices outside "
-                    f"{item.module_name or item.param_name} ({item.axis}, size {size})."
+                    f"{item.module_name or item.param_name} ({item.axis}, size {size}): "
+                    "Torch-Pruning followed the channels through an operation it maps wrongly "
+                    "(a split, reshape or matrix product along another axis)."
                 )
             if span is not None and not span[2]:
                 raise CouplingError(
                     f"Group {raw.root_name}:{raw.pruning_fn} maps two units onto one index "
-                    f"of {item.module_name} ({item.axis})."
+                    f"of {item.module_name} ({item.axis}): Torch-Pruning followed the channels "
+                    "through an operation it maps wrongly."
                 )
             if item.axis is PruneAxis.IN_CHANNEL:
                 has_consumer = True
@@ -421,6 +620,104 @@ class GraphChecks:
                 "cannot follow, such as an attention's repeat of key/value heads); removing "
                 "them would leave that layer's input too wide. " + advice
             )
+
+
+    def check_inputs_owned(self, raws: Iterable[RawGroup]) -> None:
+        """Refuse when some input channels of a layer belong to no unit of the groups feeding it.
+
+        Torch-Pruning maps channels one to one through operations it does not know
+        (``repeat``, ``repeat_interleave``, ...). When such an operation widens the tensor,
+        each root channel reaches one input of the next layer while the copies reach none,
+        and the group looks complete. Checked for layers whose inputs come only from
+        layers that are members of the groups built here (no model input, no parameter,
+        nothing Torch-Pruning does not see on the way).
+        """
+        owned: dict[nn.Module, set[int]] = {}
+        root_of: dict[nn.Module, str] = {}
+        for raw in raws:
+            for item in raw.items:
+                if item.param_name is not None:
+                    continue
+                if item.axis is PruneAxis.IN_CHANNEL:
+                    owned.setdefault(item.module, set()).update(item.idxs)
+                else:
+                    root_of.setdefault(item.module, raw.root_name)
+        first = None
+        roots: list[str] = []
+        for module, positions in owned.items():
+            width = self.dg.get_in_channels(module)
+            if not width or len(positions) >= width:
+                continue
+            sources = self._sources(self.dg.module2node[module])
+            if sources is None:
+                continue
+            producers, ops = sources
+            if not producers or any(p not in root_of for p in producers):
+                continue
+            roots.extend(r for r in sorted({root_of[p] for p in producers}) if r not in roots)
+            if first is None:
+                names = sorted(self._names[p] for p in producers)
+                through = ", ".join(ops) if ops else "no operation"
+                missing = sorted(set(range(width)) - positions)
+                span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
+                first = (
+                    f"Only {len(positions)} of the {width} input channels of {self._names[module]} "
+                    f"belong to a unit of the groups that feed it (from {', '.join(names)}; inputs "
+                    f"{span} belong to none): Torch-Pruning mapped channels one to one through an "
+                    f"operation that changes their number ({through}), so removing a unit would "
+                    "leave its copies behind."
+                )
+        if first is not None:
+            shown = ", ".join(f"model.{n}" for n in roots)
+            error = CouplingError(
+                f"{first} Add {', '.join(roots)} to ignored_layers (ignored_layers=[{shown}]) to "
+                "leave these channels out, or restructure that part of the forward."
+            )
+            error.ignored_layers = tuple(roots)
+            raise error
+
+    def _sources(self, node: Any) -> tuple[set[nn.Module], list[str]] | None:
+        """Layers feeding ``node`` and the operations between; ``None`` if anything else does.
+
+        Something else is a model input or a parameter (Torch-Pruning does not trace
+        inputs; autograd shows them as missing or as leaves), or a reused layer.
+        """
+        producers: set[nn.Module] = set()
+        ops: list[str] = []
+        for n in self._walk(node.inputs, upward=True):
+            if self._is_layer(n):
+                producers.add(n.module)
+                continue
+            if isinstance(n.module, nn.Parameter) or n.grad_fn is None:
+                return None  # a parameter outside layers (a scale, or a layer no rule knows)
+            if n.type == _OPTYPE.CONCAT:
+                # an input Torch-Pruning does not trace (a model input, a parameter it does
+                # not track) adds positions that no layer of the model makes
+                nexts = getattr(n.grad_fn, "next_functions", ()) or ()
+                if any(fn is None or "accumulategrad" in fn.name().lower() for fn, _ in nexts):
+                    return None
+            name = n.grad_fn.name()
+            if name not in ops and not _uses_parameters_of(n, node.module):
+                ops.append(name)
+        return producers, ops
+
+
+def _reads_parameters(node: Any) -> bool:
+    """Whether the operation of ``node`` reads a parameter autograd shows as a leaf."""
+    return any(
+        fn is not None and "accumulategrad" in fn.name().lower()
+        for fn, _ in getattr(node.grad_fn, "next_functions", ()) or ()
+    )
+
+
+def _uses_parameters_of(node: Any, module: Any) -> bool:
+    """Whether ``node`` is part of ``module``'s own computation (it reads its parameters)."""
+    if not isinstance(module, nn.Module):
+        return False
+    own = {id(p) for p in module.parameters()}
+    return any(
+        id(getattr(fn, "variable", None)) in own for fn, _ in getattr(node.grad_fn, "next_functions", ()) or ()
+    )
 
 
 def _partitioning_slices(node: Any) -> bool:
@@ -476,6 +773,11 @@ def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:
         return tuple(int(s) for s in meta[0].shape)
     except (AttributeError, TypeError):
         return None
+
+
+def _input_shape(node: Any) -> tuple[int, ...] | None:
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    return tuple(int(s) for s in sizes) if sizes is not None else None
 
 
 def _channel_axis(before: tuple[int, ...], channels: int | None) -> int:

@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch_pruning as tp
 from torch import nn
 
@@ -99,8 +100,12 @@ class DependencyGraphHandle:
             ignored_params=list(ignored_params),
         )
         self._param_names = {p: n for n, p in model.named_parameters()}
+        self._coarser: dict[tuple[nn.Module, nn.Module], bool] = {}
         self.checks = GraphChecks(self.dg, self._names, getattr(self.dg, "_wt_unmappable", ()))
         self.checks.fix_chunk_order()
+        with guarded_index_mapping(set()):  # the maps after the chunk order fix
+            tp.dependency.index_mapping.update_index_mapping(self.dg)
+        self.checks.repair_reshapes()
 
     # ----------------------------------------------------------------------------- queries
 
@@ -160,33 +165,42 @@ class DependencyGraphHandle:
         ]
         visited: set[nn.Module] = set()
         out = []
+        refused: list[tuple[nn.Module, CouplingError]] = []
 
         def remaining() -> list[nn.Module]:
             return [m for m in roots if m not in visited]
 
-        with guarded_index_mapping(set()):
-            # the mapping depends on the graph only (and on the chunk order fixed above)
+        with guarded_index_mapping(set()), self.checks.repaired():
+            # the mapping depends on the graph only (and on the chunk order fixed above);
+            # the reshape repairs are put back after the update
             tp.dependency.index_mapping.update_index_mapping(self.dg)
         search = GroupSearch(self.dg, self.checks.search_bound())
         for root in roots:
             if root in visited:
                 continue
-            group = self._search(search, root, remaining)
-            group = self._coarsest(search, group, remaining)
-            prunable = True
-            for item in group.items:
-                if self.dg.is_out_channel_pruning_fn(item.dep.handler):
-                    visited.add(item.dep.target.module)
-                    if item.dep.target.module in blocked:
-                        prunable = False
-            if not prunable:
+            try:  # every refused group is collected: the advice names them all
+                group = self._search(search, root, remaining)
+                group = self._coarsest(search, group, remaining)
+                prunable = True
+                for item in group.items:
+                    if self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                        visited.add(item.dep.target.module)
+                        if item.dep.target.module in blocked:
+                            prunable = False
+                if not prunable:
+                    continue
+                self.checks.check_operations(group, remaining)
+                raw = self._to_raw(group)
+                self.checks.check_group(
+                    raw, self.channels, coverage=raw.root_module not in exempt, untrusted=untrusted
+                )
+            except CouplingError as err:
+                refused.append((root, err))
                 continue
-            self.checks.check_operations(group, remaining)
-            raw = self._to_raw(group)
-            self.checks.check_group(
-                raw, self.channels, coverage=raw.root_module not in exempt, untrusted=untrusted
-            )
             out.append(raw)
+        if refused:
+            raise self.checks.refusal(refused)
+        self.checks.check_inputs_owned(out)
         return out
 
     def _prunable(self, module: nn.Module) -> bool:
@@ -200,36 +214,68 @@ class DependencyGraphHandle:
         pruner = self.dg.get_pruner_of_module(root)
         self.checks.before_group(root, pruner.prune_out_channels, remaining)
         channels = pruner.get_out_channels(root)
-        return search.group(root, pruner.prune_out_channels, int(channels))
+        try:
+            return search.group(root, pruner.prune_out_channels, int(channels))
+        except CouplingError:
+            raise
+        except (ArithmeticError, LookupError, TypeError, ValueError) as err:
+            # Torch-Pruning's index maps fail on operations they misread
+            raise CouplingError(
+                f"Torch-Pruning's search for the group of {self._names.get(root, '?')} failed in "
+                f"its index mapping ({type(err).__name__}: {err}): an operation on the way is "
+                "one it maps wrongly."
+            ) from err
 
     def _coarsest(
-        self, search: GroupSearch, group: SearchedGroup, remaining: Callable[[], list[nn.Module]]
+        self, search: GroupSearch, group: SearchedGroup, remaining: Callable[[], list[nn.Module]],
+        depth: int = 0,
     ) -> SearchedGroup:
         """The group re-rooted at its coarsest member when the root is finer.
 
-        When a conv's channels are flattened into a linear layer's features and the linear
-        layer is the root, Torch-Pruning maps several features onto one channel (and keeps
-        one of them): the group's units would be fractions of channels. Rooted at the conv,
-        each channel owns all of its features.
+        When one channel of a member reaches several channels of the root (a conv's
+        channels flattened into a linear layer's features; a channel concatenated with a
+        per-channel function of itself, as in GhostNet), Torch-Pruning's group of the root
+        makes fractions of that member's channels its units, and keeps one of the root
+        channels per member channel. Rooted at the member, each of its channels owns all
+        the positions it reaches.
         """
+        root = group[0].dep.target.module
+        units = len(group[0].idxs)
         for item in group.items:
-            reverse = any(
-                type(m).__name__ == "_FlattenIndexMapping" and getattr(m, "reverse", False)
-                for m in item.dep.index_mapping
-            )
-            if not reverse:
-                continue
-            for other in group.items:
-                module = other.dep.target.module
-                if (
-                    isinstance(module, nn.Module)
-                    and module in self._names
-                    and self.dg.is_out_channel_pruning_fn(other.dep.handler)
-                    and len(other.idxs) < len(group[0].idxs)
-                    and self._prunable(module)
-                ):
-                    return self._coarsest(search, self._search(search, module, remaining), remaining)
+            module = item.dep.target.module
+            if (
+                depth < 8
+                and module is not root
+                and isinstance(module, nn.Module)
+                and module in self._names
+                and self.dg.is_out_channel_pruning_fn(item.dep.handler)
+                and _distinct(item.idxs) < units
+                and self._prunable(module)
+                and self._is_coarser(search, module, root, remaining)
+            ):
+                return self._coarsest(search, self._search(search, module, remaining), remaining, depth + 1)
         return group
+
+    def _is_coarser(
+        self, search: GroupSearch, module: nn.Module, root: nn.Module, remaining: Callable[[], list[nn.Module]]
+    ) -> bool:
+        """Whether one output channel of ``module`` reaches several of ``root``'s."""
+        key = (module, root)
+        if key not in self._coarser:
+            self._coarser[key] = False
+            try:
+                group = self._search(search, module, remaining)
+            except CouplingError:
+                return False
+            for item in group.items:
+                if item.dep.target.module is root and self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                    # coarser for every root channel, not for some of them only
+                    self._coarser[key] = (
+                        len(item.idxs) > _distinct(item.root_idxs)
+                        and _distinct(item.idxs) == self.dg.get_out_channels(root)
+                    )
+                    break
+        return self._coarser[key]
 
     def axis_of(self, handler: Callable[..., Any]) -> PruneAxis:
         is_out = self.dg.is_out_channel_pruning_fn(handler)
@@ -254,7 +300,9 @@ class DependencyGraphHandle:
         if fn is None:
             # depthwise convolutions report prune_depthwise_conv_* names
             fn = pruner.prune_out_channels if "out" in pruning_fn else pruner.prune_in_channels
-        group = self.dg.get_pruning_group(root, fn, sorted(int(i) for i in idxs))
+        # the update of the maps divides by zero at reshapes no built group passes through
+        with guarded_index_mapping(set()), self.checks.repaired():
+            group = self.dg.get_pruning_group(root, fn, sorted(int(i) for i in idxs))
         group.prune(record_history=False)
 
     def prune_layer(self, module: nn.Module, axis: PruneAxis, idxs: Sequence[int]) -> None:
@@ -331,6 +379,11 @@ class DependencyGraphHandle:
             feeds_output=self.checks.feeds_output(*producers) if producers else False,
             consumer=self.checks._first_consumer(root_dep.target),
         )
+
+
+def _distinct(values: Any) -> int:
+    """How many different indices an index array holds."""
+    return int(np.unique(np.asarray(values)).size)
 
 
 @functools.lru_cache(maxsize=64)

@@ -94,18 +94,28 @@ def guarded_index_mapping(unmappable: set[Any], *, once: bool = False) -> Iterat
     Its reshape mapping divides by a channel count it infers, which is 0 when a reshape is
     fed straight from the model input or a shuffle it cannot follow (ShuffleNet): the
     update then raises ``ZeroDivisionError`` and nothing can be built. Such reshapes are
-    collected in ``unmappable`` instead; groups through them are refused later.
+    collected in ``unmappable`` instead; groups through them are refused later. So are
+    concatenations with an input whose channel count it cannot infer (its recursive
+    inference gives up on deep graphs and the update then adds ``None``).
     ``get_pruning_group`` re-runs the whole update for every group, although the mapping
     only depends on the graph: with ``once`` the first run is kept.
     """
     mapping = tp.dependency.index_mapping
     update, update_reshape = mapping.update_index_mapping, mapping.update_reshape_index_mapping
+    update_concat = mapping.update_concat_index_mapping
     done = [False]
 
     def reshape(graph: Any, node: Any) -> None:
         try:
             update_reshape(graph, node)
         except ZeroDivisionError:
+            unmappable.add(node)
+
+    def concat(graph: Any, node: Any) -> None:
+        # an input whose channel count it cannot infer (its recursion limit) is None here
+        try:
+            update_concat(graph, node)
+        except TypeError:
             unmappable.add(node)
 
     def update_all(graph: Any) -> None:
@@ -115,11 +125,13 @@ def guarded_index_mapping(unmappable: set[Any], *, once: bool = False) -> Iterat
         done[0] = True
 
     mapping.update_reshape_index_mapping = reshape
+    mapping.update_concat_index_mapping = concat
     mapping.update_index_mapping = update_all
     try:
         yield
     finally:
         mapping.update_reshape_index_mapping = update_reshape
+        mapping.update_concat_index_mapping = update_concat
         mapping.update_index_mapping = update
 
 
@@ -140,14 +152,13 @@ def trace(
         UnsupportedModuleError: The model runs but Torch-Pruning cannot trace it.
     """
     _check_parameters(model)
-    with torch.inference_mode(False):  # a clone made inside inference_mode is one too
-        inputs = _normal_tensors(example_inputs)
     unmappable: set[Any] = set()
 
     def trace_fn(m: nn.Module, x: Any) -> Any:
         return call_model(m, x, forward_fn)
 
     with no_new_hooks(model), preserved_modes(model), torch.inference_mode(False), torch.enable_grad():
+        inputs = _normal_tensors(example_inputs)  # a clone made under inference_mode is one too
         for p in model.parameters():
             p.requires_grad_(True)
         try:
@@ -161,9 +172,18 @@ def trace(
                     **build_options,
                 )
             dg._wt_unmappable = unmappable
-            return dg
         except Exception as err:  # noqa: BLE001 - classified below, always re-raised
             raise _explain(model, inputs, forward_fn, output_transform, err) from err
+    layers = {id(m) for m in model.modules()}
+    traced = any(id(m) in layers and n.grad_fn is not None for m, n in dg.module2node.items())
+    if not traced and any(True for _ in model.parameters()):
+        raise ConfigError(
+            f"Torch-Pruning traced no layer of {type(model).__name__}: the output it traces back "
+            "from carries no autograd graph to the layers (it is detached, computed under "
+            "torch.no_grad() inside the forward, or not computed from them). Return the "
+            "tensors the layers compute, with autograd on the way (no .detach(), no no_grad)."
+        )
+    return dg
 
 
 def _explain(
@@ -188,13 +208,22 @@ def _explain(
             )
         if output_transform is not None:
             try:
-                output_transform(out)
+                out = output_transform(out)
             except Exception as own:  # noqa: BLE001
                 return ConfigError(
                     f"output_transform failed on the output of {type(model).__name__} "
                     f"({type(out).__name__}) with {type(own).__name__}: {_short(own)}. It must "
                     "map the model's output to a tensor or a tuple/list/dict of tensors."
                 )
+    other = _non_tensor(out, "output_transform(out)" if output_transform is not None else "out")
+    if other is not None:
+        path, value = other
+        return ConfigError(
+            f"The output of {type(model).__name__} holds {type(value).__name__} at {path} where "
+            "Torch-Pruning needs tensors (it traces back from every tensor of the output). "
+            "Pass output_transform= returning the tensors only (a tensor, or a tuple/list/dict "
+            "of tensors), e.g. output_transform=lambda out: out[0]."
+        )
     if isinstance(err, RecursionError) or "recursi" in str(err).lower():
         return UnsupportedModuleError(
             f"Torch-Pruning could not trace {type(model).__name__} although the model runs on "
@@ -206,6 +235,23 @@ def _explain(
         f"inputs: {cause}. This is a limitation of its tracer for some operation in the forward; "
         "forward_fn= / output_transform= can route around parts of the forward."
     )
+
+
+def _non_tensor(value: Any, path: str) -> tuple[str, Any] | None:
+    """The first place in ``value`` (nested tuples, lists, dicts) that is not a tensor."""
+    if isinstance(value, torch.Tensor):
+        return None
+    if isinstance(value, dict):
+        items: Any = ((f"{path}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, (tuple, list)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return path, value
+    for where, item in items:
+        found = _non_tensor(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 def _short(err: BaseException, limit: int = 400) -> str:
