@@ -109,7 +109,7 @@ def _flat_grads(plan: Any, pack: Any, members: list[int], tensors: Sequence[torc
     flat = None
     if op != "sum":
         first = tensors[members[0]]
-        flat = flat_copy([tensors[m] for m in members], pack.numel, plan.resolver)
+        flat = flat_copy(pack, tensors, plan.resolver)
     dtype = tensors[members[0]].dtype
     for batch in pack.batches:
         weights = None

@@ -21,25 +21,24 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch._utils import _flatten_dense_tensors
 
 from .errors import PlanError
 from .units import MemberSlice
 
 
-#: Packs up to this many elements are copied by one ``_flatten_dense_tensors`` call (one
-#: C++ call: half the cost of a ``torch.cat`` of ``reshape(-1)`` views for many small
-#: tensors); larger ones are concatenated into reused scratch (fresh pages cost more).
-FLATTEN_ELEMENTS = 1 << 18
+def flat_copy(pack: Any, tensors: Sequence[torch.Tensor], resolver: Any) -> torch.Tensor:
+    """The members of ``pack`` (one dtype and device) one after the other, in reused scratch.
 
-
-def flat_copy(tensors: Sequence[torch.Tensor], numel: int, resolver: Any) -> torch.Tensor:
-    """``tensors`` (one dtype and device) one after the other in a 1-D tensor we may overwrite."""
-    if numel <= FLATTEN_ELEMENTS:
-        return _flatten_dense_tensors(list(tensors))
-    first = tensors[0]
-    out = resolver.scratch(first.dtype, first.device, numel)
-    return torch.cat([t.reshape(-1) for t in tensors], out=out)
+    One ``torch._foreach_copy_`` into views of the scratch buffer that are cached on the
+    pack (rebuilt when the buffer is): one C++ call for every member, no Python per member
+    beyond listing them. The result may be overwritten until the next call.
+    """
+    sources = [tensors[m] for m in pack.members]
+    first = sources[0]
+    buffer, views = resolver.pack_views(pack, first.dtype, first.device)
+    with torch.no_grad():
+        torch._foreach_copy_(views, sources)
+    return buffer
 
 
 def index_dtype(upper: int) -> torch.dtype:
@@ -270,12 +269,15 @@ class Pack:
     """One unit of work: several small batches copied into one flat buffer, or one
     large parameter reduced in place (``flat=False``)."""
 
-    __slots__ = ("batches", "numel", "flat")
+    __slots__ = ("batches", "numel", "flat", "members", "shapes", "views")
 
     def __init__(self, batches: list[Batch], flat: bool) -> None:
         self.batches = batches
         self.flat = flat
         self.numel = sum(b.n * b.numel for b in batches)
+        self.members = [m for b in batches for m in b.members]
+        self.shapes: list[tuple[int, ...]] = [b.shape for b in batches for _ in b.members]
+        self.views: dict[Any, Any] = {}  # scratch views, see ParamResolver.pack_views
 
 
 class Layout:

@@ -31,6 +31,7 @@ Example: a ``Linear(2, 2)`` whose rows are units 0 and 1 with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -135,6 +136,34 @@ class ParamResolver:
             self._scratch[key] = buffer
         return buffer[:numel]
 
+    def pack_views(self, pack: Pack, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Slot-0 scratch for ``pack`` and views of it shaped like each member (cached on the
+        pack while the buffer stays the same)."""
+        buffer = self.scratch(dtype, device, pack.numel)
+        base = self._scratch[(dtype, device, 0)]
+        hit = pack.views.get((dtype, device))
+        if hit is None or hit[0] is not base:
+            views, offset = [], 0
+            for shape in pack.shapes:
+                size = math.prod(shape)
+                views.append(buffer[offset : offset + size].view(shape))
+                offset += size
+            hit = (base, views)
+            pack.views[(dtype, device)] = hit
+        return buffer, hit[1]
+
+    def flag_views(self, pack: Pack, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A ``uint8`` view of the slot-0 ``bool`` scratch for ``pack``, and its ``[n, numel]``
+        view per batch (cached on the pack while the buffer stays the same)."""
+        flags = self.scratch(torch.bool, device, pack.numel)
+        base = self._scratch[(torch.bool, device, 0)]
+        hit = pack.views.get(("flags", device))
+        if hit is None or hit[0] is not base:
+            raw = flags.view(torch.uint8)
+            hit = (base, flags, raw, [raw[b.start : b.start + b.n * b.numel].view(b.n, -1) for b in pack.batches])
+            pack.views[("flags", device)] = hit
+        return hit[1], hit[2], hit[3]
+
     @property
     def scratch_bytes(self) -> int:
         """Bytes the scratch buffers hold now."""
@@ -237,12 +266,17 @@ class ReductionPlan:
 
         (A device mismatch among them makes the copy fail; :meth:`_run` then falls back.)
         """
-        if len(tensors) != len(pas.shapes) or any(t.shape != s for t, s in zip(tensors, pas.shapes)):
+        if len(tensors) != len(pas.shapes) or [t.shape for t in tensors] != pas.shapes:
             self._check_shapes(pas, tensors)
         if not pas.flat_members:
             return True
-        dtype = tensors[pas.flat_members[0]].dtype
-        return all(tensors[i].dtype is dtype for i in pas.flat_members)
+        if len({t.dtype for t in tensors}) == 1 and (
+            {t.get_device() for t in tensors} == {-1} or len({t.device for t in tensors}) == 1
+        ):  # one dtype, all on the CPU (-1) or all on one device
+            return True
+        first = tensors[pas.flat_members[0]]
+        dtype, device = first.dtype, first.device
+        return all(tensors[i].dtype is dtype and tensors[i].device == device for i in pas.flat_members)
 
     def _check_shapes(self, pas: Layout, tensors: Sequence[torch.Tensor]) -> None:
         if len(tensors) != len(pas.members):
@@ -289,7 +323,7 @@ class ReductionPlan:
     def _run_flat(self, pack: Pack, kind: str, tensors: Sequence[torch.Tensor], parts: list[torch.Tensor]) -> None:
         first = tensors[pack.batches[0].members[0]]
         dtype = first.dtype
-        flat = flat_copy([tensors[m] for b in pack.batches for m in b.members], pack.numel, self.resolver)
+        flat = flat_copy(pack, tensors, self.resolver)
         values = _transform_(flat, kind)
         how = _HOW[kind]
         for batch in pack.batches:
