@@ -249,7 +249,7 @@ class Batch:
     """
 
     __slots__ = ("members", "n", "shape", "numel", "keys", "count", "block", "start", "chunks",
-                 "rows", "recipe", "prepared")
+                 "rows", "recipe", "prepared", "plain")
 
     def __init__(self, members: list[int], proto: Member, keys: list[Key]) -> None:
         self.members = members
@@ -261,6 +261,7 @@ class Batch:
         self.start = 0
         self.chunks: list[Chunk] | None = None
         self.rows = bool(keys) and all(k.leading_rows for k in keys)
+        self.plain = len(keys) == 1 and keys[0].reduces_nothing
         self.recipe: Any = False  # computed on first backward
         self.prepared: dict[tuple[int, int], Any] = {}  # the recipe for (n, first member)
 
@@ -269,7 +270,7 @@ class Pack:
     """One unit of work: several small batches copied into one flat buffer, or one
     large parameter reduced in place (``flat=False``)."""
 
-    __slots__ = ("batches", "numel", "flat", "members", "shapes", "views")
+    __slots__ = ("batches", "numel", "flat", "members", "shapes", "views", "plain")
 
     def __init__(self, batches: list[Batch], flat: bool) -> None:
         self.batches = batches
@@ -278,6 +279,9 @@ class Pack:
         self.members = [m for b in batches for m in b.members]
         self.shapes: list[tuple[int, ...]] = [b.shape for b in batches for _ in b.members]
         self.views: dict[Any, Any] = {}  # scratch views, see ParamResolver.pack_views
+        #: batches from this index on have one key that reduces nothing (set by Layout):
+        #: their positions are their elements, in the same order
+        self.plain = len(batches)
 
 
 class Layout:
@@ -304,7 +308,13 @@ class Layout:
                 packs.append(Pack([batch], flat=False))
         current: list[Batch] = []
         used = 0
-        for ids in classes.values():
+
+        def plain(ids: list[int]) -> bool:  # one key that reduces nothing: positions = elements
+            proto = members[ids[0]]
+            return len(proto.keys) == 1 and keys[proto.keys[0]].reduces_nothing
+
+        # such batches last in each pack, so that they form one run of positions and elements
+        for ids in sorted(classes.values(), key=plain):
             proto = members[ids[0]]
             run: list[int] = []
             for i in ids:
@@ -327,6 +337,9 @@ class Layout:
         offset = 0
         for pack in packs:
             start = 0
+            pack.plain = len(pack.batches)
+            while pack.plain and pack.flat and pack.batches[pack.plain - 1].plain:
+                pack.plain -= 1
             for batch in pack.batches:
                 batch.start = start
                 start += batch.n * batch.numel

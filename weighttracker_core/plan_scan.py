@@ -353,11 +353,17 @@ class Scanner:
             return resolver.scratch(dtype, device, numel, 1 + slot)
 
         pieces: list[torch.Tensor] = []  # per block batch: its zero histogram
+        plain = pack.plain
+        if plain < len(pack.batches):  # positions that are elements: one copy for all of them
+            elements = flags[pack.batches[plain].start :]
         for i, (batch, values) in enumerate(zip(pack.batches, views)):
             n = batch.n
             pattern = patterns[i]
+            if i == plain:
+                parts.append(elements.clone())
             if pattern is not None and 0 not in pattern:  # no zero at all: known without a cache
-                parts.extend(known[i][0])
+                if i < plain:
+                    parts.extend(known[i][0])
                 if batch.count:
                     counts.append(known[i][2])
                 if batch.block is not None:
@@ -367,13 +373,14 @@ class Scanner:
             hit = cache.get(slot) if pattern is not None else None
             if hit is not None and hit[0] == pattern:
                 _, key_parts, count, hist = hit
-                parts.extend(key_parts)
+                if i < plain:
+                    parts.extend(key_parts)
                 if count is not None:
                     counts.append(count)
                 if hist is not None:
                     pieces.append(hist)
                 continue
-            key_parts = [key.positions(values, "max", copy=True, n=n) for key, _ in batch.keys]
+            key_parts = [key.positions(values, "max", copy=True, n=n) for key, _ in batch.keys] if i < plain else []
             parts.extend(key_parts)
             count = hist = None
             if batch.block is None:
