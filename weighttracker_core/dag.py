@@ -37,6 +37,8 @@ class CalculationGraph:
         self.structure = structure
         self._static: dict[str, Any] = {}
         self.compute_counts: Counter[str] = Counter()
+        # name -> (spec, static?): registries do not change after they are built
+        self._resolved: dict[str, tuple[CalculationSpec, bool]] = {}
 
     def spec(self, name: str, chain: tuple[str, ...] = ()) -> CalculationSpec:
         if name not in self.registry:
@@ -107,14 +109,17 @@ class Evaluation(Mapping[str, Any]):
         # computed values first: names are unique across lifetimes
         if name in self._values:
             return self._values[name]
-        static = self.graph._static
+        graph = self.graph
+        static = graph._static
         if name in static:
             return static[name]
-        spec = self.graph.spec(name, tuple(self._stack))
-        lifetime = Lifetime(spec.lifetime)
-        cache = self.graph._static if lifetime is Lifetime.STATIC else self._values
-        if name in cache:
-            return cache[name]
+        resolved = graph._resolved.get(name)
+        if resolved is None:
+            spec = graph.spec(name, tuple(self._stack))
+            resolved = (spec, Lifetime(spec.lifetime) is Lifetime.STATIC)
+            graph._resolved[name] = resolved
+        spec = resolved[0]
+        cache = static if resolved[1] else self._values
         if name in self._stack:
             cycle = " -> ".join((*self._stack[self._stack.index(name) :], name))
             raise CalculationCycleError(f"Calculations depend on each other in a cycle: {cycle}.")
@@ -123,7 +128,7 @@ class Evaluation(Mapping[str, Any]):
             value = spec.compute(self)
         finally:
             self._stack.pop()
-        self.graph.compute_counts[name] += 1
+        graph.compute_counts[name] += 1
         cache[name] = value
         return value
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .plan_layout import flat_copy, merge_ranges
+from .plan_layout import merge_ranges
 
 ANALYTIC_GRADS = ("sum_sq", "l1", "sum")
 
@@ -43,32 +43,77 @@ class PositionReduction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        plan, op = ctx.plan, ctx.op
-        tensors = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
-        if op == "sum_sq":
-            grad = grad * 2  # d(w^2)/dw = 2w: scale the short vector, not the parameters
-        grad = grad.contiguous()
-        grads: list[torch.Tensor | None] = [None] * len(tensors)
-        main = plan._main
-        uniform = plan._uniform(main, tensors)
-        for pack in main.packs:
-            members = [m for b in pack.batches for m in b.members]
-            if not any(needs[m] for m in members):
-                continue
-            if pack.flat and uniform and tensors[members[0]].dtype.is_floating_point:
-                try:
-                    _flat_grads(plan, pack, members, tensors, grad, op, needs, grads)
-                    continue
-                except RuntimeError:  # parameters on several devices: one at a time below
-                    if len({tensors[m].device for m in members}) == 1:
-                        raise
-            for batch in pack.batches:
-                for i, m in enumerate(batch.members):
-                    if needs[m]:
-                        weights = tensors[m].reshape(1, *batch.shape)
-                        out = batch_grad(plan._recipe(batch), batch, grad, weights, op, i, 1)
-                        grads[m] = out[0].to(tensors[m].dtype)
+        grads = position_grads(ctx.plan, ctx.op, ctx.saved_tensors, grad, ctx.needs_input_grad[2:])
+        return (None, None, *grads)
+
+
+def position_grads(plan: Any, op: str, tensors: Sequence[torch.Tensor], grad: torch.Tensor,
+                   needs: Sequence[bool]) -> list[torch.Tensor | None]:
+    """Gradients of every parameter from the gradients of the per-position reductions."""
+    if op == "sum_sq":
+        grad = grad * 2  # d(w^2)/dw = 2w: scale the short vector, not the parameters
+    grad = grad.contiguous()
+    grads: list[torch.Tensor | None] = [None] * len(tensors)
+    main = plan._main
+    uniform = plan._uniform(main, tensors)
+    for pack in main.packs:
+        members = pack.members
+        if not any(needs[m] for m in members):
+            continue
+        first = tensors[members[0]]
+        if pack.flat and uniform and first.dtype.is_floating_point and grad.dtype == first.dtype:
+            _flat_grads(plan, pack, tensors, grad, op, needs, grads)
+            continue
+        for batch in pack.batches:
+            for i, m in enumerate(batch.members):
+                if needs[m]:
+                    weights = tensors[m].reshape(1, *batch.shape)
+                    out = batch_grad(plan._recipe(batch), batch, grad, weights, op, i, 1)
+                    grads[m] = out[0].to(tensors[m].dtype)
+    return grads
+
+
+class WeightedNorms(torch.autograd.Function):
+    """``sum_u c_u * ||w_u||_2`` as one autograd node (the group lasso's hot path).
+
+    The same values as ``(plan.unit_reduce("l2", grad=True) * c).sum()`` and, bit for bit,
+    the gradient autograd would give that expression (the same kernels in the same order:
+    ``c`` times the incoming gradient, the zero-safe square root's derivative, the segment
+    sum spread back to its positions, ``index_add`` into the positions), without the seven
+    autograd nodes of that chain.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, plan: Any, coefficients: Any, *tensors: torch.Tensor) -> torch.Tensor:
+        positions = plan._positions("sum_sq", tensors)
+        gather, lengths = plan._indices(positions.device)
+        values = positions.index_select(0, gather)
+        if plan.num_units:
+            sums = torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True, initial=0.0)
+        else:
+            sums = values.new_zeros(0)
+        plan.check_finite(sums, tensors)
+        positive = sums > 0
+        root = torch.sqrt(torch.where(positive, sums, torch.ones_like(sums)))
+        norms = torch.where(positive, root, 0.0)
+        coef = coefficients(norms)
+        ctx.plan = plan
+        ctx.num_positions = positions.numel()
+        ctx.save_for_backward(positive, root, coef, *tensors)
+        return (norms * coef).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        positive, root, coef, *tensors = ctx.saved_tensors
+        plan = ctx.plan
+        # what autograd does for sum -> mul -> where -> sqrt -> where -> segment_reduce -> index_select
+        grad_norms = grad.expand(coef.shape) * coef
+        grad_root = torch.where(positive, grad_norms, 0.0)
+        grad_sums = torch.where(positive, grad_root / (2 * root), 0.0)
+        gather, lengths = plan._indices(grad_sums.device)
+        grad_values = torch.repeat_interleave(grad_sums, lengths.to(torch.long), output_size=gather.numel())
+        grad_positions = grad_values.new_zeros(ctx.num_positions).index_add_(0, gather, grad_values)
+        grads = position_grads(plan, "sum_sq", tensors, grad_positions, ctx.needs_input_grad[2:])
         return (None, None, *grads)
 
 
@@ -103,24 +148,94 @@ def _prepare(recipe: Any, batch: Any, first: int, n: int) -> Any:
     return prepared
 
 
-def _flat_grads(plan: Any, pack: Any, members: list[int], tensors: Sequence[torch.Tensor], grad: torch.Tensor,
-                op: str, needs: Sequence[bool], grads: list[torch.Tensor | None]) -> None:
-    """Gradients of a flat pack: one copy of its weights, one ``[n, *shape]`` result per batch."""
-    flat = None
-    if op != "sum":
-        first = tensors[members[0]]
-        flat = flat_copy([tensors[m] for m in members], pack.numel, plan.resolver)
-    dtype = tensors[members[0]].dtype
-    for batch in pack.batches:
-        weights = None
-        if flat is not None:
-            weights = flat[batch.start : batch.start + batch.n * batch.numel].view(batch.n, *batch.shape)
-        out = batch_grad(plan._recipe(batch), batch, grad, weights, op, 0, batch.n)
-        if out.dtype != dtype:
-            out = out.to(dtype)
-        for m, g in zip(batch.members, out.unbind(0)):
-            if needs[m]:
-                grads[m] = g
+def _terms(prepared: Any, grad: torch.Tensor) -> list[torch.Tensor]:
+    """The position gradients of one batch as broadcastable terms (refining views).
+
+    Each group of small pieces is added while still small, then expanded to its (possibly
+    widened) shape, so that every full-size operation broadcasts along outer dims only.
+    """
+    terms = []
+    for parts, shape in prepared[1]:
+        term = None
+        for start, stop, permute, target in parts:
+            part = grad[start:stop]
+            if permute is not None:
+                part = part.view(permute[0]).permute(permute[1])
+            part = part.reshape(target)
+            term = part if term is None else term + part
+        if term.shape != shape:  # type: ignore[union-attr]
+            term = term.expand(shape).contiguous()  # type: ignore[union-attr]
+        terms.append(term)
+    return terms  # type: ignore[return-value]
+
+
+def _spread(prepared: Any, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write the broadcast sum of a batch's position gradients into ``out`` (its elements,
+    ``[n, *shape]`` in order); returns ``out`` viewed ``[n, *shape]``."""
+    full, spec = prepared
+    if full is not None:
+        terms = _terms(prepared, grad)
+        target = out.view(full)
+        if len(terms) == 1:
+            target.copy_(terms[0])
+        else:  # the broadcast sum written once
+            torch.add(terms[0].expand(full), terms[1], out=target)
+            for term in terms[2:]:
+                target.add_(term)
+        return target
+    # views that do not refine one another: accumulate in the full buffer
+    total = None
+    for start, stop, permute, spread, expanded in spec:
+        part = grad[start:stop]
+        if permute is not None:
+            part = part.view(permute[0]).permute(permute[1])
+        part = part.reshape(spread).expand(expanded)
+        if total is None:
+            total = out.view(expanded)
+            total.copy_(part)
+        else:
+            total.add_(part)
+    assert total is not None
+    return total
+
+
+def _flat_grads(plan: Any, pack: Any, tensors: Sequence[torch.Tensor], grad: torch.Tensor, op: str,
+                needs: Sequence[bool], grads: list[torch.Tensor | None]) -> None:
+    """Gradients of a flat pack: one buffer for all of them, each a view of it.
+
+    Every batch writes the broadcast sum of its position gradients into its region of the
+    buffer; then one ``torch._foreach_mul_`` scales every member's view by its weights
+    (``2w`` for squares: the 2 is already in ``grad``) or their signs: no copy of the
+    weights, one kernel launch for the whole pack.
+    """
+    members = pack.members
+    sources = [tensors[m] for m in members]
+    buffer = torch.empty(pack.numel, dtype=grad.dtype, device=sources[0].device)
+    batches = pack.batches
+    for batch in batches[: pack.plain]:
+        region = buffer[batch.start : batch.start + batch.n * batch.numel]
+        _spread(_prepare(plan._recipe(batch), batch, 0, batch.n), grad, region)
+    if pack.plain < len(batches):  # positions that are elements: one copy for all of them
+        start = batches[pack.plain].start
+        first = batches[pack.plain].keys[0][1]
+        buffer[start:].copy_(grad[first : first + pack.numel - start])
+    views = [buffer[o : o + t.numel()].view(t.shape) for o, t in zip(_offsets(sources), sources)]
+    if op == "sum_sq":
+        torch._foreach_mul_(views, sources)
+    elif op == "l1":
+        torch._foreach_mul_(views, torch._foreach_sign(sources))
+    for m, view in zip(members, views):
+        if needs[m]:
+            grads[m] = view
+
+
+def _offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Where each tensor starts in a buffer holding them back to back."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += t.numel()
+    return offsets
 
 
 def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tensor | None, op: str,
@@ -129,48 +244,22 @@ def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tenso
 
     ``weights`` (``[n, *shape]``) are the parameters' values (unused for ``sum``).
     """
-    full, terms_spec = _prepare(recipe, batch, first, n)
+    prepared = _prepare(recipe, batch, first, n)
     out_shape = (n, *batch.shape)
-    if full is not None:
-        terms = []
-        for parts, shape in terms_spec:
-            term = None
-            for start, stop, permute, target in parts:
-                part = grad[start:stop]
-                if permute is not None:
-                    part = part.view(permute[0]).permute(permute[1])
-                part = part.reshape(target)
-                term = part if term is None else term + part
-            if term.shape != shape:  # type: ignore[union-attr]
-                term = term.expand(shape).contiguous()  # type: ignore[union-attr]
-            terms.append(term)
-        if op == "sum":
-            total = terms[0].expand(full).contiguous()
-            for term in terms[1:]:
-                total.add_(term)
-            return total.view(out_shape)
+    full = prepared[0]
+    if full is not None and op != "sum":
+        terms = _terms(prepared, grad)
         assert weights is not None
         factor = (weights if op == "sum_sq" else weights.sign()).view(full)
         if len(terms) == 1:
-            out = torch.mul(factor, terms[0])
-        else:  # the broadcast sum written once into the result, then scaled in place
-            out = torch.add(terms[0].expand(full), terms[1])
-            for term in terms[2:]:
-                out.add_(term)
-            out.mul_(factor)
-        return out.view(out_shape)
-    # views that do not refine one another: accumulate in one full buffer
-    total = None
-    for (key, _), (start, stop, permute, spread, expanded) in zip(batch.keys, terms_spec):
-        part = grad[start:stop]
-        if permute is not None:
-            part = part.view(permute[0]).permute(permute[1])
-        part = part.reshape(spread).expand(expanded)
-        if total is None:
-            total = part.contiguous().view(out_shape)
-        else:
-            total.view(expanded).add_(part)
-    assert total is not None
+            return torch.mul(factor, terms[0]).view(out_shape)
+        out = torch.add(terms[0].expand(full), terms[1])  # the broadcast sum written once, then scaled
+        for term in terms[2:]:
+            out.add_(term)
+        return out.mul_(factor).view(out_shape)
+    dtype = grad.dtype if weights is None else torch.promote_types(grad.dtype, weights.dtype)
+    total = _spread(prepared, grad, torch.empty(n * batch.numel, dtype=dtype, device=grad.device))
+    total = total.reshape(out_shape)
     if op == "sum_sq":
         total.mul_(weights)
     elif op == "l1":

@@ -21,25 +21,24 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch._utils import _flatten_dense_tensors
 
 from .errors import PlanError
 from .units import MemberSlice
 
 
-#: Packs up to this many elements are copied by one ``_flatten_dense_tensors`` call (one
-#: C++ call: half the cost of a ``torch.cat`` of ``reshape(-1)`` views for many small
-#: tensors); larger ones are concatenated into reused scratch (fresh pages cost more).
-FLATTEN_ELEMENTS = 1 << 18
+def flat_copy(pack: Any, tensors: Sequence[torch.Tensor], resolver: Any) -> torch.Tensor:
+    """The members of ``pack`` (one dtype and device) one after the other, in reused scratch.
 
-
-def flat_copy(tensors: Sequence[torch.Tensor], numel: int, resolver: Any) -> torch.Tensor:
-    """``tensors`` (one dtype and device) one after the other in a 1-D tensor we may overwrite."""
-    if numel <= FLATTEN_ELEMENTS:
-        return _flatten_dense_tensors(list(tensors))
-    first = tensors[0]
-    out = resolver.scratch(first.dtype, first.device, numel)
-    return torch.cat([t.reshape(-1) for t in tensors], out=out)
+    One ``torch._foreach_copy_`` into views of the scratch buffer that are cached on the
+    pack (rebuilt when the buffer is): one C++ call for every member, no Python per member
+    beyond listing them. The result may be overwritten until the next call.
+    """
+    sources = [tensors[m] for m in pack.members]
+    first = sources[0]
+    buffer, views = resolver.pack_views(pack, first.dtype, first.device)
+    with torch.no_grad():
+        torch._foreach_copy_(views, sources)
+    return buffer
 
 
 def index_dtype(upper: int) -> torch.dtype:
@@ -250,7 +249,7 @@ class Batch:
     """
 
     __slots__ = ("members", "n", "shape", "numel", "keys", "count", "block", "start", "chunks",
-                 "rows", "recipe", "prepared")
+                 "rows", "recipe", "prepared", "plain")
 
     def __init__(self, members: list[int], proto: Member, keys: list[Key]) -> None:
         self.members = members
@@ -262,6 +261,7 @@ class Batch:
         self.start = 0
         self.chunks: list[Chunk] | None = None
         self.rows = bool(keys) and all(k.leading_rows for k in keys)
+        self.plain = len(keys) == 1 and keys[0].reduces_nothing
         self.recipe: Any = False  # computed on first backward
         self.prepared: dict[tuple[int, int], Any] = {}  # the recipe for (n, first member)
 
@@ -270,12 +270,18 @@ class Pack:
     """One unit of work: several small batches copied into one flat buffer, or one
     large parameter reduced in place (``flat=False``)."""
 
-    __slots__ = ("batches", "numel", "flat")
+    __slots__ = ("batches", "numel", "flat", "members", "shapes", "views", "plain")
 
     def __init__(self, batches: list[Batch], flat: bool) -> None:
         self.batches = batches
         self.flat = flat
         self.numel = sum(b.n * b.numel for b in batches)
+        self.members = [m for b in batches for m in b.members]
+        self.shapes: list[tuple[int, ...]] = [b.shape for b in batches for _ in b.members]
+        self.views: dict[Any, Any] = {}  # scratch views, see ParamResolver.pack_views
+        #: batches from this index on have one key that reduces nothing (set by Layout):
+        #: their positions are their elements, in the same order
+        self.plain = len(batches)
 
 
 class Layout:
@@ -302,7 +308,13 @@ class Layout:
                 packs.append(Pack([batch], flat=False))
         current: list[Batch] = []
         used = 0
-        for ids in classes.values():
+
+        def plain(ids: list[int]) -> bool:  # one key that reduces nothing: positions = elements
+            proto = members[ids[0]]
+            return len(proto.keys) == 1 and keys[proto.keys[0]].reduces_nothing
+
+        # such batches last in each pack, so that they form one run of positions and elements
+        for ids in sorted(classes.values(), key=plain):
             proto = members[ids[0]]
             run: list[int] = []
             for i in ids:
@@ -325,6 +337,9 @@ class Layout:
         offset = 0
         for pack in packs:
             start = 0
+            pack.plain = len(pack.batches)
+            while pack.plain and pack.flat and pack.batches[pack.plain - 1].plain:
+                pack.plain -= 1
             for batch in pack.batches:
                 batch.start = start
                 start += batch.n * batch.numel

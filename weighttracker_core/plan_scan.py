@@ -241,6 +241,8 @@ class Scanner:
         self._gather = (remap[gather] if len(gather) else gather).to(index_dtype(self.layout.num_positions))
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._dense_cache: dict[Any, Any] = {}
+        self._batch_cache: dict[Any, Any] = {}  # (pack, batch, device) -> last known results
+        self._pattern: list[Any] | None = None
 
     def __call__(self) -> ScanResult:
         plan, layout, block = self.plan, self.layout, self.block
@@ -255,6 +257,7 @@ class Scanner:
         counts: list[torch.Tensor] = []
         hists: list[torch.Tensor] = []
         totals: list[torch.Tensor] = []
+        self._pattern: list[Any] | None = []  # every pack's pattern (see _patterns)
         with torch.no_grad():
             for pack in layout.packs:
                 first = tensors[pack.batches[0].members[0]]
@@ -268,6 +271,11 @@ class Scanner:
                         self._each(batch, tensors, parts, counts, hists, totals)
                 else:
                     self._large(pack, first, parts, counts, hists, totals)
+            total = torch.stack(totals) if totals else torch.zeros(0, device=device)
+            pattern = tuple(self._pattern) if self._pattern is not None else None
+            known = self._dense_cache.get(("all", device)) if pattern is not None else None
+            if known is not None and known[0] == pattern:  # the results of the last such call
+                return ScanResult(*known[1:], total)
             if parts and plan.num_units:
                 flags = torch.cat(parts).index_select(0, gather).to(torch.float32)
                 unit_nonzero = torch.segment_reduce(flags, "max", lengths=lengths, unsafe=True, initial=0.0) > 0
@@ -277,7 +285,8 @@ class Scanner:
                         else torch.zeros(0, dtype=torch.float64, device=device))
             block_zeros = (torch.cat(hists).index_select(0, block_order) if hists
                            else torch.zeros(0, block + 1, dtype=torch.long, device=device))
-            total = torch.stack(totals) if totals else torch.zeros(0, device=device)
+            if pattern is not None:  # consumers only read scan results, so they can be shared
+                self._dense_cache[("all", device)] = (pattern, unit_nonzero, nonzeros, block_zeros)
         return ScanResult(unit_nonzero, nonzeros, block_zeros, total)
 
     def check_finite(self, result: ScanResult) -> None:
@@ -286,9 +295,15 @@ class Scanner:
         One check of the per-pack sums; the parameters of a non-finite pack are searched
         only then (sums that overflowed from finite weights pass).
         """
-        if result.totals.numel() == 0 or bool(torch.isfinite(result.totals).all()):
+        totals = result.totals
+        if totals.numel() == 0:
             return
-        bad = (~torch.isfinite(result.totals)).nonzero().flatten().tolist()
+        if totals.numel() == 1 and totals.device.type == "cpu":
+            if math.isfinite(totals.item()):
+                return
+        elif bool(torch.isfinite(totals).all()):
+            return
+        bad = (~torch.isfinite(totals)).nonzero().flatten().tolist()
         packs = [p for p in self.layout.packs]
         for index in bad:
             for batch in packs[index].batches:
@@ -317,65 +332,120 @@ class Scanner:
               counts: list[torch.Tensor], hists: list[torch.Tensor], totals: list[torch.Tensor]) -> None:
         """Small parameters: one flat copy, then per batch one count, its keys and its blocks.
 
-        On CPU a batch none of whose weights is zero takes its (known) results from a cache:
-        no key or block work at all.
+        On CPU (where the answer costs no device sync) each member is checked for "no weight
+        is zero" and "every weight is zero"; a batch whose members are all one or the other
+        repeats the results of the last call with the same pattern (no key or block work).
         """
         resolver, bins = self.plan.resolver, self.block + 1
         first = tensors[pack.batches[0].members[0]]
         device = first.device
-        flat = flat_copy([tensors[m] for b in pack.batches for m in b.members], pack.numel, resolver)
+        flat = flat_copy(pack, tensors, resolver)
         totals.append(flat.sum())
-        flags = resolver.scratch(torch.bool, device, pack.numel)
+        flags, raw, views = resolver.flag_views(pack, device)
         flags.copy_(flat)
-        flags = flags.view(torch.uint8)
-        views = [flags[b.start : b.start + b.n * b.numel].view(b.n, -1) for b in pack.batches]
-        dense = [False] * len(views)
-        if device.type == "cpu":  # one sync, free on CPU: the smallest flag of every member
-            full = torch.cat([v.amin(1) for v in views]).tolist()
-            first_member = 0
-            for i, batch in enumerate(pack.batches):
-                dense[i] = all(full[first_member : first_member + batch.n])
-                first_member += batch.n
+        flags = raw
+        patterns = self._patterns(pack, flags, views, device)
         known = self._dense_results(pack, device)
+        cache = self._batch_cache
         deterministic = device.type != "cpu" and torch.are_deterministic_algorithms_enabled()
 
         def scratch(dtype: torch.dtype, numel: int, slot: int) -> torch.Tensor:
             return resolver.scratch(dtype, device, numel, 1 + slot)
 
         pieces: list[torch.Tensor] = []  # per block batch: its zero histogram
+        plain = pack.plain
+        if plain < len(pack.batches):  # positions that are elements: one copy for all of them
+            elements = flags[pack.batches[plain].start :]
         for i, (batch, values) in enumerate(zip(pack.batches, views)):
             n = batch.n
-            if dense[i]:
-                parts.extend(known[i][0])
+            pattern = patterns[i]
+            if i == plain:
+                parts.append(elements.clone())
+            if pattern is not None and 0 not in pattern:  # no zero at all: known without a cache
+                if i < plain:
+                    parts.extend(known[i][0])
                 if batch.count:
                     counts.append(known[i][2])
                 if batch.block is not None:
                     pieces.append(known[i][1])
                 continue
-            for key, _ in batch.keys:
-                parts.append(key.positions(values, "max", copy=True, n=n))
+            slot = (id(pack), i, device)
+            hit = cache.get(slot) if pattern is not None else None
+            if hit is not None and hit[0] == pattern:
+                _, key_parts, count, hist = hit
+                if i < plain:
+                    parts.extend(key_parts)
+                if count is not None:
+                    counts.append(count)
+                if hist is not None:
+                    pieces.append(hist)
+                continue
+            key_parts = [key.positions(values, "max", copy=True, n=n) for key, _ in batch.keys] if i < plain else []
+            parts.extend(key_parts)
+            count = hist = None
             if batch.block is None:
                 if batch.count:
-                    counts.append(values.sum(1, dtype=torch.int32))
-                continue
-            sums, tail = block_sums(values.view(n, *batch.shape), batch.block, self.block, scratch)
-            if batch.count:  # non-zeros from the (4x shorter) block sums, plus the tails
-                count = sums.sum(1, dtype=torch.int32)
-                counts.append(count if tail is None else count + tail)
-            if deterministic or n == 1:
-                pieces.append(block_histogram(sums, self.block))
-            else:  # member j of the batch counts into bins 5j..5j+4 of one bincount
-                sums += known[i][3][1]
-                hist = torch.bincount(sums.view(-1), minlength=n * bins)
-                pieces.append(hist.view(n, bins).flip(1))  # by zeros, not by non-zeros
+                    count = values.sum(1, dtype=torch.int32)
+            else:
+                sums, tail = block_sums(values.view(n, *batch.shape), batch.block, self.block, scratch)
+                if batch.count:  # non-zeros from the (4x shorter) block sums, plus the tails
+                    count = sums.sum(1, dtype=torch.int32)
+                    if tail is not None:
+                        count = count + tail
+                if deterministic or n == 1:
+                    hist = block_histogram(sums, self.block)
+                else:  # member j of the batch counts into bins 5j..5j+4 of one bincount
+                    sums += known[i][3][1]
+                    hist = torch.bincount(sums.view(-1), minlength=n * bins).view(n, bins).flip(1)
+            if count is not None:
+                counts.append(count)
+            if hist is not None:
+                pieces.append(hist)  # by zeros, not by non-zeros
+            if pattern is not None:
+                cache[slot] = (pattern, key_parts, count, hist)
         if pieces:
             hists.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+
+    def _patterns(self, pack: Any, flags: torch.Tensor, views: Sequence[torch.Tensor],
+                  device: torch.device) -> list[tuple[int, ...] | None]:
+        """Per batch: each member's 1 ("no weight is zero") or 0 ("every weight is zero"), or
+        ``None`` when a member is neither (or off the CPU). Appends the pack's pattern to this
+        call's (``None`` when a batch has none)."""
+        if device.type != "cpu":
+            self._pattern = None
+            return [None] * len(views)
+        batches = pack.batches
+        if flags.numel() == 0 or bool(flags.amin()):  # one read: no weight of the pack is zero
+            out: list[tuple[int, ...] | None] = [(1,) * b.n for b in batches]
+        else:  # the smallest flag of every member, then the largest where that is 0
+            low = torch.cat([v.amin(1) for v in views]).tolist()
+            out, mixed, at = [], [], 0
+            for i, batch in enumerate(batches):
+                seg = tuple(low[at : at + batch.n])
+                at += batch.n
+                out.append(seg)
+                if 0 in seg:
+                    mixed.append(i)
+            if mixed:
+                high = torch.cat([views[i].amax(1) for i in mixed]).tolist()
+                at = 0
+                for i in mixed:
+                    n = batches[i].n
+                    if out[i] != tuple(high[at : at + n]):  # some member is neither
+                        out[i] = None
+                    at += n
+        if self._pattern is not None:
+            if None in out:
+                self._pattern = None
+            else:
+                self._pattern.append(tuple(out))
+        return out
 
     @staticmethod
     def _dense(flags: torch.Tensor, device: torch.device) -> bool:
         """Whether every weight of ``flags`` is non-zero (checked on CPU only, where the
         answer costs no device sync): a dense run's results are known without block work."""
-        return device.type == "cpu" and int(count_bytes(flags)) == flags.numel()
+        return device.type == "cpu" and (flags.numel() == 0 or bool(flags.amin()))
 
     def _dense_results(self, pack: Any, device: torch.device) -> list[tuple[Any, ...]]:
         """Per batch of ``pack`` (cached): key parts, zero histogram and non-zeros when no
@@ -418,6 +488,7 @@ class Scanner:
             totals.append(source.sum())
             flags = buffer.copy_(source).view(torch.uint8)
             if self._dense(flags, device):
+                self._mark(True)
                 dense_parts, dense_hist = self._dense_results(pack, device)[0][:2]
                 parts.extend(dense_parts)
                 if batch.count:
@@ -425,6 +496,7 @@ class Scanner:
                 if dense_hist is not None:
                     hists.append(dense_hist)
                 return
+            self._mark(False)
             for key, _ in batch.keys:
                 parts.append(key.positions(flags, "max", copy=True, n=1))
             count, hist = self._rows(flags.view(1, *batch.shape), batch)
@@ -439,11 +511,13 @@ class Scanner:
         total = torch.zeros((), dtype=tensor.dtype, device=device)
         count = torch.zeros((), dtype=torch.long, device=device)
         hist = torch.zeros(1, self.block + 1, dtype=torch.long, device=device)
+        dense_chunks = 0
         for chunk in chunks:
             part = source[chunk.start : chunk.stop]
             total += part.sum()
             flags = buffer[: chunk.stop - chunk.start].copy_(part).view(torch.uint8)
             if self._dense(flags, device):  # every position of every key here is non-zero
+                dense_chunks += 1
                 for view, (_, where) in zip(views, chunk.boxes):
                     view[where].fill_(1)
                 count += flags.numel()
@@ -458,12 +532,21 @@ class Scanner:
             count += part_count
             if part_hist is not None:
                 hist += part_hist
+        self._mark(dense_chunks == len(chunks))
         parts.extend(accs)
         totals.append(total)
         if batch.count:
             counts.append(count[None])
         if batch.block is not None:
             hists.append(hist)
+
+    def _mark(self, dense: bool) -> None:
+        """Add a large parameter's pattern to this call's: known only when it has no zero."""
+        if self._pattern is not None:
+            if dense:
+                self._pattern.append(True)
+            else:
+                self._pattern = None
 
     def _chunk_dense_hist(self, chunk: Any, batch: Batch, device: torch.device) -> torch.Tensor:
         """The zero histogram of a run of rows none of whose weights is zero."""
@@ -491,6 +574,7 @@ class Scanner:
     def _each(self, batch: Batch, tensors: Sequence[torch.Tensor], parts: list[torch.Tensor],
               counts: list[torch.Tensor], hists: list[torch.Tensor], totals: list[torch.Tensor]) -> None:
         """One parameter at a time without scratch (mixed dtypes or devices, integer dtypes)."""
+        self._pattern = None
         per_key: list[list[torch.Tensor]] = [[] for _ in batch.keys]
         total = None
         for m in batch.members:

@@ -131,6 +131,61 @@ def test_weight_scan_equals_direct_counts(every, layout):
     assert torch.equal(scan.unit_nonzero, nonzero)
 
 
+def _scan_oracle(model, tracker, scanner):
+    named = dict(model.named_parameters())
+    nonzero = torch.zeros(tracker.num_units, dtype=torch.bool)
+    for units, block in unit_rows(model, tracker.groups):
+        nonzero[units] |= (block != 0).any(1)
+    return ([float((named[n] != 0).sum()) for n in scanner.count],
+            [_zero_histogram(named[n], a) for n, a in scanner.blocks], nonzero)
+
+
+def test_weight_scan_follows_every_change_of_the_weights(layout):
+    """The scan reuses results while every member is all-non-zero or all-zero (the pattern
+    repeats); each step below changes the pattern, or keeps it with other values, and the
+    scan must equal direct counts after every one of them."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+        nn.ReLU(), nn.Conv2d(8, 6, 1), nn.Flatten(), nn.Linear(6 * 4 * 4, 12), nn.ReLU(), nn.Linear(12, 5),
+    )
+    tracker = WeightTracker(model, torch.randn(1, 3, 8, 8))
+    scanner = tracker.graph.evaluation()["weight_scanner"]
+    conv, bn = model[3], model[4]
+
+    def zero(t):
+        t.zero_()
+
+    def fill(t, value=0.5):
+        t.fill_(value)
+
+    steps = [
+        lambda: None,  # as initialised: BN biases zero, everything else non-zero
+        lambda: None,  # the same pattern again (results reused)
+        lambda: fill(bn.bias),  # every member non-zero
+        lambda: None,
+        lambda: zero(conv.weight),  # one whole member zero
+        lambda: None,
+        lambda: fill(conv.weight, 2.0),  # back to non-zero, other values
+        lambda: zero(bn.weight),  # in a batch with another BN's weight, which stays non-zero
+        lambda: zero(model[1].weight),  # now that batch is all zero
+        lambda: conv.weight[0, 0, 0, 0].fill_(0.0),  # one zero: neither pattern
+        lambda: conv.weight[0, 0, 0, 0].fill_(1.0),
+        lambda: _sparsify_(model),
+        lambda: None,
+        lambda: [fill(p, 0.25) for p in model.parameters()],
+        lambda: [zero(p) for p in model.parameters()],
+        lambda: None,
+    ]
+    for i, step in enumerate(steps):
+        with torch.no_grad():
+            step()
+        scan = scanner()
+        counts, histograms, nonzero = _scan_oracle(model, tracker, scanner)
+        assert scan.nonzeros.tolist() == counts, i
+        assert scan.block_zeros.tolist() == histograms, i
+        assert torch.equal(scan.unit_nonzero, nonzero), i
+
+
 def test_mixed_dtypes_fall_back_to_one_parameter_at_a_time():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
     tracker = WeightTracker(model, torch.randn(2, 6), plugin_manager=PM(), prune_model_outputs=True)

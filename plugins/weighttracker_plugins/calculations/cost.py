@@ -46,6 +46,7 @@ from weighttracker_core import (
     hookimpl,
 )
 
+from ._memo import reuse
 from .cost_model import CostModel
 
 DEFAULT_BITS = 32
@@ -291,8 +292,9 @@ def _device(structure: Any) -> torch.device:
     return next((p.device for p in structure.model.parameters()), torch.device("cpu"))
 
 
-#: Per structure and kind: the bit-width vector when no function is given (all 32).
-_DEFAULT_BITS: weakref.WeakKeyDictionary[Any, dict[Any, torch.Tensor]] = weakref.WeakKeyDictionary()
+#: Per structure: the bit-width vector of each kind and device when no function is given
+#: (all 32), and the attention-product layers of the table.
+_DEFAULT_BITS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 def _bits(ctx: Any, kind: str) -> torch.Tensor:
@@ -302,11 +304,17 @@ def _bits(ctx: Any, kind: str) -> torch.Tensor:
     (consumers only read it).
     """
     structure = ctx.structure
-    # attention products multiply two activations: their "weight" width is an activation's
-    products = [i for i in structure.modules if i.category is LayerCategory.ATTENTION]
+    cache = _DEFAULT_BITS.get(structure)
+    if cache is None:
+        cache = _DEFAULT_BITS.setdefault(structure, {})
+    listed = cache.get("products")
+    if listed is None or listed[0] is not structure.modules:  # the layer table is static
+        # attention products multiply two activations: their "weight" width is an activation's
+        listed = (structure.modules, [i for i in structure.modules if i.category is LayerCategory.ATTENTION])
+        cache["products"] = listed  # type: ignore[assignment]
+    products = listed[1]
     uses = (kind,) if kind == "activation" or not products else ("weight", "activation")
     if all(getattr(structure, f"{k}_bitwidth_fn", None) is None for k in uses):
-        cache = _DEFAULT_BITS.setdefault(structure, {})
         device = _device(structure)
         if (kind, device) not in cache:
             cache[(kind, device)] = torch.full((len(structure.modules),), float(DEFAULT_BITS),
@@ -343,7 +351,8 @@ def cost_model(ctx: Any) -> CostModel:
 
 def cost_axis_active(ctx: Any) -> torch.Tensor:
     """Active positions per cost axis (float64 ``[num_axes]``, axes as in ``cost_model.axis_names``)."""
-    return ctx["cost_model"].axis_active(ctx["unit_active"])
+    model, active = ctx["cost_model"], ctx["unit_active"]
+    return reuse(ctx.structure, "cost_axis_active", (model, active), lambda: model.axis_active(active))
 
 
 def layer_active_macs(ctx: Any) -> torch.Tensor:
@@ -354,6 +363,8 @@ def layer_active_macs(ctx: Any) -> torch.Tensor:
     """
     model: CostModel = ctx["cost_model"]
     active = ctx["cost_axis_active"]
+    if not model.custom:  # a pure function of the active positions
+        return reuse(ctx.structure, "layer_active_macs", (model, active), lambda: model.layer_macs(active))
     macs = model.layer_macs(active)
     if model.custom:
         ratios = model.axis_ratio(active).tolist()

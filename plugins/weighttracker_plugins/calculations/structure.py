@@ -19,6 +19,8 @@ from torch import nn
 
 from weighttracker_core import CalculationSpec, Lifetime, hookimpl
 
+from ._memo import reuse
+
 #: Block length of the N:M block histograms in ``weight_scan`` (NVIDIA 2:4).
 BLOCK = 4
 
@@ -94,7 +96,8 @@ def unit_active(ctx: Any) -> torch.Tensor:
     scan = ctx["weight_scan"]
     ctx["weight_scanner"].check_finite(scan)
     numel = ctx["unit_numel"].to(scan.unit_nonzero.device)
-    return scan.unit_nonzero | (numel == 0)
+    return reuse(ctx.structure, "unit_active", (scan.unit_nonzero, numel),
+                 lambda: scan.unit_nonzero | (numel == 0))
 
 
 def unit_l2_norm_grad(ctx: Any) -> torch.Tensor:

@@ -124,9 +124,8 @@ class BopsGroupLasso:
     # ---------------------------------------------------------------------------- penalty
 
     def __call__(self, evaluation: Any = None) -> torch.Tensor:
-        norms = self.plan.unit_reduce("l2", grad=True)
-        weights = self.unit_weights().to(device=norms.device, dtype=norms.dtype)
-        return (norms * weights).sum()
+        return self.plan.weighted_l2(
+            lambda norms: self.unit_weights().to(device=norms.device, dtype=norms.dtype))
 
     def proximal_step_(self, lr: float, strength: float) -> torch.Tensor:
         """Block soft-thresholding with BOPs-weighted thresholds (in place, no autograd).

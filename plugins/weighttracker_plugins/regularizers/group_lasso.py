@@ -89,8 +89,7 @@ class GroupLasso:
             return self.plan.unit_reduce("l2")
 
     def __call__(self, evaluation: Any = None) -> torch.Tensor:
-        norms = self.plan.unit_reduce("l2", grad=True)
-        return (norms * self.coefficients(norms)).sum()
+        return self.plan.weighted_l2(self.coefficients)
 
     def proximal_step_(self, lr: float, strength: float) -> torch.Tensor:
         """Block soft-thresholding: shrink every unit, and zero the weak ones exactly.

@@ -17,6 +17,7 @@ import torch
 
 from weighttracker_core import ConfigError, LayerCategory
 
+from ..calculations._memo import LastResult
 from ..calculations.cost import DEFAULT_BITS, read_bitwidths
 from ._layers import counted_layers, layer_label
 
@@ -96,6 +97,7 @@ class BopsTracker:
                        if info.category not in (LayerCategory.WEIGHTED, LayerCategory.ATTENTION)]
         self._norm = self._normalization(ctx.name)
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._last = LastResult()
 
     def _normalization(self, name: str) -> torch.Tensor | None:
         given = self.options.normalization_macs_pr_module
@@ -152,7 +154,17 @@ class BopsTracker:
             self._device_cache[key] = (baseline, total, total.clamp(min=1e-300), bool(total > 0))  # type: ignore[assignment]
         return self._device_cache[key]  # type: ignore[return-value]
 
+    #: The calculations :meth:`active_macs` reads (their values decide it).
+    inputs: tuple[str, ...] = ()
+
     def track(self, values: Any) -> dict[str, Any]:
+        if self._extra or not self.inputs:  # bit-width functions are called here: nothing to reuse
+            return self._track(values)
+        # a pure function of shared values: reused while they are the same objects
+        names = (*self.inputs, "layer_weight_bits", "layer_activation_bits")
+        return self._last.get(tuple(values[n] for n in names), lambda: self._track(values))
+
+    def _track(self, values: Any) -> dict[str, Any]:
         macs = self.active_macs(values)
         rows, _ = self._on(macs.device)
         bops = macs.index_select(0, rows) * self._bits(values, "weight", rows) * self._bits(values, "activation", rows)

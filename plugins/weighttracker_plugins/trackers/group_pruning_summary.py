@@ -35,6 +35,7 @@ import torch
 
 from weighttracker_core import TrackerSpec, hookimpl
 
+from ..calculations._memo import LastResult
 from ._layers import group_labels
 from ._removal import RemovalCounter
 
@@ -63,6 +64,7 @@ class GroupPruningSummary:
         self.groups = [(g.id, labels[g.id]) for g in groups if listed[g.id]]
         self._static = (numel > 0, owners)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last = LastResult()
 
     def _device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(unit has selected weights, group of each unit)`` on ``device``."""
@@ -78,6 +80,11 @@ class GroupPruningSummary:
         return (peak == 0) & self._device(peak.device)[0]
 
     def track(self, values: Any) -> dict[str, Any]:
+        if self.everything:  # a pure function of the shared unit_active
+            return self._last.get((values["unit_active"],), lambda: self._track(values))
+        return self._track(values)
+
+    def _track(self, values: Any) -> dict[str, Any]:
         removed = self._removed(values)
         num_groups = len(self.structure.groups)
         if not bool(removed.any()):  # nothing would be pruned: every figure is 0

@@ -42,6 +42,7 @@ from torch import nn
 
 from weighttracker_core import TrackerSpec, hookimpl
 
+from ..calculations._memo import LastResult
 from ..calculations.structure import BLOCK, input_axis
 from ._layers import counted_layers, layer_label
 
@@ -145,6 +146,7 @@ class Nvidia24Sparsity:
         rows = torch.tensor([-1 if r is None else r for r in self._rows], dtype=torch.int32)
         self._static = (param_layer, blocks, tails, rows.clamp(min=0))
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._last = LastResult()
 
     def _histograms(self, values: Any, rows: torch.Tensor) -> torch.Tensor:
         """int64 ``[num_params, 5]``: blocks with 0..4 zeros of each counted weight."""
@@ -170,6 +172,12 @@ class Nvidia24Sparsity:
         return self._on[device]
 
     def track(self, values: Any) -> dict[str, Any]:
+        if self._missing:  # histograms read from the weights here: nothing to reuse
+            return self._track(values)
+        # a pure function of the shared histograms: reused while the scan hands out the same
+        return self._last.get((values["weight_scan"].block_zeros,), lambda: self._track(values))
+
+    def _track(self, values: Any) -> dict[str, Any]:
         num_layers = len(self.labels)
         if not self.params:
             zero = torch.zeros((), dtype=torch.float64)

@@ -32,6 +32,8 @@ from ._bops import BopsOptions, BopsTracker
 class StructuredBops(BopsTracker):
     """Structured BOPs: active MACs from the active fraction of each cost axis."""
 
+    inputs = ("layer_active_macs", "layer_baseline_macs")
+
     def active_macs(self, values: Any) -> torch.Tensor:
         return values["layer_active_macs"]
 

@@ -27,6 +27,8 @@ from ._bops import BopsOptions, BopsTracker
 class UnstructuredBops(BopsTracker):
     """Unstructured BOPs: baseline MACs times the fraction of non-zero weights."""
 
+    inputs = ("weight_param_zeros", "layer_baseline_macs")
+
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         self._layer_numel: dict[torch.device, torch.Tensor] = {}

@@ -33,6 +33,7 @@ import torch
 
 from weighttracker_core import CalculationSpec, Lifetime, TrackerSpec, hookimpl
 
+from ..calculations._memo import LastResult, reuse
 from ._layers import WeightParams, counted_layers, layer_label
 
 # ---------------------------------------------------------------------------- calculations
@@ -45,7 +46,8 @@ def weight_param_table(ctx: Any) -> WeightParams:
 def weight_param_zeros(ctx: Any) -> torch.Tensor:
     table: WeightParams = ctx["weight_param_table"]
     nonzeros = ctx["weight_scan"].nonzeros  # counted in the shared one-pass scan
-    return table.on(nonzeros.device)[1] - nonzeros
+    numel = table.on(nonzeros.device)[1]
+    return reuse(ctx.structure, "weight_param_zeros", (numel, nonzeros), lambda: numel - nonzeros)
 
 
 CALCULATIONS = (
@@ -86,8 +88,13 @@ class UnstructuredSparsity:
         self._labels = [layer_label(i.name) for i, p in zip(self.layers, present.tolist()) if p]
         self._static = (keep, rows[present], layer_numel[present])
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._last = LastResult()
 
     def track(self, values: Any) -> dict[str, Any]:
+        # a pure function of the shared zero counts
+        return self._last.get((values["weight_param_zeros"],), lambda: self._track(values))
+
+    def _track(self, values: Any) -> dict[str, Any]:
         zeros = values["weight_param_zeros"]
         table: WeightParams = values["weight_param_table"]
         device = zeros.device
