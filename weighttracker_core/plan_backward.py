@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch._utils import _unflatten_dense_tensors  # what DDP uses to view one flat buffer
 
 from .plan_layout import merge_ranges
 
@@ -219,7 +220,7 @@ def _flat_grads(plan: Any, pack: Any, tensors: Sequence[torch.Tensor], grad: tor
         start = batches[pack.plain].start
         first = batches[pack.plain].keys[0][1]
         buffer[start:].copy_(grad[first : first + pack.numel - start])
-    views = [buffer[o : o + t.numel()].view(t.shape) for o, t in zip(_offsets(sources), sources)]
+    views = _unflatten_dense_tensors(buffer, sources)  # one C++ call: the views of every member
     if op == "sum_sq":
         torch._foreach_mul_(views, sources)
     elif op == "l1":
@@ -227,15 +228,6 @@ def _flat_grads(plan: Any, pack: Any, tensors: Sequence[torch.Tensor], grad: tor
     for m, view in zip(members, views):
         if needs[m]:
             grads[m] = view
-
-
-def _offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """Where each tensor starts in a buffer holding them back to back."""
-    offsets, total = [], 0
-    for t in tensors:
-        offsets.append(total)
-        total += t.numel()
-    return offsets
 
 
 def batch_grad(recipe: Any, batch: Any, grad: torch.Tensor, weights: torch.Tensor | None, op: str,
