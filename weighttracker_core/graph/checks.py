@@ -108,15 +108,15 @@ class GraphChecks:
                 positions = None if replayed is None else reshapes.separable_positions(replayed, shape[candidate])
                 if positions is None:
                     continue
-                if axis is None and sum(len(p) for p in positions) != consumers:
+                if axis is None and positions.size != consumers:
                     continue
                 found.append((candidate, positions))
             if len(found) != 1:
                 continue
             candidate, positions = found[0]
-            if positions == reshapes.tp_positions(run, start, shape[candidate]):
+            if reshapes.tp_agrees(run, start, positions):
                 continue
-            self._repairs.extend(reshapes.install(run, start, positions))
+            self._repairs.extend(reshapes.install(run, start, positions.tolist()))
             self._repaired.update(run)
 
     def _consumer_inputs(self, node: Any) -> int | None:

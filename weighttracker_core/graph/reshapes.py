@@ -20,9 +20,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+
+from .search import apply_mapping
 
 _OPTYPE = tp.ops.OPTYPE
 _HybridIndex = tp._helpers._HybridIndex
@@ -180,8 +183,10 @@ def replay(run: Sequence[Any], shape: tuple[int, ...], axis: int) -> torch.Tenso
     return t
 
 
-def separable_positions(t: torch.Tensor, channels: int) -> list[list[int]] | None:
+def separable_positions(t: torch.Tensor, channels: int) -> np.ndarray | None:
     """``channel -> positions`` on the one axis of ``t`` that holds single channels.
+
+    Row ``c`` of the ``[channels, k]`` result holds channel ``c``'s positions in order.
 
     ``None`` unless exactly one axis holds one channel per position (every channel at
     least once, no padding there) and the map is separable (see the module docstring).
@@ -198,38 +203,46 @@ def separable_positions(t: torch.Tensor, channels: int) -> list[list[int]] | Non
             candidates.append((axis, high))
     if len(candidates) != 1:
         return None
-    values = candidates[0][1].tolist()
-    positions: list[list[int]] = [[] for _ in range(channels)]
-    for p, c in enumerate(values):
-        if not 0 <= c < channels:
-            return None
-        positions[c].append(p)
-    if any(not ps for ps in positions):
+    values = candidates[0][1].to(torch.long)
+    if channels < 1 or int(values.min()) < 0 or int(values.max()) >= channels:
         return None
-    stride = positions[1][0] - positions[0][0] if channels > 1 else 1
-    offsets = positions[0]
-    for c, ps in enumerate(positions):
-        if len(ps) != len(offsets) or any(p - c * stride != o for p, o in zip(ps, offsets)):
-            return None
-    return positions
+    counts = torch.bincount(values, minlength=channels)
+    if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+        return None  # a channel without positions, or channels of different sizes
+    # positions of channel c, in increasing order: row c (a stable sort keeps the order)
+    positions = torch.sort(values, stable=True).indices.view(channels, int(counts[0]))
+    stride = int(positions[1, 0] - positions[0, 0]) if channels > 1 else 1
+    expected = positions[0] + torch.arange(channels).unsqueeze(1) * stride
+    if not torch.equal(positions, expected):
+        return None
+    return positions.numpy()
 
 
-def tp_positions(run: Sequence[Any], start: Any, channels: int) -> list[list[int]]:
-    """Where Torch-Pruning's own reshape / slice maps along the chain send each channel."""
-    idxs = [_HybridIndex(idx=c, root_idx=c) for c in range(channels)]
+def tp_agrees(run: Sequence[Any], start: Any, positions: np.ndarray) -> bool:
+    """Whether Torch-Pruning's own reshape / slice maps along the chain send each channel
+    to exactly its row of ``positions`` (``[channels, k]``).
+
+    The maps are applied to index arrays (:func:`.search.apply_mapping`, which gives
+    Torch-Pruning's result), and compared as arrays: a 4096-channel chain costs a few
+    array operations.
+    """
+    channels = positions.shape[0]
+    idxs = np.arange(channels, dtype=np.int64)
+    roots = idxs.copy()
     edges = list(zip([start, *run], run)) + [(run[-1], out) for out in run[-1].outputs[:1]]
     for a, b in edges:
         for dep in a.dependencies:
             if dep.target is b:
                 for mapping in dep.index_mapping:
                     if isinstance(mapping, _TP_SHAPE_MAPS):
-                        idxs = mapping(idxs)
+                        idxs, roots = apply_mapping(mapping, idxs, roots)
                 break
-    out: list[list[int]] = [[] for _ in range(channels)]
-    for i in idxs:
-        if i.root_idx is not None and 0 <= i.root_idx < channels:
-            out[i.root_idx].append(i.idx)
-    return [sorted(set(p)) for p in out]
+    keep = (roots >= 0) & (roots < channels)
+    pairs = np.unique(np.stack([roots[keep], idxs[keep]]), axis=1)  # by channel, then position
+    want_channels = np.repeat(np.arange(channels, dtype=np.int64), positions.shape[1])
+    return pairs.shape[1] == positions.size and bool(
+        np.array_equal(pairs[0], want_channels) and np.array_equal(pairs[1], positions.reshape(-1))
+    )
 
 
 def install(run: Sequence[Any], start: Any, positions: Sequence[Sequence[int]]) -> list[tuple[Any, list[Any]]]:

@@ -120,7 +120,7 @@ class GroupSearch:
                 new_idxs, new_roots = idxs, roots
                 for mapping in new.index_mapping:
                     if mapping is not None:
-                        new_idxs, new_roots = _apply(mapping, new_idxs, new_roots)
+                        new_idxs, new_roots = apply_mapping(mapping, new_idxs, new_roots)
                 if len(new_idxs) == 0:
                     continue
                 if new.target in visited and self._holds(found, by_op, new, new_idxs, new_roots):
@@ -160,7 +160,7 @@ class GroupSearch:
         return [SearchedItem(dep, idxs, roots) for dep, idxs, roots in merged]
 
 
-def _apply(mapping: Any, idxs: np.ndarray, roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def apply_mapping(mapping: Any, idxs: np.ndarray, roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One of Torch-Pruning's index mappings, applied to ``(idxs, roots)`` arrays."""
     kind = type(mapping)
     reverse = bool(getattr(mapping, "reverse", False))
