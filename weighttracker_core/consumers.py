@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import torch
 
+from .context import Bitwidths
 from .dag import CalculationGraph, Evaluation
 from .errors import ConfigError, HandleAttributeError, PluginError, StaleConsumerError
 from .structure import Selection, Structure
@@ -21,7 +22,7 @@ from .structure import Selection, Structure
 
 @attrs.define(kw_only=True)
 class ConsumerContext:
-    """What a plugin's ``build(ctx)`` receives.
+    """What a plugin's ``build(ctx)`` receives (it satisfies the ``BuildContext`` protocol).
 
     Attributes:
         name: The registered name being built.
@@ -30,6 +31,8 @@ class ConsumerContext:
         graph: The calculation DAG (``ctx.graph.evaluation()`` for a fresh evaluation).
         options: Instance of the spec's options/config class (or ``None``).
         selection: The ``include`` / ``ignore`` filter.
+        bitwidths: The user's weight / activation bit-widths (from the graph).
+        example_inputs: The inputs the model was traced with (from the structure).
     """
 
     name: str
@@ -38,6 +41,14 @@ class ConsumerContext:
     graph: CalculationGraph
     options: Any
     selection: Selection
+
+    @property
+    def bitwidths(self) -> Bitwidths:
+        return self.graph.bitwidths
+
+    @property
+    def example_inputs(self) -> Any:
+        return self.structure.example_inputs
 
 
 def build_options(kind: str, name: str, options_cls: type | None, values: Mapping[str, Any]) -> Any:
