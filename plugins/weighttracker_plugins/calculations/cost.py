@@ -37,12 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import (
+from weighttracker_core.plugin import (
+    Bitwidths,
     CalculationSpec,
     ConfigError,
     LayerCategory,
+    LayerInfo,
     Lifetime,
-    check_bitwidth,
+    StructureQueries,
     hookimpl,
 )
 
@@ -274,18 +276,18 @@ def layer_baseline_macs(ctx: Any) -> torch.Tensor:
 # ------------------------------------------------------------------------------ bit-widths
 
 
-def read_bitwidths(structure: Any, infos: Sequence[Any], kind: str) -> list[int]:
-    """``kind``-bit-widths (``"weight"`` / ``"activation"``) of ``infos``, checked (SPEC §5.7).
+def read_bitwidths(bitwidths: Bitwidths, structure: StructureQueries, infos: Sequence[LayerInfo],
+                   kind: str) -> list[int]:
+    """``kind``-bit-widths (``"weight"`` / ``"activation"``) of ``infos``, checked.
 
     Calls the tracker's function once per layer; a missing function means 32.
 
     Raises:
         ValueError: A value is not a whole number >= 1 (names the layer and value).
     """
-    fn = getattr(structure, f"{kind}_bitwidth_fn", None)
-    if fn is None:
+    if not bitwidths.given(kind):
         return [DEFAULT_BITS] * len(infos)
-    return [check_bitwidth(fn(info.name, structure.module(info.name)), info.name, kind) for info in infos]
+    return [bitwidths.bits(kind, info.name, structure.module(info.name)) for info in infos]
 
 
 def _device(structure: Any) -> torch.device:
@@ -314,7 +316,7 @@ def _bits(ctx: Any, kind: str) -> torch.Tensor:
         cache["products"] = listed  # type: ignore[assignment]
     products = listed[1]
     uses = (kind,) if kind == "activation" or not products else ("weight", "activation")
-    if all(getattr(structure, f"{k}_bitwidth_fn", None) is None for k in uses):
+    if not any(ctx.bitwidths.given(k) for k in uses):
         device = _device(structure)
         if (kind, device) not in cache:
             cache[(kind, device)] = torch.full((len(structure.modules),), float(DEFAULT_BITS),
@@ -323,9 +325,9 @@ def _bits(ctx: Any, kind: str) -> torch.Tensor:
     infos = structure.modules
     weighted = [i for i in infos if i.category is LayerCategory.WEIGHTED]
     values = [float(DEFAULT_BITS)] * len(infos)
-    for info, bits in zip(weighted, read_bitwidths(structure, weighted, kind)):
+    for info, bits in zip(weighted, read_bitwidths(ctx.bitwidths, structure, weighted, kind)):
         values[info.index] = float(bits)
-    for info, bits in zip(products, read_bitwidths(structure, products, "activation")):
+    for info, bits in zip(products, read_bitwidths(ctx.bitwidths, structure, products, "activation")):
         values[info.index] = float(bits)
     return torch.tensor(values, dtype=torch.float64, device=_device(structure))
 

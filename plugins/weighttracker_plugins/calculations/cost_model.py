@@ -100,7 +100,7 @@ class CostModel:
                     axis_of[key] = len(names)
                     names.append((info.name, str(member.axis)))
                     layer.append(info.index)
-                    reported.append(float(structure.handle.channels(structure.module(info.name), side) or 0))
+                    reported.append(float(structure.channels(info.name, side) or 0))
                     widest.append(0)
                     from_heads.append(False)
                 j = axis_of[key]

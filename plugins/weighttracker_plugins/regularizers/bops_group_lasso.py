@@ -64,6 +64,7 @@ class BopsGroupLasso:
 
     def __init__(self, ctx: Any) -> None:
         self.structure = ctx.structure
+        self.bitwidths = ctx.bitwidths
         self.selection = ctx.selection
         self.options: BopsGroupLassoOptions = ctx.options or BopsGroupLassoOptions()
         self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name)
@@ -96,8 +97,8 @@ class BopsGroupLasso:
     # --------------------------------------------------------------------------- weights
 
     def _layer_bits(self) -> torch.Tensor:
-        weight = read_bitwidths(self.structure, self.layers, "weight")
-        activation = read_bitwidths(self.structure, self.layers, "activation")
+        weight = read_bitwidths(self.bitwidths, self.structure, self.layers, "weight")
+        activation = read_bitwidths(self.bitwidths, self.structure, self.layers, "activation")
         return torch.tensor([w * a for w, a in zip(weight, activation)], dtype=torch.float64)
 
     def unit_costs(self) -> torch.Tensor:

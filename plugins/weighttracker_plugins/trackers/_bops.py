@@ -137,7 +137,7 @@ class BopsTracker:
     def _bits(self, values: Any, kind: str, rows: torch.Tensor) -> torch.Tensor:
         bits = values[f"layer_{kind}_bits"].index_select(0, rows)
         if self._extra:
-            extra = read_bitwidths(self.structure, [info for _, info in self._extra], kind)
+            extra = read_bitwidths(values.bitwidths, self.structure, [info for _, info in self._extra], kind)
             where = torch.tensor([i for i, _ in self._extra], dtype=torch.long, device=bits.device)
             bits = bits.index_copy(0, where, torch.tensor(extra, dtype=bits.dtype, device=bits.device))
         return bits
