@@ -180,8 +180,6 @@ class WeightTracker:
         self.structure = Structure(
             self.model, self.example_inputs, self.registries, self._options, version=version
         )
-        self.structure.weight_bitwidth_fn = self.weight_bitwidth_fn  # type: ignore[attr-defined]
-        self.structure.activation_bitwidth_fn = self.activation_bitwidth_fn  # type: ignore[attr-defined]
         self.graph = CalculationGraph(self.registries.calculations, self.structure, Bitwidths(
             weight=self.weight_bitwidth_fn, activation=self.activation_bitwidth_fn))
 
