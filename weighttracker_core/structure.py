@@ -293,13 +293,13 @@ class Structure:
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name) if name else self.model
 
-    def channels(self, name: str, axis: PruneAxis) -> int | None:
+    def channels(self, name: str, axis: PruneAxis | str) -> int | None:
         """Channels of layer ``name`` on ``axis``, as the dependency graph reports them.
 
         The input side for ``IN_CHANNEL``, the output side otherwise; ``None`` when the
         graph cannot tell.
         """
-        return self.handle.channels(self.module(name), axis)
+        return self.handle.channels(self.module(name), PruneAxis(axis))
 
     def selection(self, include: Sequence[Any] = (), ignore: Sequence[Any] = ()) -> Selection:
         return Selection(self.model, include, ignore)
