@@ -147,7 +147,7 @@ class StructureQueries(Protocol):
         """The submodule called ``name`` (``""`` is the model)."""
         ...
 
-    def channels(self, name: str, axis: PruneAxis) -> int | None:
+    def channels(self, name: str, axis: PruneAxis | str) -> int | None:
         """Channels of layer ``name`` on ``axis`` as the dependency graph sees them."""
         ...
 

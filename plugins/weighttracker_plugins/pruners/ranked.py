@@ -257,7 +257,7 @@ class RankedPruner:
         tracker.graph.validate(spec.requires, consumer=f"importance {spec.name}")
 
         def build(structure: Structure) -> Any:
-            return spec.build(ConsumerContext(
+            return tracker.registries.importances.build(spec.name, ConsumerContext(
                 name=spec.name, tracker=tracker, structure=structure, graph=tracker.graph,
                 options=opts, selection=structure.selection()))
 
