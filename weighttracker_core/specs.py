@@ -128,6 +128,14 @@ class HeadPruner(Protocol):
 SliceSource = tuple[ParamSlice, ...] | SliceFunction
 
 
+def _types(value: Iterable[type]) -> tuple[type, ...]:
+    return tuple(value)
+
+
+def _names(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 def _slices(value: Any) -> Any:
     return value if callable(value) else tuple(value)
 
@@ -166,14 +174,14 @@ class UnitRule:
     """
 
     name: str
-    module_types: tuple[type, ...] = attrs.field(converter=tuple)
+    module_types: tuple[type, ...] = attrs.field(converter=_types)
     out_slices: SliceSource = attrs.field(default=(), converter=_slices)
     in_slices: SliceSource = attrs.field(default=(), converter=_slices)
     feature_slices: SliceSource | None = attrs.field(
         default=None, converter=lambda v: None if v is None else _slices(v)
     )
     category: LayerCategory = attrs.field(default=LayerCategory.WEIGHTED, converter=LayerCategory)
-    weight_params: tuple[str, ...] = attrs.field(default=("weight",), converter=tuple)
+    weight_params: tuple[str, ...] = attrs.field(default=("weight",), converter=_names)
     cost_axes: tuple[str, ...] | None = attrs.field(
         default=None, converter=lambda v: None if v is None else tuple(str(a) for a in v)
     )
@@ -210,7 +218,7 @@ class CalculationSpec:
 
     name: str
     compute: Compute
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    requires: tuple[str, ...] = attrs.field(default=(), converter=_names)
     lifetime: Lifetime = attrs.field(default=Lifetime.PER_EVALUATION, converter=Lifetime)
     summary: str = ""
 
@@ -228,7 +236,7 @@ class TrackerSpec:
     name: str
     build: TrackerFactory
     options: type | None = None
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    requires: tuple[str, ...] = attrs.field(default=(), converter=_names)
     summary: str = ""
 
 
@@ -239,7 +247,7 @@ class RegularizerSpec:
     name: str
     build: RegularizerFactory
     options: type | None = None
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    requires: tuple[str, ...] = attrs.field(default=(), converter=_names)
     summary: str = ""
 
 
@@ -258,7 +266,7 @@ class ImportanceSpec:
     name: str
     build: ImportanceFactory
     options: type | None = None
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    requires: tuple[str, ...] = attrs.field(default=(), converter=_names)
     summary: str = ""
 
 
@@ -342,7 +350,7 @@ class AttentionLayoutRule:
     """
 
     name: str
-    module_types: tuple[type, ...] = attrs.field(converter=tuple)
+    module_types: tuple[type, ...] = attrs.field(converter=_types)
     layout: Callable[[nn.Module], Any]
     summary: str = ""
 
