@@ -3,7 +3,9 @@
 Everything a plugin returns from a hook, receives in ``build(ctx)`` / ``compute(evaluation)``
 and raises is here: the ``hookimpl`` marker, the spec classes, the enums, the unit-rule and
 layer-pruner contracts, typed protocols for the contexts and for what factories build, and
-the errors. A plugin that imports only this module is checked by ``mypy --strict`` against
+the errors. The concrete classes behind the protocols (``Structure``, ``ReductionPlan``,
+``ConsumerContext``, ``CalculationGraph``) and a few helpers for first-party-style plugins
+(``effective_parameter``, ``stored_parameter``, ``safe_sqrt``) are here too. A plugin that imports only this module is checked by ``mypy --strict`` against
 these types (see ``docs/writing-plugins.md``).
 
 Example:
@@ -47,6 +49,8 @@ from .context import (
     UnitPlan,
     check_bitwidth,
 )
+from .consumers import ConsumerContext, flatten_metrics, to_python
+from .dag import CalculationGraph
 from .errors import (
     ConfigError,
     DuplicateNameError,
@@ -57,7 +61,10 @@ from .errors import (
     UnsupportedModuleError,
     WeightTrackerError,
 )
-from .hookspecs import HOOK_NAMES, HOOKS, Hook, hookimpl
+from .heads import AttentionChange, AttentionLayout
+from .hookspecs import HOOK_NAMES, HOOKS, Hook, hookimpl, hookspec
+from .masking import stored_parameter
+from .plans import ReductionPlan, effective_parameter, safe_sqrt
 from .specs import (
     AttentionLayoutRule,
     CalculationSpec,
@@ -76,6 +83,7 @@ from .specs import (
     UnitRule,
     UnwrappedParameter,
 )
+from .structure import Selection, Structure
 from .units import (
     CanonicalMember,
     CanonicalUnitGroup,
@@ -90,15 +98,19 @@ __all__ = [
     "DEFAULT_BITS",
     "HOOKS",
     "HOOK_NAMES",
+    "AttentionChange",
+    "AttentionLayout",
     "AttentionLayoutRule",
     "BitwidthFn",
     "Bitwidths",
     "BuildContext",
+    "CalculationGraph",
     "CalculationSpec",
     "CanonicalMember",
     "CanonicalUnitGroup",
     "Compute",
     "ConfigError",
+    "ConsumerContext",
     "CostFunction",
     "DuplicateNameError",
     "Evaluation",
@@ -128,11 +140,14 @@ __all__ = [
     "PrunerFactory",
     "PrunerSpec",
     "PruningError",
+    "ReductionPlan",
     "Regularizer",
     "RegularizerFactory",
     "RegularizerSpec",
     "RegularizerType",
+    "Selection",
     "SliceFunction",
+    "Structure",
     "StructureQueries",
     "Tracker",
     "TrackerFactory",
@@ -146,5 +161,11 @@ __all__ = [
     "UnwrappedParameter",
     "WeightTrackerError",
     "check_bitwidth",
+    "effective_parameter",
+    "flatten_metrics",
     "hookimpl",
+    "hookspec",
+    "safe_sqrt",
+    "stored_parameter",
+    "to_python",
 ]

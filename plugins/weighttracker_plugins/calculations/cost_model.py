@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import LayerCategory, PruneAxis
+from weighttracker_core.plugin import LayerCategory, PruneAxis
 
 #: fvcore operators that are a layer's own weight products (projections), as opposed to
 #: products of two activations (attention scores).

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import CalculationSpec, Lifetime, hookimpl
+from weighttracker_core.plugin import CalculationSpec, Lifetime, hookimpl
 
 from ._memo import reuse
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from weighttracker_core import ImportanceSpec, LayerCategory, ParamRole, hookimpl
+from weighttracker_core.plugin import ImportanceSpec, LayerCategory, ParamRole, hookimpl
 
 from ._unit_plans import filtered_plan, mark_unscored
 

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import ImportanceSpec, hookimpl
+from weighttracker_core.plugin import ImportanceSpec, hookimpl
 
 from ._unit_plans import mark_unscored, role_plan
 

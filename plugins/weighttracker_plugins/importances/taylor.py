@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import ImportanceSpec, PruningError, hookimpl, stored_parameter
+from weighttracker_core.plugin import ImportanceSpec, PruningError, hookimpl, stored_parameter
 
 from ._unit_plans import mark_unscored, role_plan
 

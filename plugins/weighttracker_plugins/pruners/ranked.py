@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from weighttracker_core import (
+from weighttracker_core.plugin import (
     CanonicalUnitGroup,
     ConfigError,
     ConsumerContext,

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from weighttracker_core import ConfigError, PrunerSpec, PruningError, effective_parameter, hookimpl
+from weighttracker_core.plugin import (
+    ConfigError,
+    PrunerSpec,
+    PruningError,
+    effective_parameter,
+    hookimpl,
+)
 
 from .mask_config import MagnitudePrunerConfig, ModuleMagnitudePrunerConfig
 from .mask_modes import mask_mode, scheduled_mask

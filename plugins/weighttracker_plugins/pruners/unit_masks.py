@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from weighttracker_core import MemberSlice, PruningError, Structure
+from weighttracker_core.plugin import MemberSlice, PruningError, Structure
 
 
 def slice_keep_mask(shape: tuple[int, ...], piece: MemberSlice, positions: Iterable[int]) -> torch.Tensor:

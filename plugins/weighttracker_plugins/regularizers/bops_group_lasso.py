@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import ConfigError, RegularizerSpec, hookimpl
+from weighttracker_core.plugin import ConfigError, RegularizerSpec, hookimpl
 
 from ..calculations.cost import read_bitwidths
 from ..calculations.cost_model import CostModel

@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import ConfigError, RegularizerSpec, hookimpl
+from weighttracker_core.plugin import ConfigError, RegularizerSpec, hookimpl
 
 from .proximal import ProximalStep
 

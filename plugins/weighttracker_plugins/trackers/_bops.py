@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import ConfigError, LayerCategory
+from weighttracker_core.plugin import ConfigError, LayerCategory
 
 from ..calculations._memo import LastResult
 from ..calculations.cost import DEFAULT_BITS, read_bitwidths

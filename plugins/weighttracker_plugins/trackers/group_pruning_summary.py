@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from weighttracker_core import TrackerSpec, hookimpl
+from weighttracker_core.plugin import TrackerSpec, hookimpl
 
 from ..calculations._memo import LastResult
 from ._layers import group_labels

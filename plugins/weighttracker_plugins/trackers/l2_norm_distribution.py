@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import TrackerSpec, hookimpl
+from weighttracker_core.plugin import TrackerSpec, hookimpl
 
 from ._layers import group_labels
 

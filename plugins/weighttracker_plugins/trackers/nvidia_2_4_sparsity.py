@@ -40,7 +40,7 @@ import attrs
 import torch
 from torch import nn
 
-from weighttracker_core import TrackerSpec, hookimpl
+from weighttracker_core.plugin import TrackerSpec, hookimpl
 
 from ..calculations._memo import LastResult
 from ..calculations.structure import BLOCK, input_axis

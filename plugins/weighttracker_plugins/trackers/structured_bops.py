@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from weighttracker_core import TrackerSpec, hookimpl
+from weighttracker_core.plugin import TrackerSpec, hookimpl
 
 from ._bops import BopsOptions, BopsTracker
 

@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import CalculationSpec, Lifetime, TrackerSpec, hookimpl
+from weighttracker_core.plugin import CalculationSpec, Lifetime, TrackerSpec, hookimpl
 
 from ..calculations._memo import LastResult, reuse
 from ._layers import WeightParams, counted_layers, layer_label

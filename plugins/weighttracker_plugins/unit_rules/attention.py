@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from weighttracker_core import ParamRole, ParamSlice, PruneAxis, UnitRule, hookimpl
+from weighttracker_core.plugin import ParamRole, ParamSlice, PruneAxis, UnitRule, hookimpl
 
 from .pruned_mha import PrunedMultiheadAttention, make_prunable
 
