@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from weighttracker_core.plugin import (
+    BuildContext,
     ConfigError,
     PrunerSpec,
     PruningError,
@@ -408,7 +409,7 @@ class MagnitudePruner:
         return out
 
 
-def build_magnitude_pruner(ctx: Any) -> MagnitudePruner:
+def build_magnitude_pruner(ctx: BuildContext) -> MagnitudePruner:
     """``PrunerSpec.build``: a pruner over the tracker's model with ``ctx.options`` as config."""
     return MagnitudePruner(ctx.structure.model, ctx.options)
 

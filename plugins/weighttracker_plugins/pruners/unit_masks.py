@@ -1,4 +1,4 @@
-"""Persistent structured masks for canonical units through ``torch.nn.utils.prune`` (SPEC §10.3).
+"""Persistent structured masks for canonical units through ``torch.nn.utils.prune``.
 
 ``UnitMasks.apply_`` re-parametrises every parameter a unit owns with
 ``prune.custom_from_mask``: the parameter becomes ``<name>_orig`` (the same ``Parameter``

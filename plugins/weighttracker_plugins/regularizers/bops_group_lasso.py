@@ -1,4 +1,4 @@
-"""``bops_group_lasso``: group lasso whose per-unit weights follow hardware cost (SPEC §6).
+"""``bops_group_lasso``: group lasso whose per-unit weights follow hardware cost.
 
 The penalty is ``sum_u lambda_u * ||w_u||_2``. ``w_u`` is every element unit ``u`` owns in
 the selected layers (all coupled members and slices, biases included, exactly as in
@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core.plugin import ConfigError, RegularizerSpec, hookimpl
+from weighttracker_core.plugin import BuildContext, ConfigError, RegularizerSpec, hookimpl
 
 from ..calculations.cost import read_bitwidths
 from ..calculations.cost_model import CostModel
@@ -62,7 +62,7 @@ class BopsGroupLasso:
     cover every selected member.
     """
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         self.structure = ctx.structure
         self.bitwidths = ctx.bitwidths
         self.selection = ctx.selection

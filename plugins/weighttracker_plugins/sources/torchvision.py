@@ -1,4 +1,4 @@
-"""``torchvision:NAME`` models for ``weighttracker inspect`` (SPEC §11).
+"""``torchvision:NAME`` models for ``weighttracker inspect``.
 
 Models are built with random weights (``weights=None``): nothing is downloaded.
 torchvision is imported only when a model is loaded, so the plugin costs nothing for users

@@ -1,4 +1,4 @@
-"""``structured_bops`` tracker (SPEC §5.1): BOPs of the structure that is still active.
+"""``structured_bops`` tracker: BOPs of the structure that is still active.
 
 For each counted layer ``m`` (weighted layers; normalization layers only when named in
 ``include``)::
