@@ -7,7 +7,6 @@ computing numbers for a model that no longer exists (SPEC §7).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -254,16 +253,3 @@ class PrunerHandle(RegularizerHandle):
                 "would not change what it does. Options are fixed by tracker.create_pruner("
                 f"{name!r}, ...); to continue a schedule where it stopped, use "
                 "pruner.load_state_dict(state) with a state saved by pruner.state_dict().")
-
-
-def is_whole_number(value: Any) -> bool:
-    """Whether ``value`` is a whole number: int, integral float or scalar tensor."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            return False
-        value = value.item()
-    if isinstance(value, int):
-        return True
-    return isinstance(value, float) and math.isfinite(value) and value.is_integer()
