@@ -1,16 +1,4 @@
-"""The ``magnitude`` pruner: scheduled mask pruning with coremltools MagnitudePruner semantics.
-
-``tracker.create_pruner("magnitude", config={...})``. Masks live in
-``torch.nn.utils.prune``'s re-parametrisation (``weight_orig`` x ``weight_mask``), so pruned
-weights stay exactly zero through any optimizer, compose with torch's own pruning methods
-on the same parameter (the effective mask is the product), and ``finalize()`` bakes them
-in with ``prune.remove``.
-
-The configs and schedulers are importable from here::
-
-    from weighttracker_plugins.pruners.scheduled_mask import (
-        MagnitudePrunerConfig, ModuleMagnitudePrunerConfig, PolynomialDecayScheduler)
-"""
+"""The ``magnitude`` pruner itself: masks, targets and the step / finalize cycle."""
 
 from __future__ import annotations
 
@@ -26,16 +14,14 @@ from torch.nn.utils import prune
 from weighttracker_core.plugin import (
     BuildContext,
     ConfigError,
-    PrunerSpec,
     PruningError,
     effective_parameter,
-    hookimpl,
 )
 
-from .mask_config import MagnitudePrunerConfig, ModuleMagnitudePrunerConfig
-from .mask_modes import mask_mode, scheduled_mask
-from .mask_report import module_report
-from .mask_schedulers import ConstantSparsityScheduler, PolynomialDecayScheduler
+from .config import MagnitudePrunerConfig, ModuleMagnitudePrunerConfig
+from .modes import mask_mode, scheduled_mask
+from .report import module_report
+from .schedulers import ConstantSparsityScheduler, PolynomialDecayScheduler
 
 __all__ = [
     "ConstantSparsityScheduler",
@@ -45,7 +31,6 @@ __all__ = [
     "ModuleMagnitudePrunerConfig",
     "PolynomialDecayScheduler",
     "build_magnitude_pruner",
-    "wt_register_pruners",
 ]
 
 _STATE_VERSION = 1
@@ -412,15 +397,3 @@ class MagnitudePruner:
 def build_magnitude_pruner(ctx: BuildContext) -> MagnitudePruner:
     """``PrunerSpec.build``: a pruner over the tracker's model with ``ctx.options`` as config."""
     return MagnitudePruner(ctx.structure.model, ctx.options)
-
-
-@hookimpl
-def wt_register_pruners() -> tuple[PrunerSpec, ...]:
-    return (
-        PrunerSpec(
-            name="magnitude",
-            build=build_magnitude_pruner,
-            config=MagnitudePrunerConfig,
-            summary="Scheduled magnitude mask pruning: unstructured, block, n:m, per-channel, per-kernel.",
-        ),
-    )

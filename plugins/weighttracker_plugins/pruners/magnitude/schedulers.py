@@ -16,7 +16,7 @@ import torch
 
 from weighttracker_core import ConfigError
 
-from ._config_io import quote
+from .._config_io import quote
 
 __all__ = [
     "ConstantSparsityScheduler",
