@@ -63,3 +63,15 @@ def test_mypy_strict_catches_a_tracker_without_track(mypy_cache, tmp_path):
     result = _mypy(broken, mypy_cache)
     assert result.returncode == 1
     assert 'Argument "build" to "TrackerSpec"' in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+def test_the_plugin_contract_modules_pass_mypy_strict(mypy_cache):
+    pytest.importorskip("mypy", reason="mypy is not installed (it is in the `test` extra)")
+    modules = ["plugin", "context", "specs", "hookspecs", "registry", "manager", "dag"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--cache-dir",
+         str(mypy_cache), "--no-error-summary", *(f"weighttracker_core/{m}.py" for m in modules)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -60,7 +60,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _hook(spec_type: type, kind: str, key: str = "name") -> Callable[[F], F]:
     def mark(fn: F) -> F:
         _DECLARED.append(Hook(fn.__name__, spec_type, kind, key))
-        return hookspec(fn)  # type: ignore[no-any-return]
+        return hookspec(fn)
 
     return mark
 
@@ -73,6 +73,7 @@ def wt_register_unit_rules() -> tuple[UnitRule, ...]:
     in a module's MRO wins. Two rules with the same name, or two rules for the same type,
     raise ``DuplicateNameError``. Added in 0.1.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 @_hook(CalculationSpec, "calculation")
@@ -82,6 +83,7 @@ def wt_register_calculations() -> tuple[CalculationSpec, ...]:
     Trackers, regularizers and importances ask for them by name. A name registered twice
     raises ``DuplicateNameError``. Added in 0.1.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 @_hook(TrackerSpec, "tracker")
@@ -90,6 +92,7 @@ def wt_register_trackers() -> tuple[TrackerSpec, ...]:
 
     A name registered twice raises ``DuplicateNameError``. Added in 0.1.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 @_hook(RegularizerSpec, "regularizer")
@@ -98,6 +101,7 @@ def wt_register_regularizers() -> tuple[RegularizerSpec, ...]:
 
     A name registered twice raises ``DuplicateNameError``. Added in 0.1.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 @_hook(ImportanceSpec, "importance")
@@ -106,6 +110,7 @@ def wt_register_importances() -> tuple[ImportanceSpec, ...]:
 
     A name registered twice raises ``DuplicateNameError``. Added in 0.1.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 @_hook(PrunerSpec, "pruner")
@@ -114,6 +119,7 @@ def wt_register_pruners() -> tuple[PrunerSpec, ...]:
 
     A name registered twice raises ``DuplicateNameError``. Added in 0.1.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 @_hook(IntegrationSpec, "integration")
@@ -123,6 +129,7 @@ def wt_register_integrations() -> tuple[IntegrationSpec, ...]:
     Selected with ``WeightTracker(integrations="auto" | [names] | None)``. A name
     registered twice raises ``DuplicateNameError``. Added in 0.1.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 @_hook(ModelSourceSpec, "model source", key="prefix")
@@ -131,6 +138,7 @@ def wt_register_model_sources() -> tuple[ModelSourceSpec, ...]:
 
     Keyed by prefix; a prefix registered twice raises ``DuplicateNameError``. Added in 0.1.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 @_hook(AttentionLayoutRule, "attention layout rule")
@@ -142,6 +150,7 @@ def wt_register_attention_layouts() -> tuple[AttentionLayoutRule, ...]:
     only where the traced forward does not show the heads (the tracker reads them off
     the graph otherwise). Two rules for one type raise ``DuplicateNameError``. Added in 0.2.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 #: Every registration hook, in declaration order.

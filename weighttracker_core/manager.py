@@ -283,7 +283,7 @@ def check(pm: PluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as err:
-        name = err.plugin and pm.get_name(err.plugin)
+        name = pm.get_name(err.plugin) if err.plugin is not None else None
         where = pm.describe(name) if name else repr(err.plugin)
         bad = str(err).split("hook ", 1)[-1].split()[0].strip("'\"") if "hook" in str(err) else ""
         close = difflib.get_close_matches(bad, hookspecs.HOOK_NAMES, n=1) if bad else []

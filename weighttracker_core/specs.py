@@ -128,6 +128,14 @@ class HeadPruner(Protocol):
 SliceSource = tuple[ParamSlice, ...] | SliceFunction
 
 
+def _optional_slices(value: Any) -> Any:
+    return None if value is None else _slices(value)
+
+
+def _optional_axes(value: Iterable[Any] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(str(axis) for axis in value)
+
+
 def _types(value: Iterable[type]) -> tuple[type, ...]:
     return tuple(value)
 
@@ -177,14 +185,10 @@ class UnitRule:
     module_types: tuple[type, ...] = attrs.field(converter=_types)
     out_slices: SliceSource = attrs.field(default=(), converter=_slices)
     in_slices: SliceSource = attrs.field(default=(), converter=_slices)
-    feature_slices: SliceSource | None = attrs.field(
-        default=None, converter=lambda v: None if v is None else _slices(v)
-    )
+    feature_slices: SliceSource | None = attrs.field(default=None, converter=_optional_slices)
     category: LayerCategory = attrs.field(default=LayerCategory.WEIGHTED, converter=LayerCategory)
     weight_params: tuple[str, ...] = attrs.field(default=("weight",), converter=_names)
-    cost_axes: tuple[str, ...] | None = attrs.field(
-        default=None, converter=lambda v: None if v is None else tuple(str(a) for a in v)
-    )
+    cost_axes: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_axes)
     unit_kind: str = "feature"
     layer_pruner: LayerPruner | None = None
     validate_prune: PruneValidator | None = None

@@ -20,7 +20,9 @@ from weighttracker_core import WeightTracker, create_plugin_manager
 from weighttracker_core.plugin import (
     CalculationSpec,
     DuplicateNameError,
+    ImportanceSpec,
     PluginError,
+    PrunerSpec,
     RegularizerSpec,
     TrackerSpec,
     hookimpl,
@@ -224,3 +226,35 @@ def test_membership_in_an_evaluation_does_not_compute():
     assert 3 not in evaluation
     assert calls == []
     assert evaluation["acme_expensive"] == 1.0 and calls == [1]
+
+
+class _Factory:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+
+@pytest.mark.parametrize("hook,spec_type,method,body", [
+    ("wt_register_regularizers", RegularizerSpec, "__call__", lambda self, values: torch.zeros(())),
+    ("wt_register_importances", ImportanceSpec, "__call__", lambda self, values: torch.zeros(8)),
+    ("wt_register_pruners", PrunerSpec, "step", lambda self: None),
+])
+def test_a_factory_class_without_its_method_is_refused_and_adding_it_works(hook, spec_type, method, body):
+    kind = hook.removeprefix("wt_register_")[:-1]
+    bad = _plugin(f"acme_no_{kind}", **{hook: lambda: (spec_type(name=f"acme_{kind}", build=_Factory),)})
+    with pytest.raises(PluginError) as info:
+        _registered(bad)
+    message = str(info.value)
+    assert f"'acme_no_{kind}'" in message and f"{hook}()" in message
+    assert f"no {method}() method" in message and f"def {method}(self" in message
+    fixed = type("Fixed", (_Factory,), {method: body})
+    pm = _registered(_plugin(f"acme_{kind}_fixed", **{hook: lambda: (spec_type(name=f"acme_{kind}", build=fixed),)}))
+    getattr(build_registries(pm), f"{kind}s").get(f"acme_{kind}")  # registered
+
+
+def test_a_build_that_is_not_callable_is_refused():
+    bad = _plugin("acme_not_callable", wt_register_trackers=lambda: (
+        TrackerSpec(name="acme_units", build="Units"),))  # a name, not the class
+    with pytest.raises(PluginError, match=r"'acme_not_callable'.*wt_register_trackers\(\).*not callable. "
+                                          r"Pass a class or function taking the build context"):
+        _registered(bad)
+    _works(_plugin("acme_class", wt_register_trackers=lambda: (TrackerSpec(name="acme_units", build=Units),)))
