@@ -11,7 +11,7 @@ objects the core passes satisfy them. Plugin authors import all of this from
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -180,6 +180,28 @@ class Evaluation(Protocol):
     def __iter__(self) -> Iterator[str]: ...
 
 
+class CalculationDAG(Protocol):
+    """The calculation graph of a tracker (``ctx.graph``)."""
+
+    def evaluation(self, *, differentiable: bool = False) -> Evaluation:
+        """A fresh evaluation: values computed in it are shared within it."""
+        ...
+
+
+class TrackerAccess(Protocol):
+    """What a pruner uses of the ``WeightTracker`` it was created from (``ctx.tracker``)."""
+
+    @property
+    def groups(self) -> tuple[CanonicalUnitGroup, ...]: ...
+    @property
+    def structure(self) -> StructureQueries: ...
+
+    def fake_prune_unit(self, group_id: int, unit_id: int) -> None: ...
+    def fake_prune_units(self, units: Mapping[int, Iterable[int]]) -> None: ...
+    def zero_units(self, ignore: Sequence[Any] = ()) -> dict[int, list[int]]: ...
+    def prune_units(self, units: Mapping[int, Iterable[int]], dry_run: bool = False) -> Any: ...
+
+
 class BuildContext(Protocol):
     """What ``build(ctx)`` of a tracker, regularizer, importance or pruner spec receives.
 
@@ -208,9 +230,9 @@ class BuildContext(Protocol):
     @property
     def example_inputs(self) -> Any: ...
     @property
-    def tracker(self) -> Any: ...
+    def tracker(self) -> TrackerAccess: ...
     @property
-    def graph(self) -> Any: ...
+    def graph(self) -> CalculationDAG: ...
 
 
 # --------------------------------------------------------------------------- products
