@@ -31,10 +31,11 @@ PACKAGES = {
 
 #: (module, one-line description), in page order.
 MODULES = [
-    ("weighttracker_core", "The core: `WeightTracker`, specs for plugins, errors."),
+    ("weighttracker_core", "The user API: `WeightTracker`, errors, plugin managers."),
+    ("weighttracker_core.plugin", "The plugin author's API: `hookimpl`, specs, contexts, protocols."),
     ("weighttracker_core.testing", "pytest fixtures for plugin authors (entry point `pytest11`)."),
     ("weighttracker_plugins.pruners.ranked", "The `ranked` pruner, its config and schedulers."),
-    ("weighttracker_plugins.pruners.scheduled_mask", "The `magnitude` pruner, its configs and schedulers."),
+    ("weighttracker_plugins.pruners.magnitude", "The `magnitude` pruner, its configs and schedulers."),
     ("weighttracker_plugins.training.tensorboard", "TensorBoard logging (needs `tensorboard` to create a writer)."),
     ("weighttracker_plugins.training.lightning", "The Lightning callback (needs `lightning`)."),
     ("weighttracker_timm", "timm attention heads (distribution `weighttracker-timm`)."),

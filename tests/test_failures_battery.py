@@ -25,8 +25,8 @@ from weighttracker_core import ConfigError, WeightTracker, WeightTrackerError
 from weighttracker_core.cli import main
 from weighttracker_core.manager import create_plugin_manager
 from weighttracker_plugins.pruners import _config_io
-from weighttracker_plugins.pruners.mask_config import MagnitudePrunerConfig, ModuleMagnitudePrunerConfig
-from weighttracker_plugins.pruners.ranked_config import RankedPrunerConfig
+from weighttracker_plugins.pruners.magnitude.config import MagnitudePrunerConfig, ModuleMagnitudePrunerConfig
+from weighttracker_plugins.pruners.ranked.config import RankedPrunerConfig
 
 # ------------------------------------------------------------------------------ helpers
 

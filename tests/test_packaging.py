@@ -24,7 +24,8 @@ def _modules_with_hooks(base: Path, package_root: Path) -> set[str]:
     found = set()
     for path in base.rglob("*.py"):
         if HOOKIMPL.search(path.read_text()):
-            found.add(".".join(path.relative_to(package_root).with_suffix("").parts))
+            parts = path.relative_to(package_root).with_suffix("").parts
+            found.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))  # a package
     return found
 
 

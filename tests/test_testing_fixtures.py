@@ -7,7 +7,8 @@ import inspect
 import torch
 
 import weighttracker_core.testing as testing
-from weighttracker_core import TrackerSpec, WeightTracker, hookimpl
+from weighttracker_core import WeightTracker
+from weighttracker_core.plugin import TrackerSpec, hookimpl
 
 
 class OnePlugin:

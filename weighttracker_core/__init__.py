@@ -1,25 +1,26 @@
 """weighttracker: canonical units, metrics, regularizers and pruning for PyTorch models.
 
 ``from weighttracker_core import WeightTracker`` is the entry point; everything listed in
-``__all__`` is public API, the rest is internal.
+``__all__`` is the user API (the tracker, what it returns, the errors to catch, plugin
+managers). Plugin authors import from ``weighttracker_core.plugin``; the rest is internal.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
+from typing import Any
 
-from .consumers import ConsumerContext, RegularizerHandle, TrackerHandle, flatten_metrics, to_python
-from .dag import CalculationGraph, Evaluation
-from .forwards import train_mode_forward
+from .consumers import RegularizerHandle, TrackerHandle, flatten_metrics
 from .errors import (
     ArgumentTypeError,
     CalculationCycleError,
     ConfigError,
     CouplingError,
     DuplicateNameError,
-    NonFiniteWeightError,
     HandleAttributeError,
     MissingDependencyError,
+    NonFiniteWeightError,
     PlanError,
     PluginError,
     PruningError,
@@ -29,111 +30,83 @@ from .errors import (
     UnsupportedModuleError,
     WeightTrackerError,
 )
+from .forwards import train_mode_forward
 from .heads import AttentionChange, AttentionLayout
-from .hookspecs import hookimpl, hookspec
 from .manager import PluginInfo, PluginManager, create_plugin_manager, default_plugin_manager
-from .masking import stored_parameter
 from .persistence import apply_pruning_record
-from .plans import ReductionPlan, effective_parameter, safe_sqrt
 from .registry import describe_plugins
-from .specs import (
-    AttentionLayoutRule,
-    CalculationSpec,
-    HeadPruner,
-    ImportanceSpec,
-    IntegrationSpec,
-    LayerCategory,
-    LayerPruner,
-    Lifetime,
-    ModelSourceSpec,
-    PrunerSpec,
-    RegularizerSpec,
-    RegularizerType,
-    TrackerSpec,
-    TrackerType,
-    UnitRule,
-    UnwrappedParameter,
-)
-from .structure import Selection, Structure
+from .specs import RegularizerType, TrackerType
 from .surgery import PruneReport
-from .tracker import WeightTracker, check_bitwidth
-from .units import (
-    CanonicalMember,
-    CanonicalUnitGroup,
-    MemberSlice,
-    ParamRole,
-    ParamSlice,
-    PruneAxis,
-    UnitKind,
-)
+from .tracker import WeightTracker
+from .units import CanonicalMember, CanonicalUnitGroup, MemberSlice, PruneAxis, UnitKind
 
 __all__ = [
     "ArgumentTypeError",
     "AttentionChange",
     "AttentionLayout",
-    "AttentionLayoutRule",
     "CalculationCycleError",
-    "CalculationGraph",
-    "CalculationSpec",
     "CanonicalMember",
     "CanonicalUnitGroup",
     "ConfigError",
-    "ConsumerContext",
     "CouplingError",
     "DuplicateNameError",
-    "Evaluation",
     "HandleAttributeError",
-    "HeadPruner",
-    "ImportanceSpec",
-    "IntegrationSpec",
-    "LayerCategory",
-    "LayerPruner",
-    "Lifetime",
     "MemberSlice",
     "MissingDependencyError",
-    "ModelSourceSpec",
     "NonFiniteWeightError",
-    "ParamRole",
-    "ParamSlice",
     "PlanError",
     "PluginError",
     "PluginInfo",
     "PluginManager",
     "PruneAxis",
     "PruneReport",
-    "PrunerSpec",
     "PruningError",
-    "ReductionPlan",
     "RegularizerHandle",
-    "RegularizerSpec",
     "RegularizerType",
-    "Selection",
     "StaleConsumerError",
-    "Structure",
     "TrackerHandle",
-    "TrackerSpec",
     "TrackerType",
     "UnitIndexError",
     "UnitKind",
-    "UnitRule",
     "UnknownNameError",
     "UnsupportedModuleError",
-    "UnwrappedParameter",
     "WeightTracker",
     "WeightTrackerError",
     "apply_pruning_record",
-    "check_bitwidth",
     "create_plugin_manager",
     "default_plugin_manager",
     "describe_plugins",
-    "effective_parameter",
     "flatten_metrics",
-    "hookimpl",
-    "hookspec",
-    "safe_sqrt",
-    "stored_parameter",
-    "to_python",
     "train_mode_forward",
 ]
+
+#: Plugin-author names that used to be importable from here; they live in ``.plugin`` now.
+_MOVED = frozenset({
+    "AttentionLayoutRule", "CalculationGraph", "CalculationSpec", "ConsumerContext", "Evaluation",
+    "HeadPruner", "ImportanceSpec", "IntegrationSpec", "LayerCategory", "LayerPruner", "Lifetime",
+    "ModelSourceSpec", "ParamRole", "ParamSlice", "PrunerSpec", "ReductionPlan", "RegularizerSpec",
+    "Selection", "Structure", "TrackerSpec", "UnitRule", "UnwrappedParameter", "check_bitwidth",
+    "effective_parameter", "hookimpl", "hookspec", "safe_sqrt", "stored_parameter", "to_python",
+})
+
+
+def __getattr__(name: str) -> Any:
+    """Old imports of plugin-author names keep working, with a ``DeprecationWarning``."""
+    if name not in _MOVED:
+        raise AttributeError(f"module 'weighttracker_core' has no attribute {name!r}")
+    warnings.warn(
+        f"weighttracker_core.{name} moved to weighttracker_core.plugin; import it with "
+        f"`from weighttracker_core.plugin import {name}`.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    from . import plugin
+
+    if name == "Evaluation":  # the protocol took the name; the class stays in dag
+        from .dag import Evaluation
+
+        return Evaluation
+    return getattr(plugin, name)
+
 
 __version__ = importlib.metadata.version("weighttracker")

@@ -7,13 +7,13 @@ computing numbers for a model that no longer exists (SPEC §7).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 
+from .context import Bitwidths
 from .dag import CalculationGraph, Evaluation
 from .errors import ConfigError, HandleAttributeError, PluginError, StaleConsumerError
 from .structure import Selection, Structure
@@ -21,7 +21,7 @@ from .structure import Selection, Structure
 
 @attrs.define(kw_only=True)
 class ConsumerContext:
-    """What a plugin's ``build(ctx)`` receives.
+    """What a plugin's ``build(ctx)`` receives (it satisfies the ``BuildContext`` protocol).
 
     Attributes:
         name: The registered name being built.
@@ -30,6 +30,8 @@ class ConsumerContext:
         graph: The calculation DAG (``ctx.graph.evaluation()`` for a fresh evaluation).
         options: Instance of the spec's options/config class (or ``None``).
         selection: The ``include`` / ``ignore`` filter.
+        bitwidths: The user's weight / activation bit-widths (from the graph).
+        example_inputs: The inputs the model was traced with (from the structure).
     """
 
     name: str
@@ -38,6 +40,14 @@ class ConsumerContext:
     graph: CalculationGraph
     options: Any
     selection: Selection
+
+    @property
+    def bitwidths(self) -> Bitwidths:
+        return self.graph.bitwidths
+
+    @property
+    def example_inputs(self) -> Any:
+        return self.structure.example_inputs
 
 
 def build_options(kind: str, name: str, options_cls: type | None, values: Mapping[str, Any]) -> Any:
@@ -243,16 +253,3 @@ class PrunerHandle(RegularizerHandle):
                 "would not change what it does. Options are fixed by tracker.create_pruner("
                 f"{name!r}, ...); to continue a schedule where it stopped, use "
                 "pruner.load_state_dict(state) with a state saved by pruner.state_dict().")
-
-
-def is_whole_number(value: Any) -> bool:
-    """Whether ``value`` is a whole number: int, integral float or scalar tensor."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            return False
-        value = value.item()
-    if isinstance(value, int):
-        return True
-    return isinstance(value, float) and math.isfinite(value) and value.is_integer()

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from .context import Bitwidths
 from .errors import CalculationCycleError, ConfigError, UnknownNameError
 from .registry import Registry
 from .specs import CalculationSpec, Lifetime
@@ -29,12 +30,17 @@ class CalculationGraph:
 
     Args:
         registry: The calculation registry.
-        structure: Passed to every calculation as ``ctx.structure``.
+        structure: Passed to every calculation as ``evaluation.structure``.
+        bitwidths: Passed to every calculation as ``evaluation.bitwidths`` (default: no
+            bit-width functions, every layer 32 bits).
     """
 
-    def __init__(self, registry: Registry[CalculationSpec], structure: Any) -> None:
+    def __init__(
+        self, registry: Registry[CalculationSpec], structure: Any, bitwidths: Bitwidths | None = None
+    ) -> None:
         self.registry = registry
         self.structure = structure
+        self.bitwidths = Bitwidths() if bitwidths is None else bitwidths
         self._static: dict[str, Any] = {}
         self.compute_counts: Counter[str] = Counter()
         # name -> (spec, static?): registries do not change after they are built
@@ -93,14 +99,17 @@ class CalculationGraph:
 class Evaluation(Mapping[str, Any]):
     """One evaluation of the DAG; ``evaluation[name]`` computes on first use.
 
-    Calculations receive the evaluation itself as their context: ``ctx[name]`` reads a
-    requirement, ``ctx.structure`` is the model's structure, ``ctx.differentiable`` says
-    whether autograd graphs should be kept.
+    Calculations receive the evaluation itself: ``evaluation[name]`` reads a requirement,
+    ``evaluation.structure`` is the model's structure, ``evaluation.bitwidths`` the user's
+    bit-widths, ``evaluation.differentiable`` says whether autograd graphs should be kept.
+    ``name in evaluation`` says whether a calculation ``name`` is registered, without
+    computing it; iterating lists the values computed so far.
     """
 
     def __init__(self, graph: CalculationGraph, *, differentiable: bool = False) -> None:
         self.graph = graph
         self.structure = graph.structure
+        self.bitwidths = graph.bitwidths
         self.differentiable = differentiable
         self._values: dict[str, Any] = {}
         self._stack: list[str] = []
@@ -131,6 +140,10 @@ class Evaluation(Mapping[str, Any]):
         graph.compute_counts[name] += 1
         cache[name] = value
         return value
+
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default would compute the value (and raise for a bad one) to answer
+        return isinstance(name, str) and name in self.graph.registry
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)

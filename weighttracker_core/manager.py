@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.metadata
+import inspect
 import os
 import types
 import warnings
@@ -43,22 +44,34 @@ class PluginInfo:
 
 
 class PluginManager(pluggy.PluginManager):
-    """A ``pluggy.PluginManager`` for project ``weighttracker`` that remembers origins."""
+    """A ``pluggy.PluginManager`` for project ``weighttracker`` that remembers origins.
+
+    Attributes:
+        derived: What is computed from the registered plugins (the registries, under
+            ``"registries"``), cached here and dropped whenever a plugin is registered or
+            unregistered.
+    """
+
+    derived: dict[str, Any]
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT_NAME)
         self.add_hookspecs(hookspecs)
         self._wt_info: dict[str, PluginInfo] = {}
-        self._wt_registries: Any = None
+        self.derived = {}
 
     def register(self, plugin: Any, name: str | None = None) -> str | None:
-        registered = super().register(plugin, name)
-        self._wt_registries = None
+        """Register ``plugin``; a hook implementation with arguments raises ``PluginError``."""
+        try:
+            registered = super().register(plugin, name)
+        except pluggy.PluginValidationError as err:
+            raise PluginError(_validation_message(name or plugin_name_of(plugin), plugin, err)) from err
+        self.derived.clear()
         return registered
 
     def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
         removed = super().unregister(plugin, name)
-        self._wt_registries = None
+        self.derived.clear()
         return removed
 
     def plugin_info(self, name: str) -> PluginInfo:
@@ -78,6 +91,26 @@ class PluginManager(pluggy.PluginManager):
     def registered_names(self) -> list[str]:
         """Names of the registered (not blocked) plugins, in registration order."""
         return [name for name, plugin in self.list_name_plugin() if plugin is not None]
+
+
+def _validation_message(name: str, plugin: Any, err: pluggy.PluginValidationError) -> str:
+    """pluggy's complaint about one hook implementation, with the plugin, hook and fix."""
+    hooks = ", ".join(f"{h}()" for h in hookspecs.HOOK_NAMES)
+    for hook in hookspecs.HOOK_NAMES:
+        impl = getattr(plugin, hook, None)
+        if impl is None:
+            continue
+        try:
+            args = list(inspect.signature(impl).parameters)
+        except (TypeError, ValueError):
+            continue
+        if args:
+            return (
+                f"Plugin {name!r} implements {hook}() with argument(s) "
+                f"{', '.join(map(repr, args))}, but every weighttracker hook takes none. "
+                f"Write `def {hook}():` (a method takes only self) and return a tuple of specs."
+            )
+    return f"Plugin {name!r} does not match the weighttracker hooks ({hooks}): {err}"
 
 
 def _source_of(plugin: Any) -> str:
@@ -250,10 +283,13 @@ def check(pm: PluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as err:
-        name = err.plugin and pm.get_name(err.plugin)
+        name = pm.get_name(err.plugin) if err.plugin is not None else None
         where = pm.describe(name) if name else repr(err.plugin)
+        bad = str(err).split("hook ", 1)[-1].split()[0].strip("'\"") if "hook" in str(err) else ""
+        close = difflib.get_close_matches(bad, hookspecs.HOOK_NAMES, n=1) if bad else []
+        hint = f" Did you mean {close[0]}()? Rename the function." if close else ""
         raise PluginError(
-            f"Plugin {where} implements an unknown hook: {err}. "
+            f"Plugin {where} implements an unknown hook: {err}.{hint} "
             f"Known hooks: {', '.join(hookspecs.HOOK_NAMES)}."
         ) from err
 

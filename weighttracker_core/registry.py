@@ -2,12 +2,13 @@
 
 Each hook implementation is called through pluggy's public ``get_hookimpls()`` so that
 every contribution is attributed to the plugin that made it: duplicate names can then
-name both plugins and their distributions (SPEC §8), and ``weighttracker plugins`` can
+name both plugins and their distributions, and ``weighttracker plugins`` can
 say what each plugin registers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
@@ -15,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from .errors import DuplicateNameError, PluginError, UnknownNameError
+from .hookspecs import HOOKS, Hook
 from .manager import PluginManager
 from .specs import (
     AttentionLayoutRule,
@@ -35,6 +37,8 @@ SpecT = TypeVar("SpecT")
 class Entry(Generic[SpecT]):
     spec: SpecT
     plugin: str
+    #: ``pm.describe(plugin)``: the plugin with its distribution, for error messages.
+    origin: str = ""
 
 
 class Registry(Generic[SpecT]):
@@ -75,6 +79,27 @@ class Registry(Generic[SpecT]):
 
     def plugin_of(self, name: str) -> str:
         return self._entries[name].plugin
+
+    def build(self, name: Any, ctx: Any) -> Any:
+        """``spec.build(ctx)`` of the spec registered as ``name``, its product checked.
+
+        Raises:
+            PluginError: The product lacks what its kind needs (a tracker's ``track()``,
+                a regularizer's or importance's ``__call__``, a pruner's ``step()``); the
+                message names the plugin.
+        """
+        key = name.value if hasattr(name, "value") else str(name)
+        spec = self.get(key)
+        product = spec.build(ctx)  # type: ignore[attr-defined]
+        needs = _PRODUCT_NEEDS.get(self.kind)
+        if needs is not None and not callable(getattr(product, needs, None)):
+            entry = self._entries[key]
+            raise PluginError(
+                f"The {self.kind} {key!r} of plugin {entry.origin or entry.plugin!r} was built by "
+                f"{_label(spec.build)}, which returned {type(product).__name__} "  # type: ignore[attr-defined]
+                f"without a {needs}() method. {_PRODUCT_FIX[self.kind]}"
+            )
+        return product
 
     def specs(self) -> list[SpecT]:
         return [self._entries[name].spec for name in self.names()]
@@ -121,19 +146,44 @@ class Registries:
     attention_layouts: TypedRegistry[AttentionLayoutRule]
 
 
-_KINDS: tuple[tuple[str, str, type, str], ...] = (
-    # (registry attribute, hook, spec type, human-readable kind)
-    ("unit_rules", "wt_register_unit_rules", UnitRule, "unit rule"),
-    ("calculations", "wt_register_calculations", CalculationSpec, "calculation"),
-    ("trackers", "wt_register_trackers", TrackerSpec, "tracker"),
-    ("regularizers", "wt_register_regularizers", RegularizerSpec, "regularizer"),
-    ("importances", "wt_register_importances", ImportanceSpec, "importance"),
-    ("pruners", "wt_register_pruners", PrunerSpec, "pruner"),
-    ("integrations", "wt_register_integrations", IntegrationSpec, "integration"),
-    ("model_sources", "wt_register_model_sources", ModelSourceSpec, "model source"),
-    ("attention_layouts", "wt_register_attention_layouts", AttentionLayoutRule, "attention layout rule"),
-)
 _TYPED = ("unit_rules", "attention_layouts")
+
+#: What the product of each kind's ``build(ctx)`` must have, and how to give it one.
+_PRODUCT_NEEDS = {"tracker": "track", "regularizer": "__call__", "importance": "__call__",
+                  "pruner": "step"}
+_PRODUCT_FIX = {
+    "tracker": "Give it `def track(self, values) -> dict` returning the metrics.",
+    "regularizer": "Give it `def __call__(self, values) -> torch.Tensor` returning a scalar loss.",
+    "importance": "Give it `def __call__(self, values) -> torch.Tensor` with one score per unit.",
+    "pruner": "Give it `def step(self)` running one step of its schedule.",
+}
+
+
+def _label(obj: Any) -> str:
+    return getattr(obj, "__qualname__", None) or type(obj).__name__
+
+
+def _defines(cls: type, method: str) -> bool:
+    """Whether instances of ``cls`` have ``method`` (``type.__call__`` does not count)."""
+    return any(method in vars(klass) for klass in cls.__mro__ if klass is not object)
+
+
+def _contributions_of(pm: PluginManager, impl: Any, hook: str) -> list[Any]:
+    try:
+        result = impl.function()
+    except Exception as err:
+        raise PluginError(
+            f"Plugin {pm.describe(impl.plugin_name)} failed in {hook}(): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if result is None:
+        return []
+    if attrs.has(type(result)) or isinstance(result, (str, bytes)) or not hasattr(result, "__iter__"):
+        raise PluginError(
+            f"Plugin {pm.describe(impl.plugin_name)} returned a bare {type(result).__name__} from "
+            f"{hook}(); registration hooks return a tuple of specs. Write `return (spec,)`."
+        )
+    return list(result)
 
 
 def contributions(pm: PluginManager, hook: str) -> list[tuple[str, Any]]:
@@ -142,44 +192,79 @@ def contributions(pm: PluginManager, hook: str) -> list[tuple[str, Any]]:
     caller = getattr(pm.hook, hook)
     # get_hookimpls() lists last-registered first; reverse for registration order
     for impl in reversed(caller.get_hookimpls()):
-        try:
-            result = impl.function()
-        except Exception as err:
-            raise PluginError(
-                f"Plugin {pm.describe(impl.plugin_name)} failed in {hook}(): "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        for spec in tuple(result or ()):
+        for spec in _contributions_of(pm, impl, hook):
             out.append((impl.plugin_name, spec))
     return out
 
 
-def _key(spec: Any) -> str:
-    return spec.prefix if isinstance(spec, ModelSourceSpec) else spec.name
+def check_spec(pm: PluginManager, plugin: str, hook: Hook, spec: Any) -> None:
+    """Raise ``PluginError`` naming plugin, hook and fix if ``spec`` breaks the contract.
+
+    Checked: the spec type belongs to ``hook``; options / config classes are attrs classes
+    (their fields are the keyword options); a factory that is a class builds objects with
+    the method their kind needs.
+    """
+    where = f"Plugin {pm.describe(plugin)} returned"
+    if not isinstance(spec, hook.spec_type):
+        right = next((h.name for h in HOOKS if isinstance(spec, h.spec_type)), None)
+        fix = (f"Return it from {right}() instead." if right else
+               f"Return {hook.spec_type.__name__}(...) instances.")
+        raise PluginError(
+            f"{where} {type(spec).__name__} from {hook.name}(); that hook expects "
+            f"{hook.spec_type.__name__} instances. {fix}"
+        )
+    name = getattr(spec, hook.key)
+    for field in ("options", "config"):
+        cls = getattr(spec, field, None)
+        if cls is not None and not (isinstance(cls, type) and attrs.has(cls)):
+            what = ("a dataclass" if dataclasses.is_dataclass(cls) else
+                    f"a {type(cls).__name__}" if not isinstance(cls, type) else "not an attrs class")
+            raise PluginError(
+                f"{where} the {hook.kind} {name!r} from {hook.name}() with {field}="
+                f"{_label(cls)}, which is {what}; weighttracker reads the keyword options from "
+                f"the fields of an attrs class. Decorate {_label(cls)} with "
+                "@attrs.frozen(kw_only=True) (or @attrs.define) instead."
+            )
+    factory = getattr(spec, "build", None)
+    needs = _PRODUCT_NEEDS.get(hook.kind)
+    if factory is not None and not callable(factory):
+        raise PluginError(
+            f"{where} the {hook.kind} {name!r} from {hook.name}() with build={factory!r}, which "
+            "is not callable. Pass a class or function taking the build context."
+        )
+    if needs is not None and isinstance(factory, type) and not _defines(factory, needs):
+        raise PluginError(
+            f"{where} the {hook.kind} {name!r} from {hook.name}() with build={factory.__qualname__}, "
+            f"which has no {needs}() method. {_PRODUCT_FIX[hook.kind]}"
+        )
 
 
 def build_registries(pm: PluginManager) -> Registries:
-    """Collect every registration hook of ``pm`` (cached on the manager)."""
-    if pm._wt_registries is not None:
-        return pm._wt_registries
+    """Collect every registration hook of ``pm`` (cached in ``pm.derived``), checking each spec.
+
+    Raises:
+        PluginError: A plugin breaks the contract (see :func:`check_spec`).
+        DuplicateNameError: Two plugins register one name (or two rules one type).
+    """
+    cached = pm.derived.get("registries")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
     built: dict[str, Any] = {}
-    for attr, hook, spec_type, kind in _KINDS:
+    for hook in HOOKS:
+        attr, kind = hook.registry, hook.kind
         entries: dict[str, Entry[Any]] = {}
         by_type: dict[type, str] = {}
-        for plugin, spec in contributions(pm, hook):
-            if not isinstance(spec, spec_type):
-                raise PluginError(
-                    f"Plugin {pm.describe(plugin)} returned {type(spec).__name__} from "
-                    f"{hook}(); expected {spec_type.__name__} instances."
-                )
-            key = _key(spec)
+        for plugin, spec in contributions(pm, hook.name):
+            check_spec(pm, plugin, hook, spec)
+            key = getattr(spec, hook.key)
             if key in entries:
                 raise DuplicateNameError(
                     f"The {kind} name {key!r} is registered twice: by plugin "
                     f"{pm.describe(entries[key].plugin)} and by plugin {pm.describe(plugin)}. "
-                    f"Block one of them with WEIGHTTRACKER_DISABLE_PLUGINS."
+                    f"Block one of them: set WEIGHTTRACKER_DISABLE_PLUGINS={plugin} (or "
+                    f"={entries[key].plugin}), or rename one {kind}."
                 )
-            entries[key] = Entry(spec, plugin)
+            entries[key] = Entry(spec, plugin, pm.describe(plugin))
             if attr in _TYPED:
                 for module_type in spec.module_types:
                     if module_type in by_type:
@@ -197,8 +282,9 @@ def build_registries(pm: PluginManager) -> Registries:
             built[attr] = TypedRegistry(kind, entries, by_type)
         else:
             built[attr] = Registry(kind, entries)
-    pm._wt_registries = Registries(**built)
-    return pm._wt_registries
+    registries = Registries(**built)
+    pm.derived["registries"] = registries
+    return registries
 
 
 def describe_plugins(pm: PluginManager) -> list[dict[str, Any]]:
@@ -214,9 +300,9 @@ def describe_plugins(pm: PluginManager) -> list[dict[str, Any]]:
             "source": info.source,
             "registers": {},
         }
-    for attr, _hook, _type, kind in _KINDS:
-        registry: Registry[Any] = getattr(registries, attr)
+    for hook in HOOKS:
+        registry: Registry[Any] = getattr(registries, hook.registry)
         for key in registry.names():
             plugin = registry.plugin_of(key)
-            rows[plugin]["registers"].setdefault(kind, []).append(key)
+            rows[plugin]["registers"].setdefault(hook.kind, []).append(key)
     return list(rows.values())

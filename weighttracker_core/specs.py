@@ -1,4 +1,4 @@
-"""Plugin-facing contracts: what each registration hook returns (SPEC §8).
+"""Plugin-facing contracts: what each registration hook returns.
 
 Every spec is an attrs frozen, keyword-only class built from this library's own types
 (never Torch-Pruning objects), so a field added later with a default never breaks a plugin.
@@ -7,11 +7,22 @@ Every spec is an attrs frozen, keyword-only class built from this library's own 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
+from .context import (
+    Compute,
+    CostFunction,
+    ImportanceFactory,
+    PruneCallback,
+    PrunerFactory,
+    PruneValidator,
+    RegularizerFactory,
+    SliceFunction,
+    TrackerFactory,
+)
 from .units import ParamSlice, PruneAxis
 
 if TYPE_CHECKING:
@@ -43,7 +54,7 @@ class RegularizerType(str, enum.Enum):
 
 
 class Lifetime(str, enum.Enum):
-    """How long a calculation's value is kept (SPEC §3.5).
+    """How long a calculation's value is kept.
 
     * ``static``: until the structure changes (a physical prune).
     * ``per_evaluation``: computed at most once per ``track()`` and shared by every tracker.
@@ -114,7 +125,23 @@ class HeadPruner(Protocol):
         ...
 
 
-SliceSource = tuple[ParamSlice, ...] | Callable[["nn.Module"], Sequence[ParamSlice]]
+SliceSource = tuple[ParamSlice, ...] | SliceFunction
+
+
+def _optional_slices(value: Any) -> Any:
+    return None if value is None else _slices(value)
+
+
+def _optional_axes(value: Iterable[Any] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(str(axis) for axis in value)
+
+
+def _types(value: Iterable[type]) -> tuple[type, ...]:
+    return tuple(value)
+
+
+def _names(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
 
 
 def _slices(value: Any) -> Any:
@@ -123,7 +150,7 @@ def _slices(value: Any) -> Any:
 
 @attrs.frozen(kw_only=True)
 class UnitRule:
-    """How one module type maps to units (SPEC §3.3).
+    """How one module type maps to units.
 
     A rule covers ``module_types`` and their subclasses; when several rules match a module
     the nearest registered ancestor in its MRO wins.
@@ -155,21 +182,17 @@ class UnitRule:
     """
 
     name: str
-    module_types: tuple[type, ...] = attrs.field(converter=tuple)
+    module_types: tuple[type, ...] = attrs.field(converter=_types)
     out_slices: SliceSource = attrs.field(default=(), converter=_slices)
     in_slices: SliceSource = attrs.field(default=(), converter=_slices)
-    feature_slices: SliceSource | None = attrs.field(
-        default=None, converter=lambda v: None if v is None else _slices(v)
-    )
+    feature_slices: SliceSource | None = attrs.field(default=None, converter=_optional_slices)
     category: LayerCategory = attrs.field(default=LayerCategory.WEIGHTED, converter=LayerCategory)
-    weight_params: tuple[str, ...] = attrs.field(default=("weight",), converter=tuple)
-    cost_axes: tuple[str, ...] | None = attrs.field(
-        default=None, converter=lambda v: None if v is None else tuple(str(a) for a in v)
-    )
+    weight_params: tuple[str, ...] = attrs.field(default=("weight",), converter=_names)
+    cost_axes: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_axes)
     unit_kind: str = "feature"
     layer_pruner: LayerPruner | None = None
-    validate_prune: Callable[..., str | None] | None = None
-    cost_fn: Callable[..., float] | None = None
+    validate_prune: PruneValidator | None = None
+    cost_fn: CostFunction | None = None
     head_pruner: HeadPruner | None = None
 
     def slices_for(self, module: nn.Module, axis: PruneAxis) -> tuple[ParamSlice, ...]:
@@ -185,27 +208,28 @@ class UnitRule:
 
 @attrs.frozen(kw_only=True)
 class CalculationSpec:
-    """A named calculation of the DAG (SPEC §3.5).
+    """A named calculation of the DAG.
 
     Args:
         name: Unique name trackers and regularizers ask for.
-        compute: ``compute(ctx) -> value``; ``ctx[name]`` returns a required value,
-            ``ctx.structure`` the model's structure.
+        compute: ``compute(evaluation) -> value``; ``evaluation[name]`` returns a
+            required value, ``evaluation.structure`` the model's structure and
+            ``evaluation.bitwidths`` the user's bit-widths (see ``Evaluation``).
         requires: Names of calculations ``compute`` reads.
         lifetime: ``static``, ``per_evaluation`` or ``differentiable``.
         summary: One line for ``weighttracker plugins``.
     """
 
     name: str
-    compute: Callable[[Any], Any]
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    compute: Compute
+    requires: tuple[str, ...] = attrs.field(default=(), converter=_names)
     lifetime: Lifetime = attrs.field(default=Lifetime.PER_EVALUATION, converter=Lifetime)
     summary: str = ""
 
 
 @attrs.frozen(kw_only=True)
 class TrackerSpec:
-    """A metric tracker (SPEC §5).
+    """A metric tracker.
 
     ``build(ctx)`` returns an object whose ``track(values) -> dict`` computes the
     tracker's metrics; ``values[name]`` gives each calculation for the current
@@ -214,26 +238,26 @@ class TrackerSpec:
     """
 
     name: str
-    build: Callable[[Any], Any]
+    build: TrackerFactory
     options: type | None = None
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    requires: tuple[str, ...] = attrs.field(default=(), converter=_names)
     summary: str = ""
 
 
 @attrs.frozen(kw_only=True)
 class RegularizerSpec:
-    """A regularizer (SPEC §6): ``build(ctx)`` returns a callable giving a scalar tensor."""
+    """A regularizer: ``build(ctx)`` returns a callable giving a scalar tensor."""
 
     name: str
-    build: Callable[[Any], Any]
+    build: RegularizerFactory
     options: type | None = None
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    requires: tuple[str, ...] = attrs.field(default=(), converter=_names)
     summary: str = ""
 
 
 @attrs.frozen(kw_only=True)
 class ImportanceSpec:
-    """An importance criterion for ranked pruning (SPEC §10.1).
+    """An importance criterion for ranked pruning.
 
     ``build(ctx)`` returns a callable ``score(values) -> tensor[num_units]`` giving one
     score per global unit (higher means more important); ``values`` resolves
@@ -244,29 +268,29 @@ class ImportanceSpec:
     """
 
     name: str
-    build: Callable[[Any], Any]
+    build: ImportanceFactory
     options: type | None = None
-    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    requires: tuple[str, ...] = attrs.field(default=(), converter=_names)
     summary: str = ""
 
 
 @attrs.frozen(kw_only=True)
 class PrunerSpec:
-    """A pruning algorithm (SPEC §10): ``build(ctx)`` returns the pruner object.
+    """A pruning algorithm: ``build(ctx)`` returns the pruner object.
 
     ``config`` is the attrs config class (with ``from_dict`` / ``from_yaml`` /
     ``as_dict``) that ``create_pruner(name, config=..., **options)`` fills.
     """
 
     name: str
-    build: Callable[[Any], Any]
+    build: PrunerFactory
     config: type | None = None
     summary: str = ""
 
 
 @attrs.frozen(kw_only=True)
 class IntegrationSpec:
-    """A model integration (SPEC §8, §9).
+    """A model integration.
 
     Args:
         name: Unique name; ``WeightTracker(integrations=[name])`` selects it.
@@ -288,17 +312,17 @@ class IntegrationSpec:
     """
 
     name: str
-    applies_to: Callable[[Any], bool]
-    tracker_options: Callable[[Any], dict[str, Any]] = lambda model: {}
-    after_prune: Callable[[Any], None] | None = None
-    ignored_parameters: Callable[[Any], Any] = lambda model: ()
+    applies_to: Callable[[nn.Module], bool]
+    tracker_options: Callable[[nn.Module], dict[str, Any]] = lambda model: {}
+    after_prune: PruneCallback | None = None
+    ignored_parameters: Callable[[nn.Module], Iterable[nn.Parameter]] = lambda model: ()
     summary: str = ""
-    before_prune: Callable[[Any], None] | None = None
+    before_prune: PruneCallback | None = None
 
 
 @attrs.frozen(kw_only=True)
 class ModelSourceSpec:
-    """Models for ``weighttracker inspect PREFIX:NAME`` (SPEC §11).
+    """Models for ``weighttracker inspect PREFIX:NAME``.
 
     ``load(name)`` returns the model with random weights (nothing downloaded);
     ``default_input_shape`` is used when the user gives no ``--input-shape``.
@@ -313,11 +337,11 @@ class ModelSourceSpec:
     """
 
     prefix: str
-    load: Callable[..., Any]
+    load: Callable[..., nn.Module]
     default_input_shape: tuple[int, ...] = (1, 3, 224, 224)
     summary: str = ""
     accepts_config: bool = False
-    example_input: Callable[[Any, tuple[int, ...] | None], Any] | None = None
+    example_input: Callable[[nn.Module, tuple[int, ...] | None], Any] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -330,8 +354,8 @@ class AttentionLayoutRule:
     """
 
     name: str
-    module_types: tuple[type, ...] = attrs.field(converter=tuple)
-    layout: Callable[[Any], Any]
+    module_types: tuple[type, ...] = attrs.field(converter=_types)
+    layout: Callable[[nn.Module], Any]
     summary: str = ""
 
 

@@ -29,7 +29,7 @@ from .heads import HeadLayout
 from .plans import ParamResolver, ReductionPlan
 from .registry import Registries
 from .specs import LayerCategory
-from .units import CanonicalUnitGroup
+from .units import CanonicalUnitGroup, PruneAxis
 
 
 _MODEL_VERSIONS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
@@ -292,6 +292,14 @@ class Structure:
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name) if name else self.model
+
+    def channels(self, name: str, axis: PruneAxis | str) -> int | None:
+        """Channels of layer ``name`` on ``axis``, as the dependency graph reports them.
+
+        The input side for ``IN_CHANNEL``, the output side otherwise; ``None`` when the
+        graph cannot tell.
+        """
+        return self.handle.channels(self.module(name), PruneAxis(axis))
 
     def selection(self, include: Sequence[Any] = (), ignore: Sequence[Any] = ()) -> Selection:
         return Selection(self.model, include, ignore)

@@ -17,8 +17,8 @@ from .consumers import (
     TrackerHandle,
     accepted_options,
     build_options,
-    is_whole_number,
 )
+from .context import Bitwidths, check_bitwidth
 from .dag import CalculationGraph
 from .errors import ConfigError, StaleConsumerError
 from .heads import AttentionChange, AttentionLayout
@@ -31,17 +31,6 @@ from .units import CanonicalUnitGroup, PruneAxis
 from .views import BitwidthView, StructureView, ZeroUnitsView
 
 BitwidthFn = Callable[[str, nn.Module], Any]
-
-
-def check_bitwidth(value: Any, layer: str, kind: str) -> int:
-    """``value`` as an int if it is a whole number >= 1, else ``ValueError`` (SPEC §5.7)."""
-    number = value.item() if is_whole_number(value) and isinstance(value, torch.Tensor) else value
-    if not is_whole_number(value) or int(number) < 1:
-        raise ConfigError(
-            f"{kind}_bitwidth_fn returned {value!r} for layer {layer!r}; bit-widths must be "
-            "whole numbers >= 1 (int, integral float or scalar tensor)."
-        )
-    return int(number)
 
 
 class WeightTracker:
@@ -191,9 +180,8 @@ class WeightTracker:
         self.structure = Structure(
             self.model, self.example_inputs, self.registries, self._options, version=version
         )
-        self.structure.weight_bitwidth_fn = self.weight_bitwidth_fn  # type: ignore[attr-defined]
-        self.structure.activation_bitwidth_fn = self.activation_bitwidth_fn  # type: ignore[attr-defined]
-        self.graph = CalculationGraph(self.registries.calculations, self.structure)
+        self.graph = CalculationGraph(self.registries.calculations, self.structure, Bitwidths(
+            weight=self.weight_bitwidth_fn, activation=self.activation_bitwidth_fn))
 
     def _selection(self, include: Any, ignore: Any) -> Any:
         """The layers ``include`` / ``ignore`` pick, each checked where it enters."""
@@ -267,7 +255,7 @@ class WeightTracker:
             mine = {k: v for k, v in options.items() if k in accepted_options(spec.options)}
             opts = build_options("tracker", spec.name, spec.options, mine)
             self.graph.validate(spec.requires, consumer=f"tracker {spec.name}")
-            impl = spec.build(self._context(spec.name, opts, include, ignore))
+            impl = self.registries.trackers.build(spec.name, self._context(spec.name, opts, include, ignore))
             built.append((spec.name, impl))
         handle = TrackerHandle(self, self.structure.version, built,
                                convert_tensors=convert_tensors, wandb_format=wandb_format)
@@ -304,7 +292,7 @@ class WeightTracker:
         spec = self.registries.regularizers.get(kind)
         opts = build_options("regularizer", spec.name, spec.options, options)
         self.graph.validate(spec.requires, consumer=f"regularizer {spec.name}")
-        impl = spec.build(self._context(spec.name, opts, include, ignore))
+        impl = self.registries.regularizers.build(spec.name, self._context(spec.name, opts, include, ignore))
         return RegularizerHandle(self, self.structure.version, spec.name, impl)
 
     def create_pruner(self, name: Any, *, config: Any = None, **options: Any) -> PrunerHandle:
@@ -329,7 +317,7 @@ class WeightTracker:
                     f"got {type(config).__name__}."
                 )
             opts = config
-        impl = spec.build(self._context(spec.name, opts, (), ()))
+        impl = self.registries.pruners.build(spec.name, self._context(spec.name, opts, (), ()))
         return PrunerHandle(self, self.structure.version, spec.name, impl)
 
     # ---------------------------------------------------------------------------- pruning

@@ -7,7 +7,8 @@ import difflib
 import timm
 from torch import nn
 
-from weighttracker_core import ModelSourceSpec, UnknownNameError, hookimpl
+from weighttracker_core import UnknownNameError
+from weighttracker_core.plugin import ModelSourceSpec, hookimpl
 
 
 def load_timm_model(name: str) -> nn.Module:

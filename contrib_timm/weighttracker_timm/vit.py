@@ -26,7 +26,8 @@ import attrs
 import torch
 from torch import nn
 
-from weighttracker_core import ConfigError, IntegrationSpec, PruningError, hookimpl
+from weighttracker_core import ConfigError, PruningError
+from weighttracker_core.plugin import IntegrationSpec, hookimpl
 
 from .layouts import AttentionLayout, attention_modules, has_real_layer
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from weighttracker_core import IntegrationSpec, hookimpl
+from weighttracker_core.plugin import IntegrationSpec, hookimpl
 
 from .sync import ANY_SHAPE, check_prune, sync_after_prune
 from .tracing import hf_forward, hf_outputs

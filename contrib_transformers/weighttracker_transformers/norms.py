@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from weighttracker_core import LayerCategory, ParamSlice, UnitRule, hookimpl
+from weighttracker_core.plugin import LayerCategory, ParamSlice, UnitRule, hookimpl
 
 #: ``(module, class)`` of the RMSNorm classes covered: weight only, ``x * weight``.
 RMS_NORM_CLASSES: tuple[tuple[str, str], ...] = (

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import ConfigError, ModelSourceSpec, UnknownNameError, hookimpl
+from weighttracker_core import ConfigError, UnknownNameError
+from weighttracker_core.plugin import ModelSourceSpec, hookimpl
 
 #: Sizes a model gets unless the user says otherwise (only keys its config has are used).
 TINY: dict[str, Any] = {

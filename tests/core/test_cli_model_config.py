@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from weighttracker_core import ConfigError, ModelSourceSpec, create_plugin_manager, hookimpl
+from weighttracker_core import ConfigError, create_plugin_manager
+from weighttracker_core.plugin import ModelSourceSpec, hookimpl
 from weighttracker_core.cli import inspect_cmd, main
 from weighttracker_core.cli.models import parse_config
 from weighttracker_core.registry import build_registries

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from plugin_managers import core_plugin_manager
-from weighttracker_core import PruneAxis, WeightTracker, hookimpl
+from weighttracker_core import PruneAxis, WeightTracker
+from weighttracker_core.plugin import hookimpl
 from wt_example.gated_linear import GATED_LINEAR_RULE, GatedLinear
 
 

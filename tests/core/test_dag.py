@@ -7,15 +7,12 @@ from collections import Counter
 import pytest
 import torch
 
-from weighttracker_core import (
-    CalculationCycleError,
+from weighttracker_core import CalculationCycleError, ConfigError, UnknownNameError, WeightTracker
+from weighttracker_core.plugin import (
     CalculationSpec,
-    ConfigError,
     Lifetime,
     RegularizerSpec,
     TrackerSpec,
-    UnknownNameError,
-    WeightTracker,
     hookimpl,
 )
 

@@ -20,11 +20,10 @@ from weighttracker_core import (
     PluginError,
     PruningError,
     StaleConsumerError,
-    TrackerSpec,
     UnitIndexError,
     WeightTracker,
-    hookimpl,
 )
+from weighttracker_core.plugin import TrackerSpec, hookimpl
 from weighttracker_core.hooks import hook_state
 
 

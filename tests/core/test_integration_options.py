@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from plugin_managers import core_plugin_manager
-from weighttracker_core import IntegrationSpec, PruningError, WeightTracker, hookimpl
+from weighttracker_core import PruningError, WeightTracker
+from weighttracker_core.plugin import IntegrationSpec, hookimpl
 
 
 class DictOut(nn.Module):

@@ -13,14 +13,13 @@ from plugin_managers import core_plugin_manager
 from weighttracker_core import (
     DuplicateNameError,
     PluginError,
-    TrackerSpec,
     UnknownNameError,
     WeightTracker,
     create_plugin_manager,
     default_plugin_manager,
     describe_plugins,
-    hookimpl,
 )
+from weighttracker_core.plugin import TrackerSpec, hookimpl
 from weighttracker_core import manager as manager_module
 
 

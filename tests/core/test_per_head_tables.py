@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from plugin_managers import core_plugin_manager
-from weighttracker_core import CouplingError, IntegrationSpec, WeightTracker, hookimpl
+from weighttracker_core import CouplingError, WeightTracker
+from weighttracker_core.plugin import IntegrationSpec, hookimpl
 
 
 class WindowAttention(nn.Module):

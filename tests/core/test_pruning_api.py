@@ -16,15 +16,8 @@ import torch_pruning as tp
 from models import MHANet, TinyConvNet, conv_input, sequence_input
 from torch import nn
 
-from weighttracker_core import (
-    PruningError,
-    RegularizerSpec,
-    StaleConsumerError,
-    TrackerSpec,
-    UnitIndexError,
-    WeightTracker,
-    hookimpl,
-)
+from weighttracker_core import PruningError, StaleConsumerError, UnitIndexError, WeightTracker
+from weighttracker_core.plugin import RegularizerSpec, TrackerSpec, hookimpl
 
 
 class CountingTracker:

@@ -16,13 +16,8 @@ import torchvision
 from models import CatNet, MHANet, TinyConvNet, conv_input, sequence_input
 from torch import nn
 
-from weighttracker_core import (
-    ParamSlice,
-    PruningError,
-    UnitRule,
-    WeightTracker,
-    hookimpl,
-)
+from weighttracker_core import PruningError, WeightTracker
+from weighttracker_core.plugin import ParamSlice, UnitRule, hookimpl
 from weighttracker_core.surgery import ModelSnapshot
 
 # ------------------------------------------------------------------------------ parity

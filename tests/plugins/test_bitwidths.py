@@ -9,7 +9,8 @@ import torch
 from models import TinyConvNet, conv_input
 from torch import nn
 
-from weighttracker_core import WeightTracker, check_bitwidth
+from weighttracker_core import WeightTracker
+from weighttracker_core.plugin import check_bitwidth
 
 WEIGHTED = ["conv1", "conv2", "conv3", "fc"]
 

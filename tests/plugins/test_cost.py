@@ -12,7 +12,8 @@ from _cost_oracle import fvcore_macs, pruned_copy
 from models import QKVNet, TinyConvNet, conv_input, sequence_input
 from torch import nn
 
-from weighttracker_core import ParamRole, ParamSlice, UnitRule, WeightTracker, hookimpl
+from weighttracker_core import WeightTracker
+from weighttracker_core.plugin import ParamRole, ParamSlice, UnitRule, hookimpl
 
 
 def _layer(tracker, values, name):

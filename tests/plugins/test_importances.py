@@ -12,7 +12,8 @@ from models import CatNet, MHANet, QKVNet, TinyConvNet, conv_input, sequence_inp
 from torch import nn
 from torch.nn.utils import prune
 
-from weighttracker_core import ConfigError, ConsumerContext, ParamRole, PruningError, WeightTracker
+from weighttracker_core import ConfigError, PruningError, WeightTracker
+from weighttracker_core.plugin import ConsumerContext, ParamRole
 
 
 class GroupedNet(nn.Module):

@@ -12,7 +12,7 @@ from torch.nn.utils import prune
 
 from models import TinyConvNet, conv_input
 from weighttracker_core import WeightTracker
-from weighttracker_plugins.pruners.scheduled_mask import MagnitudeMask
+from weighttracker_plugins.pruners.magnitude import MagnitudeMask
 
 WEIGHTED = ("conv1", "conv2", "conv3", "fc")
 

@@ -10,7 +10,7 @@ import yaml
 from torch import nn
 
 from weighttracker_core import ConfigError, WeightTracker
-from weighttracker_plugins.pruners.scheduled_mask import (
+from weighttracker_plugins.pruners.magnitude import (
     ConstantSparsityScheduler,
     MagnitudePruner,
     MagnitudePrunerConfig,

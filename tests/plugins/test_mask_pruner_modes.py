@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from weighttracker_core import WeightTracker
-from weighttracker_plugins.pruners.mask_modes import magnitude_mask, n_m_mask
-from weighttracker_plugins.pruners.scheduled_mask import MagnitudePruner
+from weighttracker_plugins.pruners.magnitude.modes import magnitude_mask, n_m_mask
+from weighttracker_plugins.pruners.magnitude import MagnitudePruner
 
 
 def _prune_once(module: nn.Module, input_shape: tuple[int, ...], **module_config) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from weighttracker_core import ConfigError, PruningError
-from weighttracker_plugins.pruners.scheduled_mask import (
+from weighttracker_plugins.pruners.magnitude import (
     ConstantSparsityScheduler,
     MagnitudePruner,
     ModuleMagnitudePrunerConfig,

@@ -17,12 +17,11 @@ from torch.nn.utils import prune
 from weighttracker_core import (
     ConfigError,
     HandleAttributeError,
-    PrunerSpec,
     PruningError,
     WeightTracker,
     apply_pruning_record,
-    hookimpl,
 )
+from weighttracker_core.plugin import PrunerSpec, hookimpl
 
 X = conv_input(batch=2)
 

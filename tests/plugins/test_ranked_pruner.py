@@ -13,7 +13,8 @@ import torchvision
 from _unit_oracle import unit_elements
 from models import TinyConvNet, conv_input
 
-from weighttracker_core import ParamRole, ReductionPlan, WeightTracker
+from weighttracker_core import WeightTracker
+from weighttracker_core.plugin import ParamRole, ReductionPlan
 
 X64 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 

@@ -13,15 +13,10 @@ from models import FusedQKVAttention, MHANet, QKVNet, TinyConvNet, conv_input, s
 from test_importances import GroupedNet
 from torch import nn
 
-from weighttracker_core import (
-    ConfigError,
-    ParamRole,
-    StaleConsumerError,
-    UnknownNameError,
-    WeightTracker,
-)
+from weighttracker_core import ConfigError, StaleConsumerError, UnknownNameError, WeightTracker
+from weighttracker_core.plugin import ParamRole
 from weighttracker_plugins.pruners.ranked import RankedPrunerConfig, geometric_scheduler
-from weighttracker_plugins.pruners.unit_masks import has_prune_masks
+from weighttracker_plugins.pruners.ranked.unit_masks import has_prune_masks
 
 
 def weights(member, piece):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from weighttracker_core import ModelSourceSpec, UnknownNameError, create_plugin_manager
+from weighttracker_core import UnknownNameError, create_plugin_manager
+from weighttracker_core.plugin import ModelSourceSpec
 from weighttracker_core.registry import build_registries
 from weighttracker_plugins.sources import torchvision as source
 

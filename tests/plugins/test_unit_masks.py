@@ -11,8 +11,9 @@ from models import MHANet, TinyConvNet, conv_input, sequence_input
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from weighttracker_core import MemberSlice, ParamRole, PruningError, WeightTracker
-from weighttracker_plugins.pruners.unit_masks import UnitMasks, has_prune_masks, slice_keep_mask
+from weighttracker_core import MemberSlice, PruningError, WeightTracker
+from weighttracker_core.plugin import ParamRole
+from weighttracker_plugins.pruners.ranked.unit_masks import UnitMasks, has_prune_masks, slice_keep_mask
 
 
 def piece(dims, view=None):

@@ -37,12 +37,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import (
+from weighttracker_core.plugin import (
+    Bitwidths,
     CalculationSpec,
     ConfigError,
+    Evaluation,
     LayerCategory,
+    LayerInfo,
     Lifetime,
-    check_bitwidth,
+    StructureQueries,
     hookimpl,
 )
 
@@ -248,9 +251,9 @@ def fvcore_macs_by_operator(
     return out
 
 
-def layer_macs_by_operator(ctx: Any) -> list[dict[str, int]]:
+def layer_macs_by_operator(evaluation: Evaluation) -> list[dict[str, int]]:
     """fvcore's baseline MACs of each layer of the table, by operator (static)."""
-    structure = ctx.structure
+    structure = evaluation.structure
     counts = fvcore_macs_by_operator(structure.model, structure.example_inputs, structure.options.forward_fn)
     return [_own(counts, m.name, structure) if m.category is LayerCategory.ATTENTION
             else dict(counts.get(m.name, {})) for m in structure.modules]
@@ -266,26 +269,26 @@ def _own(counts: dict[str, dict[str, int]], name: str, structure: Any) -> dict[s
     return {op: value for op, value in own.items() if value}
 
 
-def layer_baseline_macs(ctx: Any) -> torch.Tensor:
+def layer_baseline_macs(evaluation: Evaluation) -> torch.Tensor:
     """Dense MACs of every layer of the table (float64 ``[num_layers]``), from fvcore."""
-    return ctx["cost_model"].baseline.to(_device(ctx.structure))
+    return evaluation["cost_model"].baseline.to(_device(evaluation.structure))
 
 
 # ------------------------------------------------------------------------------ bit-widths
 
 
-def read_bitwidths(structure: Any, infos: Sequence[Any], kind: str) -> list[int]:
-    """``kind``-bit-widths (``"weight"`` / ``"activation"``) of ``infos``, checked (SPEC §5.7).
+def read_bitwidths(bitwidths: Bitwidths, structure: StructureQueries, infos: Sequence[LayerInfo],
+                   kind: str) -> list[int]:
+    """``kind``-bit-widths (``"weight"`` / ``"activation"``) of ``infos``, checked.
 
     Calls the tracker's function once per layer; a missing function means 32.
 
     Raises:
         ValueError: A value is not a whole number >= 1 (names the layer and value).
     """
-    fn = getattr(structure, f"{kind}_bitwidth_fn", None)
-    if fn is None:
+    if not bitwidths.given(kind):
         return [DEFAULT_BITS] * len(infos)
-    return [check_bitwidth(fn(info.name, structure.module(info.name)), info.name, kind) for info in infos]
+    return [bitwidths.bits(kind, info.name, structure.module(info.name)) for info in infos]
 
 
 def _device(structure: Any) -> torch.device:
@@ -297,13 +300,13 @@ def _device(structure: Any) -> torch.device:
 _DEFAULT_BITS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
-def _bits(ctx: Any, kind: str) -> torch.Tensor:
+def _bits(evaluation: Evaluation, kind: str) -> torch.Tensor:
     """Bit-widths of every layer of the table; the function is called for weighted layers.
 
     Without a function every layer has 32 bits: that vector is built once per structure
     (consumers only read it).
     """
-    structure = ctx.structure
+    structure = evaluation.structure
     cache = _DEFAULT_BITS.get(structure)
     if cache is None:
         cache = _DEFAULT_BITS.setdefault(structure, {})
@@ -314,7 +317,7 @@ def _bits(ctx: Any, kind: str) -> torch.Tensor:
         cache["products"] = listed  # type: ignore[assignment]
     products = listed[1]
     uses = (kind,) if kind == "activation" or not products else ("weight", "activation")
-    if all(getattr(structure, f"{k}_bitwidth_fn", None) is None for k in uses):
+    if not any(evaluation.bitwidths.given(k) for k in uses):
         device = _device(structure)
         if (kind, device) not in cache:
             cache[(kind, device)] = torch.full((len(structure.modules),), float(DEFAULT_BITS),
@@ -323,64 +326,64 @@ def _bits(ctx: Any, kind: str) -> torch.Tensor:
     infos = structure.modules
     weighted = [i for i in infos if i.category is LayerCategory.WEIGHTED]
     values = [float(DEFAULT_BITS)] * len(infos)
-    for info, bits in zip(weighted, read_bitwidths(structure, weighted, kind)):
+    for info, bits in zip(weighted, read_bitwidths(evaluation.bitwidths, structure, weighted, kind)):
         values[info.index] = float(bits)
-    for info, bits in zip(products, read_bitwidths(structure, products, "activation")):
+    for info, bits in zip(products, read_bitwidths(evaluation.bitwidths, structure, products, "activation")):
         values[info.index] = float(bits)
     return torch.tensor(values, dtype=torch.float64, device=_device(structure))
 
 
-def layer_weight_bits(ctx: Any) -> torch.Tensor:
+def layer_weight_bits(evaluation: Evaluation) -> torch.Tensor:
     """Weight bit-width of every layer (float64 ``[num_layers]``); 32 for non-weighted ones."""
-    return _bits(ctx, "weight")
+    return _bits(evaluation, "weight")
 
 
-def layer_activation_bits(ctx: Any) -> torch.Tensor:
+def layer_activation_bits(evaluation: Evaluation) -> torch.Tensor:
     """Activation bit-width of every layer (float64 ``[num_layers]``); 32 for non-weighted ones."""
-    return _bits(ctx, "activation")
+    return _bits(evaluation, "activation")
 
 
 # ------------------------------------------------------------------------------ cost model
 
 
-def cost_model(ctx: Any) -> CostModel:
+def cost_model(evaluation: Evaluation) -> CostModel:
     """Index tensors of every layer's cost axes and terms (see ``cost_model.py``)."""
-    structure = ctx.structure
-    return CostModel(structure, [ctx["layer_macs_by_operator"][m.index] for m in structure.modules])
+    structure = evaluation.structure
+    return CostModel(structure, [evaluation["layer_macs_by_operator"][m.index] for m in structure.modules])
 
 
-def cost_axis_active(ctx: Any) -> torch.Tensor:
+def cost_axis_active(evaluation: Evaluation) -> torch.Tensor:
     """Active positions per cost axis (float64 ``[num_axes]``, axes as in ``cost_model.axis_names``)."""
-    model, active = ctx["cost_model"], ctx["unit_active"]
-    return reuse(ctx.structure, "cost_axis_active", (model, active), lambda: model.axis_active(active))
+    model, active = evaluation["cost_model"], evaluation["unit_active"]
+    return reuse(evaluation.structure, "cost_axis_active", (model, active), lambda: model.axis_active(active))
 
 
-def layer_active_macs(ctx: Any) -> torch.Tensor:
+def layer_active_macs(evaluation: Evaluation) -> torch.Tensor:
     """Structured active MACs per layer (float64 ``[num_layers]``).
 
     Each cost term's baseline MACs times the active fractions of its axes; layers whose
     rule has a ``cost_fn`` get ``cost_fn(module, baseline_macs, {axis: active fraction})``.
     """
-    model: CostModel = ctx["cost_model"]
-    active = ctx["cost_axis_active"]
+    model: CostModel = evaluation["cost_model"]
+    active = evaluation["cost_axis_active"]
     if not model.custom:  # a pure function of the active positions
-        return reuse(ctx.structure, "layer_active_macs", (model, active), lambda: model.layer_macs(active))
+        return reuse(evaluation.structure, "layer_active_macs", (model, active), lambda: model.layer_macs(active))
     macs = model.layer_macs(active)
     if model.custom:
         ratios = model.axis_ratio(active).tolist()
         baseline = model.baseline.tolist()
         macs = macs.clone()
         for index, fn, by_label in model.custom:
-            module = ctx.structure.module(ctx.structure.modules[index].name)
+            module = evaluation.structure.module(evaluation.structure.modules[index].name)
             fractions = {label: ratios[j] for label, j in by_label.items()}
             macs[index] = float(fn(module, baseline[index], fractions))
     return macs
 
 
-def layer_active_fraction(ctx: Any) -> torch.Tensor:
+def layer_active_fraction(evaluation: Evaluation) -> torch.Tensor:
     """Active over baseline MACs per layer (float64 ``[num_layers]``; 1 where baseline is 0)."""
-    macs = ctx["layer_active_macs"]
-    baseline = ctx["layer_baseline_macs"].to(macs.device)
+    macs = evaluation["layer_active_macs"]
+    baseline = evaluation["layer_baseline_macs"].to(macs.device)
     return torch.where(baseline > 0, macs / baseline.clamp(min=1e-300), torch.ones_like(macs))
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import LayerCategory, PruneAxis
+from weighttracker_core.plugin import LayerCategory, PruneAxis
 
 #: fvcore operators that are a layer's own weight products (projections), as opposed to
 #: products of two activations (attention scores).
@@ -100,7 +100,7 @@ class CostModel:
                     axis_of[key] = len(names)
                     names.append((info.name, str(member.axis)))
                     layer.append(info.index)
-                    reported.append(float(structure.handle.channels(structure.module(info.name), side) or 0))
+                    reported.append(float(structure.channels(info.name, side) or 0))
                     widest.append(0)
                     from_heads.append(False)
                 j = axis_of[key]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import CalculationSpec, Lifetime, hookimpl
+from weighttracker_core.plugin import CalculationSpec, Evaluation, Lifetime, hookimpl
 
 from ._memo import reuse
 
@@ -49,59 +49,59 @@ def block_params(structure: Any) -> list[tuple[str, int]]:
     return out
 
 
-def weight_scanner(ctx: Any) -> Any:
+def weight_scanner(evaluation: Evaluation) -> Any:
     """The compiled one-pass scan (static; see ``ReductionPlan.scanner``)."""
-    table = ctx["weight_param_table"]
-    return _plan(ctx).scanner(count=table.names, blocks=block_params(ctx.structure), block=BLOCK)
+    table = evaluation["weight_param_table"]
+    return _plan(evaluation).scanner(count=table.names, blocks=block_params(evaluation.structure), block=BLOCK)
 
 
-def weight_scan(ctx: Any) -> Any:
+def weight_scan(evaluation: Evaluation) -> Any:
     """One read of every weight: ``unit_nonzero``, ``nonzeros``, ``block_zeros``, ``totals``."""
-    return ctx["weight_scanner"]()
+    return evaluation["weight_scanner"]()
 
 
-def _plan(ctx: Any) -> Any:
-    return ctx.structure.plan()
+def _plan(evaluation: Evaluation) -> Any:
+    return evaluation.structure.plan()
 
 
-def unit_numel(ctx: Any) -> torch.Tensor:
-    return _plan(ctx).unit_numel()
+def unit_numel(evaluation: Evaluation) -> torch.Tensor:
+    return _plan(evaluation).unit_numel()
 
 
-def unit_sum_sq(ctx: Any) -> torch.Tensor:
+def unit_sum_sq(evaluation: Evaluation) -> torch.Tensor:
     with torch.no_grad():
-        return _plan(ctx).unit_reduce("sum_sq")
+        return _plan(evaluation).unit_reduce("sum_sq")
 
 
-def unit_l2_norm(ctx: Any) -> torch.Tensor:
-    return torch.sqrt(ctx["unit_sum_sq"])
+def unit_l2_norm(evaluation: Evaluation) -> torch.Tensor:
+    return torch.sqrt(evaluation["unit_sum_sq"])
 
 
-def unit_max_abs(ctx: Any) -> torch.Tensor:
+def unit_max_abs(evaluation: Evaluation) -> torch.Tensor:
     with torch.no_grad():
-        return _plan(ctx).unit_reduce("max_abs")
+        return _plan(evaluation).unit_reduce("max_abs")
 
 
-def unit_zero_count(ctx: Any) -> torch.Tensor:
+def unit_zero_count(evaluation: Evaluation) -> torch.Tensor:
     with torch.no_grad():
-        return _plan(ctx).unit_reduce("zeros")
+        return _plan(evaluation).unit_reduce("zeros")
 
 
-def unit_active(ctx: Any) -> torch.Tensor:
+def unit_active(evaluation: Evaluation) -> torch.Tensor:
     """A unit is active while any of its weights is non-zero (units without weights count).
 
     Raises ``NonFiniteWeightError`` (naming the parameter) when a unit holds NaN or inf:
     such a unit is neither zero nor active in any meaningful sense.
     """
-    scan = ctx["weight_scan"]
-    ctx["weight_scanner"].check_finite(scan)
-    numel = ctx["unit_numel"].to(scan.unit_nonzero.device)
-    return reuse(ctx.structure, "unit_active", (scan.unit_nonzero, numel),
+    scan = evaluation["weight_scan"]
+    evaluation["weight_scanner"].check_finite(scan)
+    numel = evaluation["unit_numel"].to(scan.unit_nonzero.device)
+    return reuse(evaluation.structure, "unit_active", (scan.unit_nonzero, numel),
                  lambda: scan.unit_nonzero | (numel == 0))
 
 
-def unit_l2_norm_grad(ctx: Any) -> torch.Tensor:
-    return _plan(ctx).unit_reduce("l2", grad=True)
+def unit_l2_norm_grad(evaluation: Evaluation) -> torch.Tensor:
+    return _plan(evaluation).unit_reduce("l2", grad=True)
 
 
 CALCULATIONS = (

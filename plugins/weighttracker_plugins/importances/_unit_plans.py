@@ -16,7 +16,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
-from weighttracker_core import (
+from weighttracker_core.plugin import (
     CanonicalMember,
     CanonicalUnitGroup,
     MemberSlice,

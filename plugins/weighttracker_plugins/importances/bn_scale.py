@@ -1,4 +1,4 @@
-"""BN-scale importance: |gamma| of a unit's normalization layers (network slimming, SPEC §10.1).
+"""BN-scale importance: |gamma| of a unit's normalization layers (network slimming).
 
 A unit's score is the mean absolute scale (``weight``) over the normalization layers of
 its group (BatchNorm, LayerNorm, GroupNorm, InstanceNorm: the layers unit rules put in the
@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from weighttracker_core import ImportanceSpec, LayerCategory, ParamRole, hookimpl
+from weighttracker_core.plugin import (
+    BuildContext,
+    Evaluation,
+    ImportanceSpec,
+    LayerCategory,
+    ParamRole,
+    hookimpl,
+)
 
 from ._unit_plans import filtered_plan, mark_unscored
 
@@ -27,7 +34,7 @@ from ._unit_plans import filtered_plan, mark_unscored
 class BNScaleScore:
     """``score(values) -> tensor[num_units]``: mean |scale| over the unit's norm layers."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         structure = ctx.structure
         norms = {
             info.name for info in structure.modules if info.category is LayerCategory.NORMALIZATION
@@ -38,7 +45,7 @@ class BNScaleScore:
 
         self.plan = filtered_plan(structure, keep)
 
-    def __call__(self, values: Any) -> torch.Tensor:
+    def __call__(self, values: Evaluation) -> torch.Tensor:
         with torch.no_grad():
             total = self.plan.unit_reduce("l1")
         count = self.plan.unit_numel().to(total)

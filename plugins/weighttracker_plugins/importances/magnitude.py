@@ -1,4 +1,4 @@
-"""Magnitude importance: the L1 or L2 norm of every coupled weight of a unit (SPEC §10.1).
+"""Magnitude importance: the L1 or L2 norm of every coupled weight of a unit.
 
 A unit's weights are all its slices in every member of its group: a ResNet channel owns
 its conv filter, its batch-norm scale and the input column of every consumer. The score is
@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import ImportanceSpec, hookimpl
+from weighttracker_core.plugin import BuildContext, Evaluation, ImportanceSpec, hookimpl
 
 from ._unit_plans import mark_unscored, role_plan
 
@@ -45,13 +45,13 @@ class MagnitudeOptions:
 class MagnitudeScore:
     """``score(values) -> tensor[num_units]``: the unit norms of the structure it was built for."""
 
-    def __init__(self, ctx: Any, op: str) -> None:
+    def __init__(self, ctx: BuildContext, op: str) -> None:
         options = ctx.options if ctx.options is not None else MagnitudeOptions()
         self.op = op
         self.power = float(options.power)
         self.plan = role_plan(ctx.structure, options.include_bias)
 
-    def __call__(self, values: Any) -> torch.Tensor:
+    def __call__(self, values: Evaluation) -> torch.Tensor:
         with torch.no_grad():
             scores = self.plan.unit_reduce(self.op)
         if self.power != 1.0:
@@ -59,11 +59,11 @@ class MagnitudeScore:
         return mark_unscored(scores, self.plan)
 
 
-def build_l1(ctx: Any) -> MagnitudeScore:
+def build_l1(ctx: BuildContext) -> MagnitudeScore:
     return MagnitudeScore(ctx, "l1")
 
 
-def build_l2(ctx: Any) -> MagnitudeScore:
+def build_l2(ctx: BuildContext) -> MagnitudeScore:
     return MagnitudeScore(ctx, "l2")
 
 

@@ -1,4 +1,4 @@
-"""First-order Taylor importance: sum of |w * dL/dw| over a unit's coupled weights (SPEC §10.1).
+"""First-order Taylor importance: sum of |w * dL/dw| over a unit's coupled weights.
 
 Removing a weight changes the loss by about ``-w * dL/dw``; a unit's score adds up the
 magnitudes of that estimate over every weight it owns, in every member of its group
@@ -14,12 +14,17 @@ Example: a unit owning ``w = [1, -2]`` with ``grad = [0.5, 0.25]`` scores
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 import torch
 
-from weighttracker_core import ImportanceSpec, PruningError, hookimpl, stored_parameter
+from weighttracker_core.plugin import (
+    BuildContext,
+    Evaluation,
+    ImportanceSpec,
+    PruningError,
+    hookimpl,
+    stored_parameter,
+)
 
 from ._unit_plans import mark_unscored, role_plan
 
@@ -41,7 +46,7 @@ class TaylorOptions:
 class TaylorScore:
     """``score(values) -> tensor[num_units]`` from the current weights and gradients."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         options = ctx.options if ctx.options is not None else TaylorOptions()
         self.multivariable = options.multivariable
         self.model = ctx.structure.model
@@ -63,7 +68,7 @@ class TaylorScore:
             out.append(stored.detach() * grad.detach())
         return out
 
-    def __call__(self, values: Any) -> torch.Tensor:
+    def __call__(self, values: Evaluation) -> torch.Tensor:
         with torch.no_grad():
             products = self._products()
             if self.multivariable:

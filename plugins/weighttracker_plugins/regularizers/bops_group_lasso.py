@@ -1,4 +1,4 @@
-"""``bops_group_lasso``: group lasso whose per-unit weights follow hardware cost (SPEC §6).
+"""``bops_group_lasso``: group lasso whose per-unit weights follow hardware cost.
 
 The penalty is ``sum_u lambda_u * ||w_u||_2``. ``w_u`` is every element unit ``u`` owns in
 the selected layers (all coupled members and slices, biases included, exactly as in
@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import ConfigError, RegularizerSpec, hookimpl
+from weighttracker_core.plugin import BuildContext, ConfigError, RegularizerSpec, hookimpl
 
 from ..calculations.cost import read_bitwidths
 from ..calculations.cost_model import CostModel
@@ -62,8 +62,9 @@ class BopsGroupLasso:
     cover every selected member.
     """
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         self.structure = ctx.structure
+        self.bitwidths = ctx.bitwidths
         self.selection = ctx.selection
         self.options: BopsGroupLassoOptions = ctx.options or BopsGroupLassoOptions()
         self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name)
@@ -96,8 +97,8 @@ class BopsGroupLasso:
     # --------------------------------------------------------------------------- weights
 
     def _layer_bits(self) -> torch.Tensor:
-        weight = read_bitwidths(self.structure, self.layers, "weight")
-        activation = read_bitwidths(self.structure, self.layers, "activation")
+        weight = read_bitwidths(self.bitwidths, self.structure, self.layers, "weight")
+        activation = read_bitwidths(self.bitwidths, self.structure, self.layers, "activation")
         return torch.tensor([w * a for w, a in zip(weight, activation)], dtype=torch.float64)
 
     def unit_costs(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``group_lasso``: the group lasso over canonical units, with its proximal step (SPEC §6).
+"""``group_lasso``: the group lasso over canonical units, with its proximal step.
 
 The penalty is ``sum_u c_u * ||w_u||_2`` where ``w_u`` is every parameter element unit
 ``u`` owns — all coupled members, all slices, weights *and* biases (conv/linear biases,
@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import ConfigError, RegularizerSpec, hookimpl
+from weighttracker_core.plugin import BuildContext, ConfigError, RegularizerSpec, hookimpl
 
 from .proximal import ProximalStep
 
@@ -55,7 +55,7 @@ class GroupLasso:
     selection picks count, both in the penalty and in the proximal step.
     """
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         self.structure = ctx.structure
         self.selection = ctx.selection
         self.options: GroupLassoOptions = ctx.options or GroupLassoOptions()

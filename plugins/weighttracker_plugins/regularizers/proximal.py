@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weighttracker_core import (
+from weighttracker_core.plugin import (
     ConfigError,
     MemberSlice,
     NonFiniteWeightError,

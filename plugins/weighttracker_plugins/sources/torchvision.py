@@ -1,4 +1,4 @@
-"""``torchvision:NAME`` models for ``weighttracker inspect`` (SPEC §11).
+"""``torchvision:NAME`` models for ``weighttracker inspect``.
 
 Models are built with random weights (``weights=None``): nothing is downloaded.
 torchvision is imported only when a model is loaded, so the plugin costs nothing for users
@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from weighttracker_core import ModelSourceSpec, UnknownNameError, hookimpl
+from weighttracker_core.plugin import ModelSourceSpec, UnknownNameError, hookimpl
 
 # torchvision's video and optical-flow models want 5-D clips or image pairs, and the
 # detection / segmentation models return dicts; ``inspect`` needs one image tensor in and a

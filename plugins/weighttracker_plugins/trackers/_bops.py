@@ -3,7 +3,7 @@
 Private to ``weighttracker_plugins.trackers`` (no hooks here). A BOPs tracker only says
 how many MACs each layer has active (:meth:`BopsTracker.active_macs`); everything else --
 bit-widths, the dense 32-bit baseline, ``normalization_macs_pr_module``, the metric keys --
-is the same for both (SPEC §5.1, §5.3).
+is the same for both.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import ConfigError, LayerCategory
+from weighttracker_core.plugin import BuildContext, Evaluation, ConfigError, LayerCategory
 
 from ..calculations._memo import LastResult
 from ..calculations.cost import DEFAULT_BITS, read_bitwidths
@@ -84,7 +84,7 @@ class BopsTracker:
     ``include``). Subclasses implement :meth:`active_macs`.
     """
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         self.structure = ctx.structure
         self.options: BopsOptions = ctx.options
         self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name,
@@ -137,7 +137,7 @@ class BopsTracker:
     def _bits(self, values: Any, kind: str, rows: torch.Tensor) -> torch.Tensor:
         bits = values[f"layer_{kind}_bits"].index_select(0, rows)
         if self._extra:
-            extra = read_bitwidths(self.structure, [info for _, info in self._extra], kind)
+            extra = read_bitwidths(values.bitwidths, self.structure, [info for _, info in self._extra], kind)
             where = torch.tensor([i for i, _ in self._extra], dtype=torch.long, device=bits.device)
             bits = bits.index_copy(0, where, torch.tensor(extra, dtype=bits.dtype, device=bits.device))
         return bits
@@ -157,7 +157,7 @@ class BopsTracker:
     #: The calculations :meth:`active_macs` reads (their values decide it).
     inputs: tuple[str, ...] = ()
 
-    def track(self, values: Any) -> dict[str, Any]:
+    def track(self, values: Evaluation) -> dict[str, Any]:
         if self._extra or not self.inputs:  # bit-width functions are called here: nothing to reuse
             return self._track(values)
         # a pure function of shared values: reused while they are the same objects

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from weighttracker_core import ConfigError, LayerCategory, Selection, Structure
+from weighttracker_core.plugin import ConfigError, LayerCategory, Selection, Structure
 
 
 def layer_label(name: str) -> str:

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from weighttracker_core import ParamRole, Selection, Structure
+from weighttracker_core.plugin import ParamRole, Selection, Structure
 
 
 class _Slice:

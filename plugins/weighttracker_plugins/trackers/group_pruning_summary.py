@@ -1,4 +1,4 @@
-"""``group_pruning_summary`` tracker (SPEC §5.5): what pruning the zero units would remove.
+"""``group_pruning_summary`` tracker: what pruning the zero units would remove.
 
 A unit counts as pruned when every weight it owns (all slices of all members: weights,
 biases, norm scales and shifts) is exactly zero -- the units ``tracker.prune_zero_units()``
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from weighttracker_core import TrackerSpec, hookimpl
+from weighttracker_core.plugin import BuildContext, Evaluation, TrackerSpec, hookimpl
 
 from ..calculations._memo import LastResult
 from ._layers import group_labels
@@ -43,7 +43,7 @@ from ._removal import RemovalCounter
 class GroupPruningSummary:
     """Pruned units and the parameters their physical removal deletes (module docstring)."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         self.structure = ctx.structure
         selection = ctx.selection
         self.everything = selection.is_everything
@@ -79,7 +79,7 @@ class GroupPruningSummary:
             peak = self.plan.unit_reduce("max_abs")
         return (peak == 0) & self._device(peak.device)[0]
 
-    def track(self, values: Any) -> dict[str, Any]:
+    def track(self, values: Evaluation) -> dict[str, Any]:
         if self.everything:  # a pure function of the shared unit_active
             return self._last.get((values["unit_active"],), lambda: self._track(values))
         return self._track(values)

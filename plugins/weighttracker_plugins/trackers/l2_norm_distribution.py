@@ -1,4 +1,4 @@
-"""``l2_norm_distribution`` tracker (SPEC §5.6): per group, how the units' L2 norms spread.
+"""``l2_norm_distribution`` tracker: per group, how the units' L2 norms spread.
 
 Meant for watching a group-lasso run: as the penalty works, the lower quantiles of a group
 fall towards zero and ``num_below_threshold`` grows before units become exactly zero.
@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import TrackerSpec, hookimpl
+from weighttracker_core.plugin import BuildContext, Evaluation, TrackerSpec, hookimpl
 
 from ._layers import group_labels
 
@@ -116,7 +116,7 @@ def segment_summary(
 class L2NormDistribution:
     """Summary of the units' L2 norms in every group (see the module docstring)."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         self.structure = ctx.structure
         self.options: L2NormDistributionOptions = ctx.options
         self.everything = ctx.selection.is_everything
@@ -142,7 +142,7 @@ class L2NormDistribution:
         with torch.no_grad():
             return self.plan.unit_reduce("l2")
 
-    def track(self, values: Any) -> dict[str, Any]:
+    def track(self, values: Evaluation) -> dict[str, Any]:
         norms = self._norms(values).detach()
         device = norms.device
         if device not in self._on:

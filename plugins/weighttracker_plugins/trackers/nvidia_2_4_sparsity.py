@@ -1,4 +1,4 @@
-"""``nvidia_2_4_sparsity`` tracker (SPEC §5.4): how close the weights are to 2:4 sparsity.
+"""``nvidia_2_4_sparsity`` tracker: how close the weights are to 2:4 sparsity.
 
 Sparse tensor cores skip half of every block of 4 consecutive weights along a GEMM's
 reduction (input) axis. Blocks are cut along the input axis of each weight:
@@ -40,7 +40,7 @@ import attrs
 import torch
 from torch import nn
 
-from weighttracker_core import TrackerSpec, hookimpl
+from weighttracker_core.plugin import BuildContext, Evaluation, TrackerSpec, hookimpl
 
 from ..calculations._memo import LastResult
 from ..calculations.structure import BLOCK, input_axis
@@ -109,7 +109,7 @@ class Nvidia24Sparsity:
     ``tail_elements``, ``strict`` and ``eligible``.
     """
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         self.structure = ctx.structure
         self.options: Nvidia24Options = ctx.options
         layers = counted_layers(ctx.structure, ctx.selection, ctx.name, skip_types=(nn.Embedding,))
@@ -171,7 +171,7 @@ class Nvidia24Sparsity:
             )
         return self._on[device]
 
-    def track(self, values: Any) -> dict[str, Any]:
+    def track(self, values: Evaluation) -> dict[str, Any]:
         if self._missing:  # histograms read from the weights here: nothing to reuse
             return self._track(values)
         # a pure function of the shared histograms: reused while the scan hands out the same

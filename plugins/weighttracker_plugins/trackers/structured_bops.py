@@ -1,4 +1,4 @@
-"""``structured_bops`` tracker (SPEC §5.1): BOPs of the structure that is still active.
+"""``structured_bops`` tracker: BOPs of the structure that is still active.
 
 For each counted layer ``m`` (weighted layers; normalization layers only when named in
 ``include``)::
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from weighttracker_core import TrackerSpec, hookimpl
+from weighttracker_core.plugin import TrackerSpec, hookimpl
 
 from ._bops import BopsOptions, BopsTracker
 

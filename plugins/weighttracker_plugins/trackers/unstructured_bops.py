@@ -1,4 +1,4 @@
-"""``unstructured_bops`` tracker (SPEC §5.3): BOPs scaled by each layer's weight density.
+"""``unstructured_bops`` tracker: BOPs scaled by each layer's weight density.
 
 For each counted layer ``m``::
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from weighttracker_core import TrackerSpec, hookimpl
+from weighttracker_core.plugin import BuildContext, TrackerSpec, hookimpl
 
 from ._bops import BopsOptions, BopsTracker
 
@@ -29,7 +29,7 @@ class UnstructuredBops(BopsTracker):
 
     inputs = ("weight_param_zeros", "layer_baseline_macs")
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         super().__init__(ctx)
         self._layer_numel: dict[torch.device, torch.Tensor] = {}
 

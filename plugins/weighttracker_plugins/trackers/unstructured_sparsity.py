@@ -1,4 +1,4 @@
-"""``unstructured_sparsity`` tracker (SPEC §5.2) and the per-layer zero counts it shares.
+"""``unstructured_sparsity`` tracker and the per-layer zero counts it shares.
 
 Sparsity is the exact fraction of zero weights, weighted by element count: layers with
 more weights weigh more (it is *not* the mean of per-layer fractions). Weights are the
@@ -31,7 +31,14 @@ from typing import Any
 import attrs
 import torch
 
-from weighttracker_core import CalculationSpec, Lifetime, TrackerSpec, hookimpl
+from weighttracker_core.plugin import (
+    BuildContext,
+    CalculationSpec,
+    Evaluation,
+    Lifetime,
+    TrackerSpec,
+    hookimpl,
+)
 
 from ..calculations._memo import LastResult, reuse
 from ._layers import WeightParams, counted_layers, layer_label
@@ -39,15 +46,15 @@ from ._layers import WeightParams, counted_layers, layer_label
 # ---------------------------------------------------------------------------- calculations
 
 
-def weight_param_table(ctx: Any) -> WeightParams:
-    return WeightParams.build(ctx.structure)
+def weight_param_table(evaluation: Evaluation) -> WeightParams:
+    return WeightParams.build(evaluation.structure)
 
 
-def weight_param_zeros(ctx: Any) -> torch.Tensor:
-    table: WeightParams = ctx["weight_param_table"]
-    nonzeros = ctx["weight_scan"].nonzeros  # counted in the shared one-pass scan
+def weight_param_zeros(evaluation: Evaluation) -> torch.Tensor:
+    table: WeightParams = evaluation["weight_param_table"]
+    nonzeros = evaluation["weight_scan"].nonzeros  # counted in the shared one-pass scan
     numel = table.on(nonzeros.device)[1]
-    return reuse(ctx.structure, "weight_param_zeros", (numel, nonzeros), lambda: numel - nonzeros)
+    return reuse(evaluation.structure, "weight_param_zeros", (numel, nonzeros), lambda: numel - nonzeros)
 
 
 CALCULATIONS = (
@@ -76,7 +83,7 @@ class UnstructuredSparsity:
     ``log_layerwise_stats``, ``layers[name]`` (each layer's own fraction).
     """
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         self.options: UnstructuredSparsityOptions = ctx.options
         self.layers = counted_layers(ctx.structure, ctx.selection, ctx.name)
         table: WeightParams = ctx.graph.evaluation()["weight_param_table"]  # static: cached
@@ -90,7 +97,7 @@ class UnstructuredSparsity:
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._last = LastResult()
 
-    def track(self, values: Any) -> dict[str, Any]:
+    def track(self, values: Evaluation) -> dict[str, Any]:
         # a pure function of the shared zero counts
         return self._last.get((values["weight_param_zeros"],), lambda: self._track(values))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from weighttracker_core import LayerCategory, ParamSlice, UnitRule, hookimpl
+from weighttracker_core.plugin import LayerCategory, ParamSlice, UnitRule, hookimpl
 
 
 def prelu_slices(prelu: nn.PReLU) -> tuple[ParamSlice, ...]:

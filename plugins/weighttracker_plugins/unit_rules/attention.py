@@ -1,4 +1,4 @@
-"""Unit rule for ``nn.MultiheadAttention`` (SPEC §3.3), with exact physical pruning.
+"""Unit rule for ``nn.MultiheadAttention``, with exact physical pruning.
 
 An embedding channel owns its input column of ``in_proj_weight`` (q, k and v alike) and its
 output row of ``out_proj`` (weight and bias). Heads and head dimensions (with ``num_heads``)
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from weighttracker_core import ParamRole, ParamSlice, PruneAxis, UnitRule, hookimpl
+from weighttracker_core.plugin import ParamRole, ParamSlice, PruneAxis, UnitRule, hookimpl
 
 from .pruned_mha import PrunedMultiheadAttention, make_prunable
 

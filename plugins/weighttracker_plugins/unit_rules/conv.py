@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from weighttracker_core import ParamRole, ParamSlice, PruneAxis, UnitRule, hookimpl
+from weighttracker_core.plugin import ParamRole, ParamSlice, PruneAxis, UnitRule, hookimpl
 
 _BIAS = ParamSlice(param="bias", dim=0, role=ParamRole.BIAS)
 

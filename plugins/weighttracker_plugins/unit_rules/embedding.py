@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from weighttracker_core import ParamSlice, UnitRule, hookimpl
+from weighttracker_core.plugin import ParamSlice, UnitRule, hookimpl
 
 EMBEDDING = UnitRule(
     name="embedding",

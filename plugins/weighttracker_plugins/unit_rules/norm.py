@@ -11,7 +11,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from weighttracker_core import LayerCategory, ParamRole, ParamSlice, PruneAxis, UnitRule, hookimpl
+from weighttracker_core.plugin import (
+    LayerCategory,
+    ParamRole,
+    ParamSlice,
+    PruneAxis,
+    UnitRule,
+    hookimpl,
+)
 
 
 def _affine(dim: int) -> tuple[ParamSlice, ...]:

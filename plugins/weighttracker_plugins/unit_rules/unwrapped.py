@@ -6,7 +6,13 @@ Torch-Pruning cuts such a parameter along one dimension (the last non-singleton 
 
 from __future__ import annotations
 
-from weighttracker_core import LayerCategory, ParamSlice, UnitRule, UnwrappedParameter, hookimpl
+from weighttracker_core.plugin import (
+    LayerCategory,
+    ParamSlice,
+    UnitRule,
+    UnwrappedParameter,
+    hookimpl,
+)
 
 
 def unwrapped_slices(param: UnwrappedParameter) -> tuple[ParamSlice, ...]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from weighttracker_core import ParamRole, ParamSlice, UnitRule
+from weighttracker_core.plugin import ParamRole, ParamSlice, UnitRule
 
 
 class GatedLinear(nn.Module):
@@ -29,32 +29,40 @@ class GatedLinear(nn.Module):
 
 
 def _keep(size: int, drop: Sequence[int]) -> torch.Tensor:
-    dropped = set(int(i) for i in drop)
+    dropped = {int(i) for i in drop}
     return torch.tensor([i for i in range(size) if i not in dropped], dtype=torch.long)
+
+
+def _gated(layer: nn.Module) -> GatedLinear:
+    if not isinstance(layer, GatedLinear):
+        raise TypeError(f"GatedLinearPruner prunes GatedLinear layers, got {type(layer).__name__}.")
+    return layer
 
 
 class GatedLinearPruner:
     """Removes output features (rows, bias, gate) or input features (columns)."""
 
-    def prune_out_channels(self, layer: GatedLinear, idxs: Sequence[int]) -> GatedLinear:
-        keep = _keep(layer.out_features, idxs)
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        gated = _gated(layer)
+        keep = _keep(gated.out_features, idxs)
         for name in ("weight", "bias", "gate"):
-            old = getattr(layer, name)
-            setattr(layer, name, nn.Parameter(old.data.index_select(0, keep.to(old.device))))
-        layer.out_features = len(keep)
-        return layer
+            old: torch.Tensor = getattr(gated, name)
+            setattr(gated, name, nn.Parameter(old.data.index_select(0, keep.to(old.device))))
+        gated.out_features = len(keep)
+        return gated
 
-    def prune_in_channels(self, layer: GatedLinear, idxs: Sequence[int]) -> GatedLinear:
-        keep = _keep(layer.in_features, idxs)
-        layer.weight = nn.Parameter(layer.weight.data.index_select(1, keep.to(layer.weight.device)))
-        layer.in_features = len(keep)
-        return layer
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        gated = _gated(layer)
+        keep = _keep(gated.in_features, idxs)
+        gated.weight = nn.Parameter(gated.weight.data.index_select(1, keep.to(gated.weight.device)))
+        gated.in_features = len(keep)
+        return gated
 
-    def get_out_channels(self, layer: GatedLinear) -> int:
-        return layer.out_features
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return _gated(layer).out_features
 
-    def get_in_channels(self, layer: GatedLinear) -> int:
-        return layer.in_features
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return _gated(layer).in_features
 
 
 GATED_LINEAR_RULE = UnitRule(

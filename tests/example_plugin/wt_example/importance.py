@@ -8,20 +8,18 @@ Example: a unit owning ``[0.5, -2, 1]`` scores 2.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from weighttracker_core import ImportanceSpec, hookimpl
+from weighttracker_core.plugin import BuildContext, Evaluation, ImportanceSpec, UnitPlan, hookimpl
 
 
 class PeakMagnitude:
     """``score(values) -> tensor[num_units]``: max |w| over every slice of each unit."""
 
-    def __init__(self, ctx: Any) -> None:
-        self.plan = ctx.structure.plan()
+    def __init__(self, ctx: BuildContext) -> None:
+        self.plan: UnitPlan = ctx.structure.plan()
 
-    def __call__(self, values: Any) -> torch.Tensor:
+    def __call__(self, values: Evaluation) -> torch.Tensor:
         with torch.no_grad():
             return self.plan.unit_reduce("max_abs")
 

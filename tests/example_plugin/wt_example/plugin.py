@@ -2,16 +2,23 @@
 
 Declared in this package's ``pyproject.toml`` under ``[project.entry-points.weighttracker]``
 as ``wt_example = "wt_example.plugin"``; weighttracker finds it without any core change.
+It imports only ``weighttracker_core.plugin`` and passes ``mypy --strict``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 import torch
+from torch import nn
 
-from weighttracker_core import TrackerSpec, UnitRule, hookimpl
+from weighttracker_core.plugin import (
+    BuildContext,
+    Evaluation,
+    StructureQueries,
+    TrackerSpec,
+    UnitRule,
+    hookimpl,
+)
 
 from .gated_linear import GATED_LINEAR_RULE, GatedLinear
 
@@ -23,19 +30,25 @@ class ClosedGateOptions:
     atol: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
 
 
+def _gate(module: nn.Module) -> torch.Tensor:
+    assert isinstance(module, GatedLinear)
+    return module.gate.detach()
+
+
 class ClosedGateFraction:
     """Share of ``GatedLinear`` output features whose gate is closed (e.g. 1 of 4 -> 0.25)."""
 
-    def __init__(self, ctx: Any) -> None:
-        self.structure = ctx.structure
-        self.atol = ctx.options.atol
+    def __init__(self, ctx: BuildContext) -> None:
+        self.structure: StructureQueries = ctx.structure
+        options: ClosedGateOptions = ctx.options
+        self.atol = options.atol
         self.layers = [
             info.name for info in ctx.structure.selected_modules(ctx.selection)
             if issubclass(info.module_type, GatedLinear)
         ]
 
-    def track(self, values: Any) -> dict[str, Any]:
-        gates = [self.structure.module(name).gate.detach() for name in self.layers]
+    def track(self, values: Evaluation) -> dict[str, torch.Tensor | float | int]:
+        gates = [_gate(self.structure.module(name)) for name in self.layers]
         if not gates:
             return {"closed_gate_fraction": 0.0, "gates": 0}
         flat = torch.cat(gates)

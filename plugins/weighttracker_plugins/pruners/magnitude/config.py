@@ -25,8 +25,8 @@ from torch import nn
 
 from weighttracker_core import ConfigError
 
-from ._config_io import config_from_dict, load_yaml, quote
-from .mask_schedulers import ConstantSparsityScheduler, PolynomialDecayScheduler, to_scheduler
+from .._config_io import config_from_dict, load_yaml, quote
+from .schedulers import ConstantSparsityScheduler, PolynomialDecayScheduler, to_scheduler
 
 __all__ = ["GRANULARITIES", "SUPPORTED_MODULES", "MagnitudePrunerConfig", "ModuleMagnitudePrunerConfig"]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from weighttracker_core import ConfigError
 
-from .mask_config import ModuleMagnitudePrunerConfig
+from .config import ModuleMagnitudePrunerConfig
 
 __all__ = ["count_for_fraction", "magnitude_mask", "mask_mode", "n_m_mask", "scheduled_mask"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 from torch import nn
 
-from ._config_io import config_from_dict, load_yaml, quote, shorten
+from .._config_io import config_from_dict, load_yaml, quote, shorten
 
 SCOPES = ("local", "global", "isomorphic")
 APPLY_MODES = ("physical", "mask")

@@ -1,4 +1,4 @@
-"""Sparsity schedules for the ``magnitude`` mask pruner (SPEC §10.2).
+"""Sparsity schedules for the ``magnitude`` mask pruner.
 
 A schedule turns the pruner's step counter into the sparsity a module should have now.
 The counter is ``0`` right after ``prepare()`` and grows by one with every ``step()``.
@@ -16,7 +16,7 @@ import torch
 
 from weighttracker_core import ConfigError
 
-from ._config_io import quote
+from .._config_io import quote
 
 __all__ = [
     "ConstantSparsityScheduler",

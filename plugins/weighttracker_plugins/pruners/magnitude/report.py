@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .mask_config import ModuleMagnitudePrunerConfig
+from .config import ModuleMagnitudePrunerConfig
 
 __all__ = ["module_report", "n_m_block_fraction"]
 

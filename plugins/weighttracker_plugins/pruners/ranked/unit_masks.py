@@ -1,4 +1,4 @@
-"""Persistent structured masks for canonical units through ``torch.nn.utils.prune`` (SPEC §10.3).
+"""Persistent structured masks for canonical units through ``torch.nn.utils.prune``.
 
 ``UnitMasks.apply_`` re-parametrises every parameter a unit owns with
 ``prune.custom_from_mask``: the parameter becomes ``<name>_orig`` (the same ``Parameter``
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from weighttracker_core import MemberSlice, PruningError, Structure
+from weighttracker_core.plugin import MemberSlice, PruningError, Structure
 
 
 def slice_keep_mask(shape: tuple[int, ...], piece: MemberSlice, positions: Iterable[int]) -> torch.Tensor:

@@ -24,7 +24,7 @@ import attrs
 import torch
 from torch import nn
 
-from weighttracker_core import CanonicalUnitGroup, PruneAxis, Structure
+from weighttracker_core.plugin import CanonicalUnitGroup, PruneAxis, Structure
 
 # pruning functions of head groups that only some unit rules can remove physically
 HEAD_FUNCTIONS = ("prune_num_heads", "prune_head_dims", "prune_kv_heads")
