@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from .consumers import ConsumerContext, RegularizerHandle, TrackerHandle, flatten_metrics, to_python
+from .consumers import ConsumerContext, RegularizerHandle, TrackerHandle
+from .metric_format import flatten_metrics, to_python
 from .dag import CalculationGraph, Evaluation
 from .forwards import train_mode_forward
 from .errors import (
@@ -56,7 +57,8 @@ from .specs import (
 )
 from .structure import Selection, Structure
 from .surgery import PruneReport
-from .tracker import WeightTracker, check_bitwidth
+from .bitwidths import check_bitwidth
+from .tracker import WeightTracker
 from .units import (
     CanonicalMember,
     CanonicalUnitGroup,

@@ -7,8 +7,9 @@ built for and refuse to run on a newer one.
 
 from __future__ import annotations
 
+import operator
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -23,7 +24,7 @@ from .canonical import (
     warn_uncovered,
     warn_untraced,
 )
-from .errors import ConfigError, UnitIndexError
+from .errors import ArgumentTypeError, ConfigError, StaleConsumerError, UnitIndexError
 from .graph import DependencyGraphHandle
 from .heads import HeadLayout
 from .plans import ParamResolver, ReductionPlan
@@ -255,6 +256,20 @@ class Structure:
         """Whether no tracker has pruned the model physically since this was built."""
         return self.model_version == model_version(self.model)
 
+    def require_current(self) -> None:
+        """Raise if another tracker pruned the model physically since this was built.
+
+        Raises:
+            StaleConsumerError: The model's shapes are no longer those of this structure.
+        """
+        if not self.current:
+            raise StaleConsumerError(
+                "This WeightTracker was built before another WeightTracker on the same model "
+                "pruned it physically: its groups describe layers that no longer have those "
+                "shapes. Build a new WeightTracker(model, example_inputs, ...) for the pruned "
+                "model."
+            )
+
     def untraced_modules(self) -> list[str]:
         """Layers with parameters that the traced forward never ran (aux heads, say)."""
         traced = set(self.handle.traced_modules())
@@ -289,6 +304,31 @@ class Structure:
                 f"which has {group.n_units} units (ids 0..{group.n_units - 1})."
             )
         return unit_id
+
+    def unit_request(self, units: Mapping[int, Iterable[int]]) -> dict[int, set[int]]:
+        """``{group id: local unit ids}`` with every id checked, before anything changes.
+
+        Integer-like ids (``numpy.int64``, 0-d integer tensors) are accepted as ints.
+
+        Raises:
+            ArgumentTypeError: ``units`` is not a mapping of id lists.
+            UnitIndexError: A group or unit id is not an int or out of range.
+        """
+        if not isinstance(units, Mapping):
+            raise ArgumentTypeError(
+                f"units must be a mapping {{group id: [unit ids]}}, got {type(units).__name__}."
+            )
+        out: dict[int, set[int]] = {}
+        for group_id, local in units.items():
+            group = self.group(_as_int(group_id))  # type: ignore[arg-type]
+            if isinstance(local, (int, str, bytes)) or not isinstance(local, Iterable):
+                raise ArgumentTypeError(
+                    f"units[{group_id}] must be a list of unit ids, got {local!r}; write "
+                    f"{{{group_id}: [{local!r}]}} for one unit."
+                )
+            chosen = {self.check_unit(group, _as_int(u)) for u in local}  # type: ignore[arg-type]
+            out.setdefault(group.id, set()).update(chosen)
+        return out
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name) if name else self.model
@@ -359,3 +399,16 @@ def _label(item: Any) -> str:
     if isinstance(item, type):
         return item.__name__
     return type(item).__name__
+
+
+def _as_int(value: object) -> object:
+    """Integer-like ids (``numpy.int64``, 0-d integer tensors) as ``int``; others unchanged.
+
+    Floats, strings and bools stay as they are, so that the id check refuses them.
+    """
+    if isinstance(value, (bool, int, float, str)) or not hasattr(value, "__index__"):
+        return value
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return value
