@@ -7,25 +7,24 @@ from typing import Any
 
 from torch import nn
 
-from . import masking, options as opt, tracker_prune
+from . import options as opt
 from .bitwidths import BitwidthFn, bitwidth_rows
 from .consumer_options import build_options, pruner_config, route_options, tracker_names
 from .consumers import ConsumerContext, PrunerHandle, RegularizerHandle, TrackerHandle, merged_metrics
 from .dag import CalculationGraph
-from .errors import ConfigError
-from .heads import AttentionChange, AttentionLayout
+from .heads import AttentionLayout
 from .manager import PluginManager
+from .records import PruningHistory
 from .registry import Registries, build_registries
 from .settings import StructureSettings, plugin_manager_for, select_integrations
 from .specs import LayerCategory
 from .structure import Structure
-from .surgery import PruneReport
+from .tracker_prune import PruningMethods
 from .units import CanonicalUnitGroup
-from .views import BitwidthView, StructureView, ZeroUnitsView
-from .records import PruningHistory
+from .views import BitwidthView, StructureView
 
 
-class WeightTracker:
+class WeightTracker(PruningMethods):
     """Canonical units of a model, and everything that measures or prunes them.
 
     Args:
@@ -79,22 +78,16 @@ class WeightTracker:
         plugins: Iterable[Any] = (), plugin_manager: PluginManager | None = None,
         integrations: str | Sequence[str] | None = "auto",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}.")
+        opt.check_model(model)
         self.plugin_manager = plugin_manager_for(plugin_manager, plugins)
         self.registries: Registries = build_registries(self.plugin_manager)
         self.model, self.example_inputs = model, example_inputs
         self.post_prune_hooks = opt.check_hooks(post_prune_hooks)
-        signature = "(name, module) -> int"
-        self.weight_bitwidth_fn = opt.check_callable(weight_bitwidth_fn, "weight_bitwidth_fn", signature)
-        self.activation_bitwidth_fn = opt.check_callable(
-            activation_bitwidth_fn, "activation_bitwidth_fn", signature
-        )
+        self.weight_bitwidth_fn = opt.check_bitwidth_fn(weight_bitwidth_fn, "weight_bitwidth_fn")
+        self.activation_bitwidth_fn = opt.check_bitwidth_fn(activation_bitwidth_fn, "activation_bitwidth_fn")
         self.integrations = select_integrations(self.registries, model, integrations)
         self._settings = StructureSettings.create(model, self.integrations, locals())
         self._trackers: dict[str, TrackerHandle] = {}
-        self.pruned_units: dict[str, list[int]] | None = None
-        self.pruned_attention: dict[str, AttentionChange] | None = None
         self._build(version=0)
         self._pruning_history = PruningHistory(self.structure)
 
@@ -187,67 +180,6 @@ class WeightTracker:
         spec = self.registries.pruners.get(name)
         impl = self._built("pruner", spec, pruner_config(spec, config, options))
         return PrunerHandle(self, self.structure.version, spec.name, impl)
-
-    def fake_prune_unit(self, group_id: int, unit_id: int) -> None:
-        """Zero every weight of one unit in every coupled layer (shapes unchanged)."""
-        self._ready("fake_prune_unit")
-        masking.fake_prune_units_(self.structure, {group_id: [unit_id]})
-
-    def fake_prune_units(self, units: Mapping[int, Iterable[int]]) -> None:
-        """Zero several units: ``{group id: [unit ids]}``."""
-        self._ready("fake_prune_units")
-        masking.fake_prune_units_(self.structure, units)
-
-    def zero_units(self, ignore: Sequence[Any] = ()) -> dict[int, list[int]]:
-        """``{group id: zero unit ids}``; a unit is zero when all its weights are.
-
-        Weights of layers selected by ``ignore`` are not looked at.
-        """
-        self._ready("zero_units")
-        return masking.zero_units(self.structure, self._selection((), ignore))
-
-    def view_zero_units(self, ignore: Sequence[Any] = ()) -> ZeroUnitsView:
-        """Zero units per group with the Torch-Pruning indices that would remove them."""
-        return ZeroUnitsView(self.structure.groups, self.zero_units(ignore))
-
-    view_zero_structures = view_zero_units
-
-    def prune_unit(self, group_id: int, unit_id: int) -> PruneReport:
-        """Physically remove one unit (and its coupled slices) from the model."""
-        return self.prune_units({group_id: [unit_id]})
-
-    def prune_units(self, units: Mapping[int, Iterable[int]], dry_run: bool = False) -> PruneReport:
-        """Physically remove several units: ``{group id: [unit ids]}`` (atomic).
-
-        Groups sharing a layer (heads and head dimensions) are removed together, every id
-        numbered as in the current ``tracker.groups``.
-        """
-        self._ready("prune_units")
-        return tracker_prune.prune(self, units, opt.check_bool(dry_run, "dry_run"))
-
-    def prune_zero_units(
-        self, ignore: Sequence[Any] = (), ignore_prune: Sequence[Any] = (), dry_run: bool = False
-    ) -> PruneReport:
-        """Physically remove every zero unit.
-
-        ``ignore`` only changes zero detection. ``ignore_prune`` keeps the listed modules'
-        output widths: groups that cut their output channels (or features) are left as they
-        are, while groups that only cut their inputs are still pruned. ``dry_run`` reports
-        without changing anything. The report's ``left_zero`` names zero units left in place
-        and why.
-        """
-        self._ready("prune_zero_units")
-        return tracker_prune.prune_zero(self, ignore, ignore_prune, dry_run)
-
-    prune_zero_structures = prune_zero_units
-
-    def pruning_record(self) -> dict[str, Any]:
-        """Every physical prune so far and a fingerprint of the dense model (JSON-able).
-
-        Save it next to the pruned ``state_dict``: ``apply_pruning_record(model,
-        example_inputs, record)`` rebuilds the pruned architecture from a fresh dense model.
-        """
-        return self._pruning_history.record()
 
     def bitwidths(self, include: Sequence[Any] = (), ignore: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Weight and activation bit-widths of every counted (weighted) layer."""
