@@ -25,13 +25,6 @@ NOT_YET_SPLIT = {
     "weighttracker_core/graph/handle.py:groups",
     "weighttracker_core/graph/handle.py:_to_raw",
     "weighttracker_core/manager.py:create_plugin_manager",
-    "weighttracker_core/plan_layout.py:compile_chunks",
-    "weighttracker_core/plan_layout.py:__init__",
-    "weighttracker_core/plan_scan.py:_flat",
-    "weighttracker_core/plan_scan.py:_large",
-    "weighttracker_core/plans.py:__init__",
-    "weighttracker_core/plans.py:unit_reduce",
-    "weighttracker_core/structure.py:__init__",
 }
 
 

@@ -1,4 +1,4 @@
-"""Turn dependency groups into canonical unit groups (SPEC §3.2, §3.3).
+"""Turn dependency groups into canonical unit groups.
 
 Unit rules (plugins) say which parameter slices a module loses with an input or output
 channel; this module applies them to Torch-Pruning's groups, replaces the groups of fused

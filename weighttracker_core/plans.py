@@ -197,6 +197,16 @@ class ReductionPlan:
         self.small = SMALL_ELEMENTS
         self.scratch_limit = SCRATCH_ELEMENTS
         self.num_units = sum(g.n_units for g in groups)
+        self.keys, gather, units = self._collect_keys(groups, keep)
+        self._compile_layout()
+        self._compile_gather(gather, units)
+        self._device: torch.device | None = None
+        self._scanners: dict[Any, Scanner] = {}
+
+    def _collect_keys(
+        self, groups: Sequence[CanonicalUnitGroup], keep: Callable[[CanonicalUnitGroup, str], bool] | None
+    ) -> tuple[list[Key], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """Every (parameter, dims, view) key with its owned positions and their global units."""
         keys: dict[tuple[Any, ...], Key] = {}
         index_of: dict[tuple[Any, ...], int] = {}
         gather: list[list[torch.Tensor]] = []
@@ -208,35 +218,41 @@ class ReductionPlan:
                 name = _full_name(member.module_name, piece.param)
                 signature = (name, piece.dims, piece.view)
                 if signature not in keys:
-                    shape = tuple(resolver(name).shape)
-                    keys[signature] = Key(name, piece, shape)
+                    keys[signature] = Key(name, piece, tuple(self.resolver(name).shape))
                     index_of[signature] = len(gather)
                     gather.append([])
                     units.append([])
                 index = index_of[signature]
-                key = keys[signature]
                 positions = torch.tensor(piece.positions, dtype=torch.long)
-                if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= key.length):
-                    raise PlanError(f"Positions of {name!r} exceed its {key.length} slices.")
+                length = keys[signature].length
+                if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= length):
+                    raise PlanError(f"Positions of {name!r} exceed its {length} slices.")
                 gather[index].append(positions)
                 units[index].append(torch.tensor(piece.units, dtype=torch.long) + group.offset)
-        self.keys = list(keys.values())
+        return list(keys.values()), gather, units
+
+    def _compile_layout(self) -> None:
+        """The parameters read, their keys, and the layout of packs and batches."""
         self._param_names = list(dict.fromkeys(k.name for k in self.keys))
         param_index = {n: i for i, n in enumerate(self._param_names)}
         self._keys_by_param: dict[int, list[int]] = {}
         for k, key in enumerate(self.keys):
             self._keys_by_param.setdefault(param_index[key.name], []).append(k)
         members = [
-            Member(name, tuple(resolver(name).shape), list(self._keys_by_param[i]), False, None)
+            Member(name, tuple(self.resolver(name).shape), list(self._keys_by_param[i]), False, None)
             for i, name in enumerate(self._param_names)
         ]
         self._main = Layout(members, self.keys, self.small, self.scratch_limit)
         for k, key in enumerate(self.keys):
             key.offset = self._main.key_offset[k]
         self.num_positions = self._main.num_positions
-        per_key = [(torch.cat(g) if g else torch.zeros(0, dtype=torch.long)) for g in gather]
-        flat_gather = torch.cat([g + key.offset for g, key in zip(per_key, self.keys)]) if per_key else torch.zeros(0, dtype=torch.long)
-        flat_units = torch.cat([torch.cat(u) for u in units if u]) if units else torch.zeros(0, dtype=torch.long)
+
+    def _compile_gather(self, gather: list[list[torch.Tensor]], units: list[list[torch.Tensor]]) -> None:
+        """The gather index of owned positions sorted by unit, run lengths and unit sizes."""
+        empty = torch.zeros(0, dtype=torch.long)
+        per_key = [(torch.cat(g) if g else empty) for g in gather]
+        flat_gather = torch.cat([g + key.offset for g, key in zip(per_key, self.keys)]) if per_key else empty
+        flat_units = torch.cat([torch.cat(u) for u in units if u]) if units else empty
         per_position = torch.cat([torch.full((len(g),), float(key.per_position), dtype=torch.float64)
                                   for g, key in zip(per_key, self.keys)]) if per_key else torch.zeros(0, dtype=torch.float64)
         # owned positions sorted by unit: one deterministic segment reduction per call (an
@@ -249,8 +265,6 @@ class ReductionPlan:
         numel = torch.zeros(self.num_units, dtype=torch.float64)
         numel.index_add_(0, flat_units, per_position)
         self._numel = numel
-        self._device: torch.device | None = None
-        self._scanners: dict[Any, Scanner] = {}
 
     # ------------------------------------------------------------------------- internals
 
@@ -436,12 +450,25 @@ class ReductionPlan:
         device, dtype = tensors[0].device, tensors[0].dtype
         gather, lengths = self._indices(device)
         if op in ("zeros", "nonzeros"):
-            with torch.no_grad():
-                positions = self._positions("nonzeros", tensors)
-                values = positions.index_select(0, gather).to(torch.float64)
-                nonzeros = (torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True, initial=0.0)
-                            if self.num_units else values.new_zeros(0))
-                return nonzeros if op == "nonzeros" else self._numel.to(nonzeros) - nonzeros
+            return self._count_nonzeros(op, tensors, gather, lengths)
+        return self._reduce(op, tensors, gather, lengths, grad=grad, given=given).to(dtype)
+
+    def _count_nonzeros(
+        self, op: str, tensors: list[torch.Tensor], gather: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Non-zero (or zero) weight elements per unit, float64, without autograd."""
+        with torch.no_grad():
+            positions = self._positions("nonzeros", tensors)
+            values = positions.index_select(0, gather).to(torch.float64)
+            nonzeros = (torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True, initial=0.0)
+                        if self.num_units else values.new_zeros(0))
+            return nonzeros if op == "nonzeros" else self._numel.to(nonzeros) - nonzeros
+
+    def _reduce(
+        self, op: str, tensors: list[torch.Tensor], gather: torch.Tensor, lengths: torch.Tensor,
+        *, grad: bool, given: bool,
+    ) -> torch.Tensor:
+        """Per-position values of ``op`` reduced per unit (checked for NaN / inf)."""
         inner = "sum_sq" if op == "l2" else op
         grad = grad and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
@@ -463,7 +490,7 @@ class ReductionPlan:
                 self.check_finite(out.detach(), tensors, given=given)
             if op == "l2":
                 out = safe_sqrt(out)
-        return out.to(dtype)
+        return out
 
     def weighted_l2(self, coefficients: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``sum_u c_u * ||w_u||_2`` over every unit, with autograd (the group lasso).

@@ -141,43 +141,10 @@ class Structure:
         self.model_version = model_version(model)
         #: Whether some parameter was on the meta device (shapes only) when this was built.
         self.built_on_meta = any(p.is_meta for p in model.parameters())
-        rules = registries.unit_rules
-        roots = options.root_module_types
-        if roots is None:
-            roots = (nn.modules.conv._ConvNd, nn.Linear) + tuple(
-                t for t in rules.covered_types()
-                if rules.rule_for(t).layer_pruner is not None  # type: ignore[union-attr]
-            )
-        pruners = {}
-        for module in model.modules():
-            rule = rules.rule_for(type(module))
-            if rule is not None and rule.layer_pruner is not None:
-                pruners[type(module)] = rule.layer_pruner
-        self.handle = DependencyGraphHandle(
-            model,
-            example_inputs,
-            forward_fn=options.forward_fn,
-            output_transform=options.output_transform,
-            unwrapped_parameters=options.unwrapped_parameters,
-            ignored_layers=options.ignored_layers,
-            root_module_types=roots,
-            layer_pruners=pruners,
-            ignored_params=options.ignored_params,
-        )
+        self.handle = self._trace()
         trusted, untrusted = self._split_unwrapped()
-        self.modules, uncovered = module_table(model, rules, trusted)
-        self.module_index = {m.name: m for m in self.modules}
-        builder = GroupBuilder(
-            self.handle,
-            rules,
-            num_heads=options.num_heads,
-            prune_num_heads=options.prune_num_heads,
-            prune_head_dims=options.prune_head_dims,
-            untrusted_params=untrusted,
-            attention_layouts=options.attention_layouts,
-            layout_rules=registries.attention_layouts,
-            prune_model_outputs=options.prune_model_outputs,
-        )
+        self.modules, uncovered = module_table(model, registries.unit_rules, trusted)
+        builder = self._group_builder(untrusted)
         self.groups: tuple[CanonicalUnitGroup, ...] = builder.build()
         self.modules = self.modules + attention_entries(model, builder.layouts, len(self.modules))
         self.module_index = {m.name: m for m in self.modules}
@@ -196,6 +163,46 @@ class Structure:
         self.group_of_unit = torch.repeat_interleave(
             torch.arange(len(self.groups)), torch.tensor([g.n_units for g in self.groups], dtype=torch.long)
         ) if self.groups else torch.zeros(0, dtype=torch.long)
+
+    def _trace(self) -> DependencyGraphHandle:
+        """Torch-Pruning's graph of the model, with the unit rules' layer pruners."""
+        rules, options = self.registries.unit_rules, self.options
+        roots = options.root_module_types
+        if roots is None:
+            roots = (nn.modules.conv._ConvNd, nn.Linear) + tuple(
+                t for t in rules.covered_types()
+                if rules.rule_for(t).layer_pruner is not None  # type: ignore[union-attr]
+            )
+        pruners = {}
+        for module in self.model.modules():
+            rule = rules.rule_for(type(module))
+            if rule is not None and rule.layer_pruner is not None:
+                pruners[type(module)] = rule.layer_pruner
+        return DependencyGraphHandle(
+            self.model,
+            self.example_inputs,
+            forward_fn=options.forward_fn,
+            output_transform=options.output_transform,
+            unwrapped_parameters=options.unwrapped_parameters,
+            ignored_layers=options.ignored_layers,
+            root_module_types=roots,
+            layer_pruners=pruners,
+            ignored_params=options.ignored_params,
+        )
+
+    def _group_builder(self, untrusted: set[str]) -> GroupBuilder:
+        options = self.options
+        return GroupBuilder(
+            self.handle,
+            self.registries.unit_rules,
+            num_heads=options.num_heads,
+            prune_num_heads=options.prune_num_heads,
+            prune_head_dims=options.prune_head_dims,
+            untrusted_params=untrusted,
+            attention_layouts=options.attention_layouts,
+            layout_rules=self.registries.attention_layouts,
+            prune_model_outputs=options.prune_model_outputs,
+        )
 
     def _split_unwrapped(self) -> tuple[list[str], set[str]]:
         """Unwrapped parameters we accept, and those Torch-Pruning only guessed for a layer.

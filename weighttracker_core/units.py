@@ -1,4 +1,4 @@
-"""The canonical-unit data model (SPEC §3.2).
+"""The canonical-unit data model.
 
 A *canonical unit* is one prunable structure: a channel coupled across several layers, an
 attention head spread over a fused projection, one dimension of every head. Units of one
@@ -159,7 +159,7 @@ class CanonicalMember:
 
 @attrs.frozen(kw_only=True)
 class CanonicalUnitGroup:
-    """A dependency group turned into canonical units (SPEC §3.2).
+    """A dependency group turned into canonical units.
 
     Args:
         id: Position in ``tracker.groups`` (0..G-1), deterministic for a model and options.
