@@ -14,16 +14,9 @@ CORE = Path(weighttracker_core.__file__).parent
 MAX_FUNCTION_LINES = 50
 MAX_TRACKER_LINES = 200
 
-#: Functions still over the limit, each waiting to be split (``path:name``). Shrinks only.
+#: Functions still over the limit, each waiting to be split (``path:name``); shrinks only.
+#: manager.py is being rewritten on the plugin-contract branch, which splits it.
 NOT_YET_SPLIT = {
-    "weighttracker_core/canonical.py:build",
-    "weighttracker_core/canonical.py:_head_drafts",
-    "weighttracker_core/cli/demo_cmd.py:run_demo",
-    "weighttracker_core/cli/models.py:load_model",
-    "weighttracker_core/graph/checks.py:check_group",
-    "weighttracker_core/graph/checks.py:check_inputs_owned",
-    "weighttracker_core/graph/handle.py:groups",
-    "weighttracker_core/graph/handle.py:_to_raw",
     "weighttracker_core/manager.py:create_plugin_manager",
 }
 
