@@ -223,7 +223,7 @@ class Scanner:
         for name, axis in axes.items():
             if not 0 <= axis < len(shapes[name]):
                 raise PlanError(f"Parameter {name!r} of shape {shapes[name]} has no axis {axis}.")
-        keys_of = {plan.param_names[i]: ks for i, ks in plan._keys_by_param.items()}
+        keys_of = {plan.param_names[i]: ks for i, ks in plan.keys_by_param.items()}
         members = [Member(name, shapes[name], list(keys_of.get(name, ())), name in counted, axes.get(name))
                    for name in order]
         self.layout = Layout(members, plan.keys, plan.small, plan.scratch_limit)
@@ -237,7 +237,7 @@ class Scanner:
         for k, key in enumerate(plan.keys):
             start = self.layout.key_offset[k]
             remap[key.offset : key.offset + key.length] = torch.arange(start, start + key.length)
-        gather = plan._gather_cpu
+        gather = plan.gather_index
         self._gather = (remap[gather] if len(gather) else gather).to(index_dtype(self.layout.num_positions))
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._dense_cache: dict[Any, Any] = {}
@@ -247,10 +247,10 @@ class Scanner:
     def __call__(self) -> ScanResult:
         plan, layout, block = self.plan, self.layout, self.block
         tensors = plan.resolver.many(layout.names)
-        uniform = plan._uniform(layout, tensors)
+        uniform = plan.is_uniform(layout, tensors)
         device = tensors[0].device if tensors else torch.device("cpu")
         if device not in self._on:
-            self._on[device] = (self._gather.to(device), plan._lengths.to(device),
+            self._on[device] = (self._gather.to(device), plan.run_lengths.to(device),
                                 self._count_order.to(device), self._block_order.to(device))
         gather, lengths, count_order, block_order = self._on[device]
         parts: list[torch.Tensor] = []

@@ -16,7 +16,7 @@ import attrs
 import torch
 from torch import nn
 
-from .canonical import (
+from .group_builder import (
     GroupBuilder,
     ModuleInfo,
     attention_entries,

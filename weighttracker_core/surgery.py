@@ -29,7 +29,7 @@ from .heads import AttentionChange, HeadLayout, plan_removal, removed_rows
 from .specs import HeadPruner
 from .structure import Selection, Structure
 from .units import CanonicalUnitGroup, PruneAxis
-from .views import short_list
+from .summaries import short_list
 
 HEAD_FNS = ("prune_num_heads", "prune_head_dims", "prune_kv_heads")
 

@@ -21,7 +21,7 @@ from .specs import LayerCategory
 from .structure import Structure
 from .tracker_prune import PruningMethods
 from .units import CanonicalUnitGroup
-from .views import BitwidthView, StructureView
+from .summaries import BitwidthView, StructureView
 
 
 class WeightTracker(PruningMethods):

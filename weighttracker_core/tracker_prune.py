@@ -20,7 +20,7 @@ from .heads import AttentionChange
 from .records import PruningHistory
 from .structure import Selection, Structure, model_version, set_model_version
 from .surgery import PruneReport
-from .views import ZeroUnitsView
+from .summaries import ZeroUnitsView
 
 
 class PruningMethods:
