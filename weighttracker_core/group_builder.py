@@ -18,6 +18,7 @@ from torch import nn
 from .errors import ConfigError, CouplingError, UnsupportedModuleError
 from .graph import RawItem
 from .heads import HEAD_FN, AttentionLayout, HeadLayout, unit_rows
+from .names import join_name
 from .layouts import LayoutResolver
 from .registry import TypedRegistry, UnitRuleRegistry
 from .specs import LayerCategory, UnitRule, UnwrappedParameter
@@ -279,7 +280,7 @@ class GroupBuilder:
         for member in members:
             kept = []
             for piece in member.slices:
-                full = f"{member.module_name}.{piece.param}" if member.module_name else piece.param
+                full = join_name(member.module_name, piece.param)
                 key = (self._canonical.get(full, full), piece.dims, piece.view, piece.positions)
                 if key in claimed:
                     continue
@@ -300,7 +301,7 @@ class GroupBuilder:
         for item in raw.items:
             rule = self._rule(item)
             if item.param_name is not None:
-                full = f"{item.module_name}.{item.param_name}" if item.module_name else item.param_name
+                full = join_name(item.module_name, item.param_name)
                 if full in self.untrusted_params:
                     rule = None
             if rule is None:

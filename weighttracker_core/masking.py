@@ -20,16 +20,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import PruningError
+from .names import owner_of
 from .plans import effective_parameter
 from .structure import Selection, Structure
 from .units import MemberSlice
 
 
 def _owner(module: nn.Module, attr: str) -> tuple[nn.Module, str]:
-    if "." in attr:
-        head, _, attr = attr.rpartition(".")
-        module = module.get_submodule(head)
-    return module, attr
+    return owner_of(module, attr)  # type: ignore[no-any-return]
 
 
 def stored_parameter(module: nn.Module, attr: str) -> torch.Tensor | None:

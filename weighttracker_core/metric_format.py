@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,11 +24,17 @@ def to_python(value: Any) -> Any:
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` becomes ``{"a/b": 1}`` (Weights & Biases style keys)."""
-    flat: dict[str, Any] = {}
+    return dict(iter_flat(metrics, prefix))
+
+
+def iter_flat(
+    metrics: Mapping[str, Any], prefix: str = "", skip: Container[str] = ()
+) -> Iterator[tuple[str, Any]]:
+    """``("a/b", value)`` for every leaf of nested ``metrics``, leaving out subtrees ``skip`` names."""
     for key, value in metrics.items():
-        full = f"{prefix}/{key}" if prefix else str(key)
+        path = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, full))
+            if str(key) not in skip:
+                yield from iter_flat(value, path, skip)
         else:
-            flat[full] = value
-    return flat
+            yield path, value

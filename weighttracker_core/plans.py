@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteWeightError, PlanError
+from .names import join_name, owner_of
 from .plan_backward import ANALYTIC_GRADS, PositionReduction, WeightedNorms, backward_recipe
 from .plan_layout import Batch, Key, Layout, Member, Pack, flat_copy, index_dtype, reduce_keep
 from .plan_scan import Scanner, nonfinite_error
@@ -93,9 +94,8 @@ class ParamResolver:
 
     def owner(self, name: str) -> tuple[nn.Module, str]:
         if name not in self._owners:
-            owner_name, _, attr = name.rpartition(".")
             try:
-                owner = self.model.get_submodule(owner_name) if owner_name else self.model
+                owner, attr = owner_of(self.model, name)
             except AttributeError as err:
                 raise PlanError(f"Parameter {name!r} is not in the model any more.") from err
             self._owners[name] = (owner, attr)
@@ -171,7 +171,7 @@ class ParamResolver:
 
 
 def _full_name(module_name: str, param: str) -> str:
-    return f"{module_name}.{param}" if module_name else param
+    return join_name(module_name, param)
 
 
 # ------------------------------------------------------------------------------- plans

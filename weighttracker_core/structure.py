@@ -27,6 +27,7 @@ from .group_builder import (
 from .errors import ArgumentTypeError, ConfigError, StaleConsumerError, UnitIndexError
 from .graph import DependencyGraphHandle
 from .heads import HeadLayout
+from .names import split_name
 from .plans import ParamResolver, ReductionPlan
 from .registry import Registries
 from .specs import LayerCategory
@@ -216,8 +217,7 @@ class Structure:
         named = dict(self.model.named_parameters())
         trusted, untrusted = [], set()
         for name, _dim in self.handle.unwrapped():
-            owner_name = name.rpartition(".")[0]
-            owner = self.module(owner_name)
+            owner = self.module(split_name(name)[0])
             leaf = owner is not self.model and not any(True for _ in owner.children())
             if leaf and id(named.get(name)) not in listed:
                 untrusted.add(name)

@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from .errors import PruningError, WeightTrackerError
 from .heads import AttentionChange, HeadLayout, plan_removal, removed_rows
+from .names import join_name, owner_of, split_name
 from .specs import HeadPruner
 from .structure import Selection, Structure
 from .units import CanonicalUnitGroup, PruneAxis
@@ -154,6 +155,7 @@ class ModelSnapshot:
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameter elements of ``model``, each shared parameter once."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -247,8 +249,7 @@ def _operations(structure: Structure, request: Mapping[int, set[int]]) -> list[_
 
 def _reparametrized(module: nn.Module, param: str) -> str | None:
     """How ``module.<param>`` is re-parametrised, if it is (pruning cannot resize it)."""
-    owner_name, _, attr = param.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
+    owner, attr = owner_of(module, param)
     if f"{attr}_orig" in owner._parameters:
         return (f"torch.nn.utils.prune re-parametrises it; call torch.nn.utils.prune.remove("
                 f"layer, {attr!r}) first")
@@ -271,9 +272,8 @@ def _cut_places(structure: Structure, group: CanonicalUnitGroup) -> set[tuple[st
         rule = rules.rule_for(type(module))
         pieces = rule.slices_for(module, member.axis) if rule is not None else ()
         for piece in (*pieces, *member.slices):
-            owner, _, attr = piece.param.rpartition(".")
-            full = ".".join(p for p in (member.module_name, owner) if p)
-            out.add((full, attr))
+            owner, attr = split_name(piece.param)
+            out.add((join_name(member.module_name, owner), attr))
     return out
 
 

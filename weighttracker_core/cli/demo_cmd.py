@@ -25,7 +25,8 @@ from .. import report
 from ..errors import ConfigError
 from ..specs import LayerCategory
 from ..tracker import WeightTracker
-from .common import collect_metrics, count_parameters, emit, total_macs
+from ..surgery import count_params
+from .common import collect_metrics, emit, total_macs
 from .demo_model import DemoNet, accuracy, latency_ms, load_digits, recalibrate_batch_norm_
 
 DEFAULT_OUTPUT = "weighttracker-demo.html"
@@ -120,7 +121,7 @@ class _Meter:
         self.snapshots.append(copy.deepcopy(self.model))
         return {
             "name": name,
-            "params": count_parameters(self.model),
+            "params": count_params(self.model),
             "macs": None if macs is None else macs["active"],
             "bops": bops.get("bops"),
             "compression": bops.get("compression"),

@@ -31,8 +31,10 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import CouplingError
+from ..names import join_name
 from ..units import PruneAxis
 from . import reshapes
+from .nodes import op_name, output_shape
 from .records import RawGroup
 
 _OPTYPE = tp.ops.OPTYPE
@@ -90,7 +92,7 @@ class GraphChecks:
         """
         for run in reshapes.chains(self.dg.module2node.values(), self._is_layer):
             start = run[0].inputs[0]
-            shape = _input_shape(run[0]) or (_output_shape(start.grad_fn) if start.grad_fn is not None else None)
+            shape = _input_shape(run[0]) or (output_shape(start.grad_fn) if start.grad_fn is not None else None)
             if shape is None or len(shape) < 2:
                 continue
             axis = self._start_axis(run[0], shape)
@@ -120,14 +122,14 @@ class GraphChecks:
     def _consumer_inputs(self, node: Any) -> int | None:
         """The input channels of the layers ``node`` feeds, if they all take as many and
         only operations that keep the shape lie between."""
-        shape = _output_shape(node.grad_fn)
+        shape = output_shape(node.grad_fn)
         counts = set()
         for n in self._walk(node.outputs, upward=False):
             if self._is_layer(n):
                 counts.add(self.dg.get_in_channels(n.module))
             elif _reads_parameters(n):
                 continue  # a layer's own product (a Linear on a 3-D or 4-D input)
-            elif _output_shape(n.grad_fn) != shape:
+            elif output_shape(n.grad_fn) != shape:
                 return None
         return counts.pop() if len(counts) == 1 else None
 
@@ -149,7 +151,7 @@ class GraphChecks:
             if self._is_layer(n):
                 producers.append(n)
                 continue
-            name = _grad_name(n)
+            name = op_name(n)
             if isinstance(n.module, nn.Parameter) or n.grad_fn is None or any(
                 word in name for word in ("mm", "attention", "conv", "einsum")
             ) or _reads_parameters(n):
@@ -161,7 +163,7 @@ class GraphChecks:
         fitting = [a for a in range(1, len(shape)) if shape[a] == channels]
         if len(fitting) == 1:
             return fitting[0]
-        if not fitting or any(_output_shape(p.grad_fn) != shape for p in producers):
+        if not fitting or any(output_shape(p.grad_fn) != shape for p in producers):
             return None
         first = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                  nn.modules.instancenorm._InstanceNorm)
@@ -537,7 +539,7 @@ class GraphChecks:
             return isinstance(n.module, nn.Module) and n.type not in _PASS_THROUGH
 
         for n in self._walk(node.inputs, upward=True, stop=stop):
-            if not stop(n) and any(word in _grad_name(n) for word in _DATA_MOVEMENT):
+            if not stop(n) and any(word in op_name(n) for word in _DATA_MOVEMENT):
                 return n.grad_fn.name()
         return None
 
@@ -557,7 +559,7 @@ class GraphChecks:
         """
         for item in raw.items:
             if item.param_name is not None:
-                full = f"{item.module_name}.{item.param_name}" if item.module_name else item.param_name
+                full = join_name(item.module_name, item.param_name)
                 if full in untrusted:
                     return
         covered, has_consumer = _checked_indices(raw, channels)
@@ -654,8 +656,8 @@ def _partitioning_slices(node: Any) -> bool:
     sources = set()
     for start in node.inputs:
         n = start
-        while n is not None and "slice" not in _grad_name(n):
-            if "neg" in _grad_name(n) and len(n.inputs) == 1:
+        while n is not None and "slice" not in op_name(n):
+            if "neg" in op_name(n) and len(n.inputs) == 1:
                 n = n.inputs[0]
                 continue
             n = None
@@ -682,21 +684,6 @@ def _param_dim_size(owner: nn.Module, attr: str | None, dim: int | None) -> int 
     if attr is None or dim is None:
         return None
     return int(getattr(owner, attr).shape[dim])
-
-
-def _grad_name(node: Any) -> str:
-    fn = node.grad_fn
-    return fn.name().lower() if fn is not None and hasattr(fn, "name") else ""
-
-
-def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:
-    meta = getattr(grad_fn, "_input_metadata", None)
-    if not meta:
-        return None
-    try:
-        return tuple(int(s) for s in meta[0].shape)
-    except (AttributeError, TypeError):
-        return None
 
 
 def _input_shape(node: Any) -> tuple[int, ...] | None:
@@ -750,7 +737,7 @@ def _shuffle_transpose(node: Any, channels: int | None = None) -> str | None:
     """
     fn = node.grad_fn
     before = getattr(fn, "_saved_self_sym_sizes", None)
-    after = _output_shape(fn)
+    after = output_shape(fn)
     if before is None or after is None:
         return None
     before = tuple(int(s) for s in before)
@@ -759,7 +746,7 @@ def _shuffle_transpose(node: Any, channels: int | None = None) -> str | None:
         return None
     start, stop = split
     for out in node.outputs:
-        name = _grad_name(out)
+        name = op_name(out)
         # moving a singleton axis reorders nothing
         split = {d for d in range(start, stop) if after[d] > 1}
         if "transpose" in name:
