@@ -1,11 +1,38 @@
-"""Shared test setup: one torch thread (2-core CI machines stall with more), fixed seeds."""
+"""Shared test setup: one torch thread (2-core CI machines stall with more), fixed seeds.
+
+Skips in one place: ``gpu`` tests when CUDA is absent, and tests marked
+``requires_distribution("name")`` when that distribution is not installed.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import random
 
 import pytest
 import torch
+
+
+def installed(distribution: str) -> bool:
+    """Whether ``distribution`` (e.g. ``"wt-example"``) is installed in this environment."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skip(reason="needs CUDA, which is not available here")
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(no_cuda)
+        for mark in item.iter_markers("requires_distribution"):
+            name = mark.args[0]
+            if not installed(name):
+                item.add_marker(pytest.mark.skip(
+                    reason=f"distribution {name!r} is not installed (bash scripts/test.sh installs it)"))
 
 
 @pytest.fixture(autouse=True)
