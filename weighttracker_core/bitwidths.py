@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -45,20 +45,28 @@ def check_bitwidth(value: Any, layer: str, kind: str) -> int:
     return int(number)
 
 
+def read_bitwidths(fn: BitwidthFn | None, layers: Iterable[tuple[str, nn.Module]], kind: str) -> list[int]:
+    """``kind`` (``"weight"`` / ``"activation"``) bit-widths of ``layers``, checked.
+
+    ``fn`` is called once per ``(name, module)``; without one every layer counts 32 bits.
+
+    Raises:
+        ConfigError: ``fn`` returned something that is not a whole number >= 1.
+    """
+    if fn is None:
+        return [DEFAULT_BITS for _ in layers]
+    return [check_bitwidth(fn(name, module), name, kind) for name, module in layers]
+
+
 def bitwidth_rows(
-    layers: Iterable[tuple[str, nn.Module]],
+    layers: Sequence[tuple[str, nn.Module]],
     weight_fn: BitwidthFn | None,
     activation_fn: BitwidthFn | None,
 ) -> list[dict[str, Any]]:
     """One row per ``(name, module)``: both bit-widths, checked, and where each came from."""
-    rows = []
-    for name, module in layers:
-        row: dict[str, Any] = {"layer": name}
-        for kind, fn in (("weight", weight_fn), ("activation", activation_fn)):
-            if fn is None:
-                row[f"{kind}_bits"], row[f"{kind}_source"] = DEFAULT_BITS, "default"
-            else:
-                row[f"{kind}_bits"] = check_bitwidth(fn(name, module), name, kind)
-                row[f"{kind}_source"] = f"{kind}_bitwidth_fn"
-        rows.append(row)
+    rows: list[dict[str, Any]] = [{"layer": name} for name, _ in layers]
+    for kind, fn in (("weight", weight_fn), ("activation", activation_fn)):
+        source = "default" if fn is None else f"{kind}_bitwidth_fn"
+        for row, bits in zip(rows, read_bitwidths(fn, layers, kind)):
+            row[f"{kind}_bits"], row[f"{kind}_source"] = bits, source
     return rows
