@@ -86,7 +86,7 @@ class WeightTracker(PruningMethods):
         self.weight_bitwidth_fn = opt.check_bitwidth_fn(weight_bitwidth_fn, "weight_bitwidth_fn")
         self.activation_bitwidth_fn = opt.check_bitwidth_fn(activation_bitwidth_fn, "activation_bitwidth_fn")
         self.integrations = select_integrations(self.registries, model, integrations)
-        self._settings = StructureSettings.create(model, self.integrations, locals())
+        self._settings = StructureSettings.create(model, self.integrations, locals())  # its keywords
         self._trackers: dict[str, TrackerHandle] = {}
         self._build(version=0)
         self._pruning_history = PruningHistory(self.structure)
