@@ -158,7 +158,23 @@ def _is_attrs(node: ast.ClassDef) -> bool:
                for d in _decorators(node))
 
 
-def _class(name: str, node: ast.ClassDef) -> list[str]:
+def _inherited(node: ast.ClassDef, owner: Module | None) -> list[ast.AST]:
+    """Methods of ``node``'s bases defined in our packages, not overridden by ``node``."""
+    if owner is None:
+        return []
+    own = {item.name for item in node.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    out: list[ast.AST] = []
+    for base in node.bases:
+        if not isinstance(base, ast.Name):
+            continue
+        _, base_node = resolve(owner, base.id)
+        if isinstance(base_node, ast.ClassDef):
+            out += [item for item in base_node.body
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name not in own]
+    return out
+
+
+def _class(name: str, node: ast.ClassDef, owner: Module | None = None) -> list[str]:
     bases = ", ".join(ast.unparse(b) for b in node.bases)
     init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
     header = f"class {name}" + (_signature(init, True).split(" -> ")[0] if init else f"({bases})" if bases else "")
@@ -178,7 +194,7 @@ def _class(name: str, node: ast.ClassDef) -> list[str]:
                     fields.append(f"- `{target.id} = {_short(item.value)}`")
     if fields:
         out += ["Fields:" if _is_attrs(node) else "Members:", "", *fields, ""]
-    for item in node.body:
+    for item in [*node.body, *_inherited(node, owner)]:
         if not isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         if item.name.startswith("_") and item.name != "__call__":
@@ -205,7 +221,7 @@ def render_name(module: Module, name: str) -> list[str]:
         return [f"### `{name}`", "", f"Re-exported from `{source}`.", ""]
     where = [] if owner is module else [f"Defined in `{owner.name}`.", ""]
     if isinstance(node, ast.ClassDef):
-        lines = _class(name, node)
+        lines = _class(name, node, owner)
         return lines[:2] + where + lines[2:]
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         prefix = " (pytest fixture)" if any("fixture" in d for d in _decorators(node)) else ""

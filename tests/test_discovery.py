@@ -10,6 +10,8 @@ from torch import nn
 
 from weighttracker_core import WeightTracker, create_plugin_manager, describe_plugins
 
+pytestmark = pytest.mark.requires_distribution("wt-example")
+
 
 @pytest.fixture
 def manager():

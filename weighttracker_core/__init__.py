@@ -11,7 +11,8 @@ import importlib.metadata
 import warnings
 from typing import Any
 
-from .consumers import RegularizerHandle, TrackerHandle, flatten_metrics
+from .consumers import RegularizerHandle, TrackerHandle
+from .metric_format import flatten_metrics
 from .errors import (
     ArgumentTypeError,
     CalculationCycleError,

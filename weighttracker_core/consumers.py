@@ -2,7 +2,7 @@
 
 A handle remembers the structure version it was built for: after a physical prune the
 structure is rebuilt and every older handle raises :class:`StaleConsumerError` instead of
-computing numbers for a model that no longer exists (SPEC §7).
+computing numbers for a model that no longer exists.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from .context import Bitwidths
 from .dag import CalculationGraph, Evaluation
 from .errors import ConfigError, HandleAttributeError, PluginError, StaleConsumerError
+from .metric_format import flatten_metrics, to_python
 from .structure import Selection, Structure
 
 
@@ -48,49 +49,6 @@ class ConsumerContext:
     @property
     def example_inputs(self) -> Any:
         return self.structure.example_inputs
-
-
-def build_options(kind: str, name: str, options_cls: type | None, values: Mapping[str, Any]) -> Any:
-    """Instantiate an attrs options class, turning its validation errors into ConfigError."""
-    if options_cls is None:
-        if values:
-            raise ConfigError(f"The {kind} {name!r} takes no options; got {sorted(values)}.")
-        return None
-    try:
-        return options_cls(**values)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"Invalid options for {kind} {name!r}: {err}") from err
-
-
-def accepted_options(options_cls: type | None) -> set[str]:
-    if options_cls is None:
-        return set()
-    if attrs.has(options_cls):
-        return {f.alias or f.name for f in attrs.fields(options_cls)}
-    return set()
-
-
-def to_python(value: Any) -> Any:
-    """Tensors become Python numbers or lists, recursively."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.dim() == 0 else value.tolist()
-    if isinstance(value, Mapping):
-        return {k: to_python(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_python(v) for v in value)
-    return value
-
-
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` becomes ``{"a/b": 1}`` (Weights & Biases style keys)."""
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        full = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, full))
-        else:
-            flat[full] = value
-    return flat
 
 
 class _Handle:
@@ -141,29 +99,41 @@ class TrackerHandle(_Handle):
     def names(self) -> tuple[str, ...]:
         return self._names
 
-    def compute(self, evaluation: Evaluation) -> dict[str, Any]:
-        """Metrics of every tracker in this handle, using a shared evaluation."""
+    def metrics(self, evaluation: Evaluation, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """``{tracker name: metrics}`` of the named trackers (default: all of this handle).
+
+        Tensors become Python numbers when the handle converts them; keys stay nested.
+        """
         self._check()
+        wanted = self._names if names is None else tuple(names)
         out: dict[str, Any] = {}
         for name, impl in self._built:
-            metrics = impl.track(evaluation)
-            if not isinstance(metrics, Mapping):
-                raise PluginError(
-                    f"Tracker {name!r} returned {type(metrics).__name__} from track(); a tracker "
-                    "must return a dict of metrics (nested dicts, numbers or tensors). Fix the "
-                    "plugin that registers it (`weighttracker plugins` names it)."
-                )
-            out[name] = metrics
-        if self.convert_tensors:
-            out = to_python(out)
-        if self.wandb_format:
-            out = flatten_metrics(out)
-        return out
+            if name in wanted:
+                out[name] = _checked_metrics(name, impl.track(evaluation))
+        return to_python(out) if self.convert_tensors else out
+
+    def format(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """``metrics()`` as this handle returns them: nested, or with W&B ``a/b`` keys."""
+        return flatten_metrics(metrics) if self.wandb_format else dict(metrics)
+
+    def compute(self, evaluation: Evaluation) -> dict[str, Any]:
+        """Metrics of every tracker in this handle, using a shared evaluation."""
+        return self.format(self.metrics(evaluation))
 
     def track(self) -> dict[str, Any]:
         """Compute this handle's metrics now."""
         self._check()
         return self.compute(self._owner.graph.evaluation())
+
+
+def _checked_metrics(name: str, metrics: Any) -> Mapping[str, Any]:
+    if not isinstance(metrics, Mapping):
+        raise PluginError(
+            f"Tracker {name!r} returned {type(metrics).__name__} from track(); a tracker "
+            "must return a dict of metrics (nested dicts, numbers or tensors). Fix the "
+            "plugin that registers it (`weighttracker plugins` names it)."
+        )
+    return metrics
 
 
 class RegularizerHandle(_Handle):
@@ -253,3 +223,15 @@ class PrunerHandle(RegularizerHandle):
                 "would not change what it does. Options are fixed by tracker.create_pruner("
                 f"{name!r}, ...); to continue a schedule where it stopped, use "
                 "pruner.load_state_dict(state) with a state saved by pruner.state_dict().")
+
+
+def merged_metrics(trackers: Mapping[str, TrackerHandle], evaluation: Evaluation) -> dict[str, Any]:
+    """Metrics of every tracker in ``{name: handle}``, each formatted by its handle.
+
+    A name re-created by a later ``create_tracker`` counts only in its newest handle.
+    """
+    out: dict[str, Any] = {}
+    for handle in dict.fromkeys(trackers.values()):
+        names = [name for name in handle.names if trackers.get(name) is handle]
+        out.update(handle.format(handle.metrics(evaluation, names)))
+    return out

@@ -26,7 +26,7 @@ rows 4..7 (query heads 2 and 3).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -286,3 +286,61 @@ def removed_rows(layout: HeadLayout, change: AttentionChange) -> tuple[list[int]
     kv = [g * d_ + d for g in range(layout.num_kv_heads) for d in range(d_)
           if g in change.removed_kv_heads or d in gone_dims]
     return q, kv
+
+
+# ------------------------------------------------------------ head counts across a prune
+
+
+def fused_heads_removed(
+    groups: Sequence[Any], units: Mapping[int, Collection[int]], separate: Container[str]
+) -> dict[str, int]:
+    """Heads a request removes per fused ``qkv`` projection or ``nn.MultiheadAttention``.
+
+    ``units`` is ``{group id: local unit ids}``; head groups rooted at separate-projection
+    attention (``separate``: their ``q_proj`` names) are counted by :class:`AttentionChange`
+    instead. Removing heads 0 and 2 of ``attn.qkv`` gives ``{"attn.qkv": 2}``.
+    """
+    out: dict[str, int] = {}
+    for group_id, local in units.items():
+        group = groups[group_id]
+        if group.kind == "head" and group.root_module not in separate:
+            out[group.root_module] = out.get(group.root_module, 0) + len(set(local))
+    return out
+
+
+def num_heads_after_prune(
+    num_heads: Mapping[Any, int],
+    removed: Mapping[str, int],
+    changes: Mapping[str, AttentionChange],
+    module_of: Callable[[str], Any],
+) -> dict[Any, int]:
+    """The user's ``{module: heads}`` brought to the head counts after a prune."""
+    heads = dict(num_heads)
+    for name, count in removed.items():
+        module = module_of(name)
+        if module in heads:
+            heads[module] -= count
+    for change in changes.values():
+        for name, count in ((change.q_proj, change.num_heads), (change.k_proj, change.num_kv_heads),
+                            (change.v_proj, change.num_kv_heads)):
+            module = module_of(name)
+            if module in heads:
+                heads[module] = count
+    return heads
+
+
+def layouts_after_prune(
+    layouts: Sequence[AttentionLayout],
+    changes: Mapping[str, AttentionChange],
+    name_of: Callable[[Any], str],
+) -> tuple[AttentionLayout, ...]:
+    """Declared layouts with the geometry their attention has after a prune."""
+    by_q = {change.q_proj: change for change in changes.values()}
+    updated = []
+    for layout in layouts:
+        change = by_q.get(name_of(layout.q_proj))
+        if change is not None:
+            layout = attrs.evolve(layout, num_heads=change.num_heads,
+                                  num_kv_heads=change.num_kv_heads, head_dim=change.head_dim)
+        updated.append(layout)
+    return tuple(updated)

@@ -1,4 +1,4 @@
-"""Fake pruning: zeroing canonical units in place, shapes unchanged (SPEC §7).
+"""Fake pruning: zeroing canonical units in place, shapes unchanged.
 
 Zeros are written to the tensor the layer stores: ``weight_orig`` under
 ``torch.nn.utils.prune`` (so ``weight_orig * weight_mask`` is zero), the ``original`` of a
@@ -13,24 +13,21 @@ Example: ``Linear(3, 2)`` whose output rows are units 0 and 1; zeroing unit 1 wr
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import ArgumentTypeError, PruningError
+from .errors import PruningError
+from .names import owner_of
 from .plans import effective_parameter
-from .structure import Structure
+from .structure import Selection, Structure
 from .units import MemberSlice
 
 
 def _owner(module: nn.Module, attr: str) -> tuple[nn.Module, str]:
-    if "." in attr:
-        head, _, attr = attr.rpartition(".")
-        module = module.get_submodule(head)
-    return module, attr
+    return owner_of(module, attr)  # type: ignore[no-any-return]
 
 
 def stored_parameter(module: nn.Module, attr: str) -> torch.Tensor | None:
@@ -81,37 +78,6 @@ def positions_are_zero(tensor: torch.Tensor, piece: MemberSlice, positions: list
     return bool((moved[tuple(p.to(tensor.device) for p in parts)] == 0).all())
 
 
-def check_units(structure: Structure, units: Mapping[int, Iterable[int]]) -> dict[int, set[int]]:
-    """``{group id: local unit ids}`` with every id checked (raises before any change)."""
-    if not isinstance(units, Mapping):
-        raise ArgumentTypeError(
-            f"units must be a mapping {{group id: [unit ids]}}, got {type(units).__name__}."
-        )
-    out: dict[int, set[int]] = {}
-    for group_id, local in units.items():
-        group = structure.group(_as_int(group_id))
-        if isinstance(local, (int, str, bytes)) or not isinstance(local, Iterable):
-            raise ArgumentTypeError(
-                f"units[{group_id}] must be a list of unit ids, got {local!r}; write "
-                f"{{{group_id}: [{local!r}]}} for one unit."
-            )
-        out.setdefault(group.id, set()).update(structure.check_unit(group, _as_int(u)) for u in local)
-    return out
-
-
-def _as_int(value: object) -> object:
-    """Integer-like ids (``numpy.int64``, 0-d integer tensors) as ``int``; others unchanged.
-
-    Floats, strings and bools stay as they are, so that the id check refuses them.
-    """
-    if isinstance(value, (bool, int, float, str)) or not hasattr(value, "__index__"):
-        return value
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return value
-
-
 def fake_prune_units_(structure: Structure, units: Mapping[int, Iterable[int]]) -> None:
     """Zero every weight of ``units`` (``{group id: local unit ids}``) in every member.
 
@@ -121,7 +87,7 @@ def fake_prune_units_(structure: Structure, units: Mapping[int, Iterable[int]]) 
         UnitIndexError: A group or unit id is out of range or not an int.
         PruningError: A parametrization cannot represent the zeros.
     """
-    request = check_units(structure, units)
+    request = structure.unit_request(units)
     writes: dict[tuple[str, str], list[tuple[MemberSlice, list[int]]]] = {}
     for group_id, chosen in request.items():
         for member, piece in structure.groups[group_id].iter_slices():
@@ -242,3 +208,21 @@ def _not_representable(module_name: str, param: str, err: BaseException | None) 
         "(torch.nn.utils.parametrize.remove_parametrizations) or use one that keeps zeros; "
         "nothing was changed."
     )
+
+
+def zero_units(structure: Structure, selection: Selection) -> dict[int, list[int]]:
+    """``{group id: local ids of units whose weights are all zero}`` over ``selection``.
+
+    A unit that owns no weight of the selected layers is never zero.
+    """
+    plan = structure.plan(selection)
+    with torch.no_grad():
+        peak = plan.unit_reduce("max_abs")
+    has_weights = plan.unit_numel().to(peak.device) > 0
+    zero = ((peak == 0) & has_weights).nonzero().flatten().tolist()
+    out: dict[int, list[int]] = {}
+    owners = structure.group_of_unit
+    for unit in zero:
+        group = structure.groups[int(owners[unit])]
+        out.setdefault(group.id, []).append(unit - group.offset)
+    return out

@@ -21,6 +21,12 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def check_model(value: Any) -> nn.Module:
+    if not isinstance(value, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got {type(value).__name__}.")
+    return value
+
+
 def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be True or False, got {_describe(value)}.")
@@ -31,6 +37,11 @@ def check_callable(value: Any, name: str, signature: str) -> Any:
     if value is not None and not callable(value):
         raise ConfigError(f"{name} must be a callable {signature} or None, got {_describe(value)}.")
     return value
+
+
+def check_bitwidth_fn(value: Any, name: str) -> Any:
+    """A ``weight_bitwidth_fn`` / ``activation_bitwidth_fn``: a callable or ``None``."""
+    return check_callable(value, name, "(name, module) -> int")
 
 
 def _as_list(value: Any, name: str, what: str) -> list[Any]:

@@ -8,8 +8,9 @@ once (``2w`` for squares, ``sign(w)`` for |w|): about one write per parameter. P
 the plan batches (same shape and keys) get their gradients from one ``[n, *shape]``
 computation; each gradient is a view of that batch's buffer.
 
-The plan object is duck-typed (``_positions``, ``_main``, ``_uniform``, ``_recipe``,
-``resolver``) so this module sits below :mod:`.plans` in the import layers.
+The plan is used through its public members (``position_values``, ``layout``,
+``is_uniform``, ``recipe``, ``unit_indices``, ``resolver``) and typed ``Any``, so this module
+sits below :mod:`.plans` in the import layers.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class PositionReduction(torch.autograd.Function):
     def forward(ctx: Any, plan: Any, op: str, *tensors: torch.Tensor) -> torch.Tensor:
         ctx.plan, ctx.op = plan, op
         ctx.save_for_backward(*tensors)
-        return plan._positions(op, tensors)
+        return plan.position_values(op, tensors)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -55,8 +56,8 @@ def position_grads(plan: Any, op: str, tensors: Sequence[torch.Tensor], grad: to
         grad = grad * 2  # d(w^2)/dw = 2w: scale the short vector, not the parameters
     grad = grad.contiguous()
     grads: list[torch.Tensor | None] = [None] * len(tensors)
-    main = plan._main
-    uniform = plan._uniform(main, tensors)
+    main = plan.layout
+    uniform = plan.is_uniform(main, tensors)
     for pack in main.packs:
         members = pack.members
         if not any(needs[m] for m in members):
@@ -69,7 +70,7 @@ def position_grads(plan: Any, op: str, tensors: Sequence[torch.Tensor], grad: to
             for i, m in enumerate(batch.members):
                 if needs[m]:
                     weights = tensors[m].reshape(1, *batch.shape)
-                    out = batch_grad(plan._recipe(batch), batch, grad, weights, op, i, 1)
+                    out = batch_grad(plan.recipe(batch), batch, grad, weights, op, i, 1)
                     grads[m] = out[0].to(tensors[m].dtype)
     return grads
 
@@ -86,8 +87,8 @@ class WeightedNorms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, plan: Any, coefficients: Any, *tensors: torch.Tensor) -> torch.Tensor:
-        positions = plan._positions("sum_sq", tensors)
-        gather, lengths = plan._indices(positions.device)
+        positions = plan.position_values("sum_sq", tensors)
+        gather, lengths = plan.unit_indices(positions.device)
         values = positions.index_select(0, gather)
         if plan.num_units:
             sums = torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True, initial=0.0)
@@ -111,7 +112,7 @@ class WeightedNorms(torch.autograd.Function):
         grad_norms = grad.expand(coef.shape) * coef
         grad_root = torch.where(positive, grad_norms, 0.0)
         grad_sums = torch.where(positive, grad_root / (2 * root), 0.0)
-        gather, lengths = plan._indices(grad_sums.device)
+        gather, lengths = plan.unit_indices(grad_sums.device)
         grad_values = torch.repeat_interleave(grad_sums, lengths.to(torch.long), output_size=gather.numel())
         grad_positions = grad_values.new_zeros(ctx.num_positions).index_add_(0, gather, grad_values)
         grads = position_grads(plan, "sum_sq", tensors, grad_positions, ctx.needs_input_grad[2:])
@@ -215,7 +216,7 @@ def _flat_grads(plan: Any, pack: Any, tensors: Sequence[torch.Tensor], grad: tor
     batches = pack.batches
     for batch in batches[: pack.plain]:
         region = buffer[batch.start : batch.start + batch.n * batch.numel]
-        _spread(_prepare(plan._recipe(batch), batch, 0, batch.n), grad, region)
+        _spread(_prepare(plan.recipe(batch), batch, 0, batch.n), grad, region)
     if pack.plain < len(batches):  # positions that are elements: one copy for all of them
         start = batches[pack.plain].start
         first = batches[pack.plain].keys[0][1]

@@ -296,46 +296,19 @@ class Layout:
         self.names = [m.name for m in members]
         for m in members:  # a canonical key order, so that parameters of one shape batch
             m.keys.sort(key=lambda k: keys[k].sig)
-        classes: dict[Any, list[int]] = {}
-        packs: list[Pack] = []
-        for i, m in enumerate(members):
-            if m.numel <= small:
-                sig = (m.shape, tuple(keys[k].sig for k in m.keys), m.count, m.block)
-                classes.setdefault(sig, []).append(i)
-            else:
-                batch = Batch([i], m, [keys[k] for k in m.keys])
-                batch.chunks = compile_chunks(m, batch, scratch)
-                packs.append(Pack([batch], flat=False))
-        current: list[Batch] = []
-        used = 0
+        self.packs = _packs(members, keys, small, scratch)
+        self._place()
+        self.shapes = [torch.Size(m.shape) for m in members]
 
-        def plain(ids: list[int]) -> bool:  # one key that reduces nothing: positions = elements
-            proto = members[ids[0]]
-            return len(proto.keys) == 1 and keys[proto.keys[0]].reduces_nothing
-
-        # such batches last in each pack, so that they form one run of positions and elements
-        for ids in sorted(classes.values(), key=plain):
-            proto = members[ids[0]]
-            run: list[int] = []
-            for i in ids:
-                if used + proto.numel > scratch and (run or current):
-                    if run:
-                        current.append(Batch(run, proto, [keys[k] for k in proto.keys]))
-                    packs.append(Pack(current, flat=True))
-                    current, run, used = [], [], 0
-                run.append(i)
-                used += proto.numel
-            current.append(Batch(run, proto, [keys[k] for k in proto.keys]))
-        if current:
-            packs.append(Pack(current, flat=True))
-        self.packs = packs
-        # positions: pack by pack, batch by batch, key by key, member by member
+    def _place(self) -> None:
+        """Positions: pack by pack, batch by batch, key by key, member by member."""
+        members = self.members
         self.key_offset: dict[int, int] = {}
         self.flat_members: list[int] = []
-        count_layout: list[int] = []
-        block_layout: list[int] = []
+        self.count_layout: list[int] = []
+        self.block_layout: list[int] = []
         offset = 0
-        for pack in packs:
+        for pack in self.packs:
             start = 0
             pack.plain = len(pack.batches)
             while pack.plain and pack.flat and pack.batches[pack.plain - 1].plain:
@@ -351,13 +324,47 @@ class Layout:
                 if pack.flat:
                     self.flat_members.extend(batch.members)
                 if batch.count:
-                    count_layout.extend(batch.members)
+                    self.count_layout.extend(batch.members)
                 if batch.block is not None:
-                    block_layout.extend(batch.members)
+                    self.block_layout.extend(batch.members)
         self.num_positions = offset
-        self.shapes = [torch.Size(m.shape) for m in members]
-        self.count_layout = count_layout
-        self.block_layout = block_layout
+
+
+def _packs(members: list[Member], keys: Sequence[Key], small: int, scratch: int) -> list[Pack]:
+    """Large parameters one pack each; small ones batched by shape and keys into flat packs."""
+    classes: dict[Any, list[int]] = {}
+    packs: list[Pack] = []
+    for i, m in enumerate(members):
+        if m.numel <= small:
+            sig = (m.shape, tuple(keys[k].sig for k in m.keys), m.count, m.block)
+            classes.setdefault(sig, []).append(i)
+        else:
+            batch = Batch([i], m, [keys[k] for k in m.keys])
+            batch.chunks = compile_chunks(m, batch, scratch)
+            packs.append(Pack([batch], flat=False))
+    current: list[Batch] = []
+    used = 0
+
+    def plain(ids: list[int]) -> bool:  # one key that reduces nothing: positions = elements
+        proto = members[ids[0]]
+        return len(proto.keys) == 1 and keys[proto.keys[0]].reduces_nothing
+
+    # such batches last in each pack, so that they form one run of positions and elements
+    for ids in sorted(classes.values(), key=plain):
+        proto = members[ids[0]]
+        run: list[int] = []
+        for i in ids:
+            if used + proto.numel > scratch and (run or current):
+                if run:
+                    current.append(Batch(run, proto, [keys[k] for k in proto.keys]))
+                packs.append(Pack(current, flat=True))
+                current, run, used = [], [], 0
+            run.append(i)
+            used += proto.numel
+        current.append(Batch(run, proto, [keys[k] for k in proto.keys]))
+    if current:
+        packs.append(Pack(current, flat=True))
+    return packs
 
 
 def compile_chunks(member: Member, batch: Batch, limit: int) -> list[Chunk] | None:
@@ -374,57 +381,74 @@ def compile_chunks(member: Member, batch: Batch, limit: int) -> list[Chunk] | No
     fine = refine([shape, *views])
     if fine is None:
         return None
-    row_dims, product = 0, 1  # fine dims that make up raw dim 0
+    split, step = _split_dim(shape, fine, limit)
+    if member.block == 0:  # 2:4 blocks along dim 0: runs must hold whole blocks of 4
+        if _rows_dims(shape, fine) != 1 or step < 4:
+            return None
+        step -= step % 4
+    ranges = [merge_ranges(fine, view) for view in views]
+    if any(r is None for r in ranges):
+        return None
+    inner = math.prod(fine[split + 1 :])
+    row_size = math.prod(shape[1:])
+    chunks = []
+    for prefix in itertools.product(*[range(f) for f in fine[:split]]):
+        for a in range(0, fine[split], step):
+            b = min(a + step, fine[split])
+            start = 0
+            for f, i in zip(fine[: split + 1], [*prefix, a]):
+                start = start * f + i
+            start *= inner
+            stop = start + (b - a) * inner
+            boxes = [_box(key, spans, fine, prefix, split, a, b)  # type: ignore[arg-type]
+                     for (key, _), spans in zip(batch.keys, ranges)]
+            chunks.append(Chunk(start, stop, (stop - start) // row_size, boxes))
+    return chunks
+
+
+def _rows_dims(shape: Sequence[int], fine: Sequence[int]) -> int:
+    """How many fine dims make up raw dim 0."""
+    row_dims, product = 0, 1
     while product < shape[0]:
         product *= fine[row_dims]
         row_dims += 1
+    return row_dims
+
+
+def _split_dim(shape: Sequence[int], fine: Sequence[int], limit: int) -> tuple[int, int]:
+    """The fine dim to cut runs along, and how many of its entries one run takes."""
+    row_dims = _rows_dims(shape, fine)
     split = row_dims - 1
     for k in range(row_dims):
         if math.prod(fine[k + 1 :]) <= limit:
             split = k
             break
     inner = math.prod(fine[split + 1 :])
-    step = max(1, min(fine[split], limit // inner))
-    if member.block == 0:  # 2:4 blocks along dim 0: runs must hold whole blocks of 4
-        if row_dims != 1 or step < 4:
-            return None
-        step -= step % 4
-    ranges = [merge_ranges(fine, view) for view in views]
-    if any(r is None for r in ranges):
-        return None
-    row_size = math.prod(shape[1:])
-    chunks = []
-    for prefix in itertools.product(*[range(f) for f in fine[:split]]):
-        for a in range(0, fine[split], step):
-            b = min(a + step, fine[split])
-            index = list(prefix) + [a]
-            start = 0
-            for f, i in zip(fine[: split + 1], index):
-                start = start * f + i
-            start *= inner
-            stop = start + (b - a) * inner
-            boxes = []
-            for (key, _), spans in zip(batch.keys, ranges):
-                extents, where = [], []
-                for size, span in zip(key.shape, spans):  # type: ignore[arg-type]
-                    s, e = span.start, span.stop
-                    if s == e or s > split:  # whole dim
-                        extents.append(size)
-                        where.append(slice(None))
-                    elif e <= split:  # fixed by the prefix
-                        pos = 0
-                        for f in range(s, e):
-                            pos = pos * fine[f] + prefix[f]
-                        extents.append(1)
-                        where.append(slice(pos, pos + 1))
-                    else:  # the split dim: a range
-                        pos = 0
-                        for f in range(s, split):
-                            pos = pos * fine[f] + prefix[f]
-                        scale = math.prod(fine[split + 1 : e])
-                        first = (pos * fine[split] + a) * scale
-                        extents.append((b - a) * scale)
-                        where.append(slice(first, first + (b - a) * scale))
-                boxes.append((tuple(extents), tuple(where[d] for d in key.keep)))
-            chunks.append(Chunk(start, stop, (stop - start) // row_size, boxes))
-    return chunks
+    return split, max(1, min(fine[split], limit // inner))
+
+
+def _box(
+    key: Key, spans: Sequence[range], fine: Sequence[int], prefix: Sequence[int], split: int, a: int, b: int
+) -> tuple[tuple[int, ...], tuple[slice, ...]]:
+    """Extent and place, in ``key``'s view, of the run ``prefix`` + ``[a, b)`` of the split dim."""
+    extents, where = [], []
+    for size, span in zip(key.shape, spans):
+        s, e = span.start, span.stop
+        if s == e or s > split:  # whole dim
+            extents.append(size)
+            where.append(slice(None))
+        elif e <= split:  # fixed by the prefix
+            pos = 0
+            for f in range(s, e):
+                pos = pos * fine[f] + prefix[f]
+            extents.append(1)
+            where.append(slice(pos, pos + 1))
+        else:  # the split dim: a range
+            pos = 0
+            for f in range(s, split):
+                pos = pos * fine[f] + prefix[f]
+            scale = math.prod(fine[split + 1 : e])
+            first = (pos * fine[split] + a) * scale
+            extents.append((b - a) * scale)
+            where.append(slice(first, first + (b - a) * scale))
+    return tuple(extents), tuple(where[d] for d in key.keep)

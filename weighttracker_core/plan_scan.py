@@ -21,7 +21,7 @@ and key); large ones a chunk of rows at a time, in scratch of the plan's bound.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -223,7 +223,7 @@ class Scanner:
         for name, axis in axes.items():
             if not 0 <= axis < len(shapes[name]):
                 raise PlanError(f"Parameter {name!r} of shape {shapes[name]} has no axis {axis}.")
-        keys_of = {plan.param_names[i]: ks for i, ks in plan._keys_by_param.items()}
+        keys_of = {plan.param_names[i]: ks for i, ks in plan.keys_by_param.items()}
         members = [Member(name, shapes[name], list(keys_of.get(name, ())), name in counted, axes.get(name))
                    for name in order]
         self.layout = Layout(members, plan.keys, plan.small, plan.scratch_limit)
@@ -237,7 +237,7 @@ class Scanner:
         for k, key in enumerate(plan.keys):
             start = self.layout.key_offset[k]
             remap[key.offset : key.offset + key.length] = torch.arange(start, start + key.length)
-        gather = plan._gather_cpu
+        gather = plan.gather_index
         self._gather = (remap[gather] if len(gather) else gather).to(index_dtype(self.layout.num_positions))
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._dense_cache: dict[Any, Any] = {}
@@ -247,10 +247,10 @@ class Scanner:
     def __call__(self) -> ScanResult:
         plan, layout, block = self.plan, self.layout, self.block
         tensors = plan.resolver.many(layout.names)
-        uniform = plan._uniform(layout, tensors)
+        uniform = plan.is_uniform(layout, tensors)
         device = tensors[0].device if tensors else torch.device("cpu")
         if device not in self._on:
-            self._on[device] = (self._gather.to(device), plan._lengths.to(device),
+            self._on[device] = (self._gather.to(device), plan.run_lengths.to(device),
                                 self._count_order.to(device), self._block_order.to(device))
         gather, lengths, count_order, block_order = self._on[device]
         parts: list[torch.Tensor] = []
@@ -336,14 +336,9 @@ class Scanner:
         is zero" and "every weight is zero"; a batch whose members are all one or the other
         repeats the results of the last call with the same pattern (no key or block work).
         """
-        resolver, bins = self.plan.resolver, self.block + 1
-        first = tensors[pack.batches[0].members[0]]
-        device = first.device
-        flat = flat_copy(pack, tensors, resolver)
-        totals.append(flat.sum())
-        flags, raw, views = resolver.flag_views(pack, device)
-        flags.copy_(flat)
-        flags = raw
+        resolver = self.plan.resolver
+        device = tensors[pack.batches[0].members[0]].device
+        flags, views = self._flags(pack, tensors, totals, device)
         patterns = self._patterns(pack, flags, views, device)
         known = self._dense_results(pack, device)
         cache = self._batch_cache
@@ -357,54 +352,65 @@ class Scanner:
         if plain < len(pack.batches):  # positions that are elements: one copy for all of them
             elements = flags[pack.batches[plain].start :]
         for i, (batch, values) in enumerate(zip(pack.batches, views)):
-            n = batch.n
             pattern = patterns[i]
             if i == plain:
                 parts.append(elements.clone())
             if pattern is not None and 0 not in pattern:  # no zero at all: known without a cache
-                if i < plain:
-                    parts.extend(known[i][0])
-                if batch.count:
-                    counts.append(known[i][2])
-                if batch.block is not None:
-                    pieces.append(known[i][1])
-                continue
-            slot = (id(pack), i, device)
-            hit = cache.get(slot) if pattern is not None else None
-            if hit is not None and hit[0] == pattern:
-                _, key_parts, count, hist = hit
-                if i < plain:
-                    parts.extend(key_parts)
-                if count is not None:
-                    counts.append(count)
-                if hist is not None:
-                    pieces.append(hist)
-                continue
-            key_parts = [key.positions(values, "max", copy=True, n=n) for key, _ in batch.keys] if i < plain else []
-            parts.extend(key_parts)
-            count = hist = None
-            if batch.block is None:
-                if batch.count:
-                    count = values.sum(1, dtype=torch.int32)
+                key_parts = known[i][0]
+                count = known[i][2] if batch.count else None
+                hist = known[i][1] if batch.block is not None else None
             else:
-                sums, tail = block_sums(values.view(n, *batch.shape), batch.block, self.block, scratch)
-                if batch.count:  # non-zeros from the (4x shorter) block sums, plus the tails
-                    count = sums.sum(1, dtype=torch.int32)
-                    if tail is not None:
-                        count = count + tail
-                if deterministic or n == 1:
-                    hist = block_histogram(sums, self.block)
-                else:  # member j of the batch counts into bins 5j..5j+4 of one bincount
-                    sums += known[i][3][1]
-                    hist = torch.bincount(sums.view(-1), minlength=n * bins).view(n, bins).flip(1)
+                slot = (id(pack), i, device)
+                hit = cache.get(slot) if pattern is not None else None
+                if hit is not None and hit[0] == pattern:
+                    _, key_parts, count, hist = hit
+                else:
+                    key_parts, count, hist = self._flat_batch(batch, values, i < plain, known[i],
+                                                              deterministic, scratch)
+                    if pattern is not None:
+                        cache[slot] = (pattern, key_parts, count, hist)
+            if i < plain:
+                parts.extend(key_parts)
             if count is not None:
                 counts.append(count)
             if hist is not None:
                 pieces.append(hist)  # by zeros, not by non-zeros
-            if pattern is not None:
-                cache[slot] = (pattern, key_parts, count, hist)
         if pieces:
             hists.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+
+    def _flags(self, pack: Any, tensors: Sequence[torch.Tensor], totals: list[torch.Tensor],
+               device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The pack's flat copy as bytes (1: non-zero), and its per-batch ``[n, numel]`` views."""
+        resolver = self.plan.resolver
+        flat = flat_copy(pack, tensors, resolver)
+        totals.append(flat.sum())
+        flags, raw, views = resolver.flag_views(pack, device)
+        flags.copy_(flat)
+        return raw, views
+
+    def _flat_batch(
+        self, batch: Batch, values: torch.Tensor, keyed: bool, known: tuple[Any, ...],
+        deterministic: bool, scratch: Callable[[torch.dtype, int, int], torch.Tensor],
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """One batch of a flat pack read afresh: its key parts, non-zeros and zero histogram."""
+        n, bins = batch.n, self.block + 1
+        key_parts = [key.positions(values, "max", copy=True, n=n) for key, _ in batch.keys] if keyed else []
+        count = hist = None
+        if batch.block is None:
+            if batch.count:
+                count = values.sum(1, dtype=torch.int32)
+            return key_parts, count, hist
+        sums, tail = block_sums(values.view(n, *batch.shape), batch.block, self.block, scratch)
+        if batch.count:  # non-zeros from the (4x shorter) block sums, plus the tails
+            count = sums.sum(1, dtype=torch.int32)
+            if tail is not None:
+                count = count + tail
+        if deterministic or n == 1:
+            hist = block_histogram(sums, self.block)
+        else:  # member j of the batch counts into bins 5j..5j+4 of one bincount
+            sums += known[3][1]
+            hist = torch.bincount(sums.view(-1), minlength=n * bins).view(n, bins).flip(1)
+        return key_parts, count, hist
 
     def _patterns(self, pack: Any, flags: torch.Tensor, views: Sequence[torch.Tensor],
                   device: torch.device) -> list[tuple[int, ...] | None]:
@@ -485,30 +491,43 @@ class Scanner:
         size = batch.numel if chunks is None else max(c.stop - c.start for c in chunks)
         buffer = resolver.scratch(torch.bool, device, size)
         if chunks is None:
-            totals.append(source.sum())
-            flags = buffer.copy_(source).view(torch.uint8)
-            if self._dense(flags, device):
-                self._mark(True)
-                dense_parts, dense_hist = self._dense_results(pack, device)[0][:2]
-                parts.extend(dense_parts)
-                if batch.count:
-                    counts.append(torch.full((1,), batch.numel, dtype=torch.long, device=device))
-                if dense_hist is not None:
-                    hists.append(dense_hist)
-                return
-            self._mark(False)
-            for key, _ in batch.keys:
-                parts.append(key.positions(flags, "max", copy=True, n=1))
-            count, hist = self._rows(flags.view(1, *batch.shape), batch)
+            self._large_whole(pack, source, buffer, parts, counts, hists, totals)
+        else:
+            self._large_chunked(batch, source, buffer, parts, counts, hists, totals)
+
+    def _large_whole(self, pack: Any, source: torch.Tensor, buffer: torch.Tensor, parts: list[torch.Tensor],
+                     counts: list[torch.Tensor], hists: list[torch.Tensor], totals: list[torch.Tensor]) -> None:
+        """A large parameter that fits the scratch: read in one go."""
+        batch, device = pack.batches[0], source.device
+        totals.append(source.sum())
+        flags = buffer.copy_(source).view(torch.uint8)
+        if self._dense(flags, device):
+            self._mark(True)
+            dense_parts, dense_hist = self._dense_results(pack, device)[0][:2]
+            parts.extend(dense_parts)
             if batch.count:
-                counts.append(count[None])
-            if hist is not None:
-                hists.append(hist)
+                counts.append(torch.full((1,), batch.numel, dtype=torch.long, device=device))
+            if dense_hist is not None:
+                hists.append(dense_hist)
             return
+        self._mark(False)
+        for key, _ in batch.keys:
+            parts.append(key.positions(flags, "max", copy=True, n=1))
+        count, hist = self._rows(flags.view(1, *batch.shape), batch)
+        if batch.count:
+            counts.append(count[None])
+        if hist is not None:
+            hists.append(hist)
+
+    def _large_chunked(self, batch: Batch, source: torch.Tensor, buffer: torch.Tensor, parts: list[torch.Tensor],
+                       counts: list[torch.Tensor], hists: list[torch.Tensor], totals: list[torch.Tensor]) -> None:
+        """A large parameter read a run of whole rows at a time; keys accumulate maxima."""
+        device, chunks = source.device, batch.chunks
+        assert chunks is not None
         accs = [torch.zeros(key.length, dtype=torch.uint8, device=device) for key, _ in batch.keys]
         views = [acc.view([key.shape[d] for d in key.dims]).permute(*[key.dims.index(d) for d in key.keep])
                  for acc, (key, _) in zip(accs, batch.keys)]
-        total = torch.zeros((), dtype=tensor.dtype, device=device)
+        total = torch.zeros((), dtype=source.dtype, device=device)
         count = torch.zeros((), dtype=torch.long, device=device)
         hist = torch.zeros(1, self.block + 1, dtype=torch.long, device=device)
         dense_chunks = 0

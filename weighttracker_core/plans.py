@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteWeightError, PlanError
+from .names import join_name, owner_of
 from .plan_backward import ANALYTIC_GRADS, PositionReduction, WeightedNorms, backward_recipe
 from .plan_layout import Batch, Key, Layout, Member, Pack, flat_copy, index_dtype, reduce_keep
 from .plan_scan import Scanner, nonfinite_error
@@ -93,9 +94,8 @@ class ParamResolver:
 
     def owner(self, name: str) -> tuple[nn.Module, str]:
         if name not in self._owners:
-            owner_name, _, attr = name.rpartition(".")
             try:
-                owner = self.model.get_submodule(owner_name) if owner_name else self.model
+                owner, attr = owner_of(self.model, name)
             except AttributeError as err:
                 raise PlanError(f"Parameter {name!r} is not in the model any more.") from err
             self._owners[name] = (owner, attr)
@@ -171,7 +171,7 @@ class ParamResolver:
 
 
 def _full_name(module_name: str, param: str) -> str:
-    return f"{module_name}.{param}" if module_name else param
+    return join_name(module_name, param)
 
 
 # ------------------------------------------------------------------------------- plans
@@ -197,6 +197,16 @@ class ReductionPlan:
         self.small = SMALL_ELEMENTS
         self.scratch_limit = SCRATCH_ELEMENTS
         self.num_units = sum(g.n_units for g in groups)
+        self.keys, gather, units = self._collect_keys(groups, keep)
+        self._compile_layout()
+        self._compile_gather(gather, units)
+        self._device: torch.device | None = None
+        self._scanners: dict[Any, Scanner] = {}
+
+    def _collect_keys(
+        self, groups: Sequence[CanonicalUnitGroup], keep: Callable[[CanonicalUnitGroup, str], bool] | None
+    ) -> tuple[list[Key], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """Every (parameter, dims, view) key with its owned positions and their global units."""
         keys: dict[tuple[Any, ...], Key] = {}
         index_of: dict[tuple[Any, ...], int] = {}
         gather: list[list[torch.Tensor]] = []
@@ -208,63 +218,68 @@ class ReductionPlan:
                 name = _full_name(member.module_name, piece.param)
                 signature = (name, piece.dims, piece.view)
                 if signature not in keys:
-                    shape = tuple(resolver(name).shape)
-                    keys[signature] = Key(name, piece, shape)
+                    keys[signature] = Key(name, piece, tuple(self.resolver(name).shape))
                     index_of[signature] = len(gather)
                     gather.append([])
                     units.append([])
                 index = index_of[signature]
-                key = keys[signature]
                 positions = torch.tensor(piece.positions, dtype=torch.long)
-                if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= key.length):
-                    raise PlanError(f"Positions of {name!r} exceed its {key.length} slices.")
+                length = keys[signature].length
+                if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= length):
+                    raise PlanError(f"Positions of {name!r} exceed its {length} slices.")
                 gather[index].append(positions)
                 units[index].append(torch.tensor(piece.units, dtype=torch.long) + group.offset)
-        self.keys = list(keys.values())
+        return list(keys.values()), gather, units
+
+    def _compile_layout(self) -> None:
+        """The parameters read, their keys, and the layout of packs and batches."""
         self._param_names = list(dict.fromkeys(k.name for k in self.keys))
         param_index = {n: i for i, n in enumerate(self._param_names)}
-        self._keys_by_param: dict[int, list[int]] = {}
+        self.keys_by_param: dict[int, list[int]] = {}
         for k, key in enumerate(self.keys):
-            self._keys_by_param.setdefault(param_index[key.name], []).append(k)
+            self.keys_by_param.setdefault(param_index[key.name], []).append(k)
         members = [
-            Member(name, tuple(resolver(name).shape), list(self._keys_by_param[i]), False, None)
+            Member(name, tuple(self.resolver(name).shape), list(self.keys_by_param[i]), False, None)
             for i, name in enumerate(self._param_names)
         ]
-        self._main = Layout(members, self.keys, self.small, self.scratch_limit)
+        self.layout = Layout(members, self.keys, self.small, self.scratch_limit)
         for k, key in enumerate(self.keys):
-            key.offset = self._main.key_offset[k]
-        self.num_positions = self._main.num_positions
-        per_key = [(torch.cat(g) if g else torch.zeros(0, dtype=torch.long)) for g in gather]
-        flat_gather = torch.cat([g + key.offset for g, key in zip(per_key, self.keys)]) if per_key else torch.zeros(0, dtype=torch.long)
-        flat_units = torch.cat([torch.cat(u) for u in units if u]) if units else torch.zeros(0, dtype=torch.long)
+            key.offset = self.layout.key_offset[k]
+        self.num_positions = self.layout.num_positions
+
+    def _compile_gather(self, gather: list[list[torch.Tensor]], units: list[list[torch.Tensor]]) -> None:
+        """The gather index of owned positions sorted by unit, run lengths and unit sizes."""
+        empty = torch.zeros(0, dtype=torch.long)
+        per_key = [(torch.cat(g) if g else empty) for g in gather]
+        flat_gather = torch.cat([g + key.offset for g, key in zip(per_key, self.keys)]) if per_key else empty
+        flat_units = torch.cat([torch.cat(u) for u in units if u]) if units else empty
         per_position = torch.cat([torch.full((len(g),), float(key.per_position), dtype=torch.float64)
                                   for g, key in zip(per_key, self.keys)]) if per_key else torch.zeros(0, dtype=torch.float64)
         # owned positions sorted by unit: one deterministic segment reduction per call (an
         # index_add would use atomics on GPUs, and the same weights could sum differently)
         order = torch.argsort(flat_units, stable=True)
-        self._gather_cpu = flat_gather[order]
-        self._gather = self._gather_cpu.to(index_dtype(self.num_positions))
+        self.gather_index = flat_gather[order]
+        self._gather = self.gather_index.to(index_dtype(self.num_positions))
         counts = torch.bincount(flat_units, minlength=self.num_units) if len(flat_units) else torch.zeros(self.num_units, dtype=torch.long)
-        self._lengths = counts.to(index_dtype(int(counts.max()) if len(counts) else 0))
+        self.run_lengths = counts.to(index_dtype(int(counts.max()) if len(counts) else 0))
         numel = torch.zeros(self.num_units, dtype=torch.float64)
         numel.index_add_(0, flat_units, per_position)
         self._numel = numel
-        self._device: torch.device | None = None
-        self._scanners: dict[Any, Scanner] = {}
 
-    # ------------------------------------------------------------------------- internals
+    # ------------------------------------------------------- used by the backward and scan
 
-    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def unit_indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gather index of owned positions (sorted by unit) and the units' run lengths."""
         if self._device != device:
             self._gather = self._gather.to(device)
-            self._lengths = self._lengths.to(device)
+            self.run_lengths = self.run_lengths.to(device)
             self._device = device
-        return self._gather, self._lengths
+        return self._gather, self.run_lengths
 
-    def _uniform(self, pas: Layout, tensors: Sequence[torch.Tensor]) -> bool:
+    def is_uniform(self, pas: Layout, tensors: Sequence[torch.Tensor]) -> bool:
         """Check every tensor's shape; whether those copied into flat buffers share a dtype.
 
-        (A device mismatch among them makes the copy fail; :meth:`_run` then falls back.)
+        (A device mismatch among them makes the copy fail; the reduction then falls back.)
         """
         if len(tensors) != len(pas.shapes) or [t.shape for t in tensors] != pas.shapes:
             self._check_shapes(pas, tensors)
@@ -288,7 +303,7 @@ class ReductionPlan:
                     f"built for {member.shape}; the structure is out of date (rebuild the WeightTracker)."
                 )
 
-    def _positions(self, op: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def position_values(self, op: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-position reductions of every key, concatenated in position order (no grad).
 
         ``op``: ``sum``, ``sum_sq``, ``l1``, ``max_abs`` (exact, from magnitude bits) or
@@ -296,11 +311,11 @@ class ReductionPlan:
         """
         kind = {"max_abs": "max", "nonzeros": "nz"}.get(op, op)
         with torch.no_grad():
-            return torch.cat(self._run(self._main, kind, tensors))
+            return torch.cat(self._run(self.layout, kind, tensors))
 
     def _run(self, pas: Layout, kind: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-key parts of every pack of ``pas``, in position order."""
-        uniform = self._uniform(pas, tensors)
+        uniform = self.is_uniform(pas, tensors)
         parts: list[torch.Tensor] = []
         for pack in pas.packs:
             first = tensors[pack.batches[0].members[0]]
@@ -373,7 +388,7 @@ class ReductionPlan:
                     target.add_(result)
         parts.extend(acc.view(dtype) if how == "max" else acc for acc in accs)
 
-    def _recipe(self, batch: Batch) -> Any:
+    def recipe(self, batch: Batch) -> Any:
         """The cached backward recipe of one batch (see ``plan_backward.backward_recipe``)."""
         if batch.recipe is False:  # widening a short broadcast pays off from ~64K elements
             batch.recipe = backward_recipe(batch.keys, widen=batch.n * batch.numel >= 1 << 16)
@@ -381,9 +396,9 @@ class ReductionPlan:
 
     def _positions_autograd(self, op: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Positions with autograd through plain tensor ops (ops without a hand-written backward)."""
-        self._uniform(self._main, tensors)
+        self.is_uniform(self.layout, tensors)
         parts: list[torch.Tensor] = []
-        for pack in self._main.packs:
+        for pack in self.layout.packs:
             for batch in pack.batches:
                 for key, _ in batch.keys:
                     for m in batch.members:
@@ -434,14 +449,27 @@ class ReductionPlan:
         if not tensors:
             return torch.zeros(self.num_units, dtype=torch.float64 if op in ("zeros", "nonzeros") else torch.float32)
         device, dtype = tensors[0].device, tensors[0].dtype
-        gather, lengths = self._indices(device)
+        gather, lengths = self.unit_indices(device)
         if op in ("zeros", "nonzeros"):
-            with torch.no_grad():
-                positions = self._positions("nonzeros", tensors)
-                values = positions.index_select(0, gather).to(torch.float64)
-                nonzeros = (torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True, initial=0.0)
-                            if self.num_units else values.new_zeros(0))
-                return nonzeros if op == "nonzeros" else self._numel.to(nonzeros) - nonzeros
+            return self._count_nonzeros(op, tensors, gather, lengths)
+        return self._reduce(op, tensors, gather, lengths, grad=grad, given=given).to(dtype)
+
+    def _count_nonzeros(
+        self, op: str, tensors: list[torch.Tensor], gather: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Non-zero (or zero) weight elements per unit, float64, without autograd."""
+        with torch.no_grad():
+            positions = self.position_values("nonzeros", tensors)
+            values = positions.index_select(0, gather).to(torch.float64)
+            nonzeros = (torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True, initial=0.0)
+                        if self.num_units else values.new_zeros(0))
+            return nonzeros if op == "nonzeros" else self._numel.to(nonzeros) - nonzeros
+
+    def _reduce(
+        self, op: str, tensors: list[torch.Tensor], gather: torch.Tensor, lengths: torch.Tensor,
+        *, grad: bool, given: bool,
+    ) -> torch.Tensor:
+        """Per-position values of ``op`` reduced per unit (checked for NaN / inf)."""
         inner = "sum_sq" if op == "l2" else op
         grad = grad and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
@@ -450,7 +478,7 @@ class ReductionPlan:
             elif grad:
                 positions = self._positions_autograd(inner, tensors)
             else:
-                positions = self._positions(inner, tensors)
+                positions = self.position_values(inner, tensors)
             values = positions.index_select(0, gather)
             if self.num_units == 0:
                 out = values.new_zeros(0)
@@ -463,7 +491,7 @@ class ReductionPlan:
                 self.check_finite(out.detach(), tensors, given=given)
             if op == "l2":
                 out = safe_sqrt(out)
-        return out.to(dtype)
+        return out
 
     def weighted_l2(self, coefficients: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``sum_u c_u * ||w_u||_2`` over every unit, with autograd (the group lasso).

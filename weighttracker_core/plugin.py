@@ -51,7 +51,7 @@ from .context import (
     UnitPlan,
     check_bitwidth,
 )
-from .consumers import ConsumerContext, flatten_metrics, to_python
+from .consumers import ConsumerContext
 from .dag import CalculationGraph
 from .errors import (
     ConfigError,
@@ -67,6 +67,7 @@ from .heads import AttentionChange, AttentionLayout
 from .hookspecs import HOOK_NAMES, HOOKS, Hook, hookimpl, hookspec
 from .masking import stored_parameter
 from .plans import ReductionPlan, effective_parameter, safe_sqrt
+from .metric_format import flatten_metrics, to_python
 from .specs import (
     AttentionLayoutRule,
     CalculationSpec,

@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .heads import HEAD_FN
+from .names import owner_of
 from .structure import Structure
 from .surgery import PruneReport
 
@@ -37,9 +38,8 @@ RECORD_VERSION = 1
 
 def _tensor_shape(model: nn.Module, name: str) -> list[int] | None:
     """Shape of the tensor ``model.<name>`` (a parameter, or a masked effective weight)."""
-    owner_name, _, attr = name.rpartition(".")
     try:
-        owner = model.get_submodule(owner_name) if owner_name else model
+        owner, attr = owner_of(model, name)
     except AttributeError:
         return None
     value = getattr(owner, attr, None)

@@ -7,15 +7,16 @@ built for and refuse to run on a newer one.
 
 from __future__ import annotations
 
+import operator
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
-from .canonical import (
+from .group_builder import (
     GroupBuilder,
     ModuleInfo,
     attention_entries,
@@ -23,9 +24,10 @@ from .canonical import (
     warn_uncovered,
     warn_untraced,
 )
-from .errors import ConfigError, UnitIndexError
+from .errors import ArgumentTypeError, ConfigError, StaleConsumerError, UnitIndexError
 from .graph import DependencyGraphHandle
 from .heads import HeadLayout
+from .names import split_name
 from .plans import ParamResolver, ReductionPlan
 from .registry import Registries
 from .specs import LayerCategory
@@ -140,43 +142,10 @@ class Structure:
         self.model_version = model_version(model)
         #: Whether some parameter was on the meta device (shapes only) when this was built.
         self.built_on_meta = any(p.is_meta for p in model.parameters())
-        rules = registries.unit_rules
-        roots = options.root_module_types
-        if roots is None:
-            roots = (nn.modules.conv._ConvNd, nn.Linear) + tuple(
-                t for t in rules.covered_types()
-                if rules.rule_for(t).layer_pruner is not None  # type: ignore[union-attr]
-            )
-        pruners = {}
-        for module in model.modules():
-            rule = rules.rule_for(type(module))
-            if rule is not None and rule.layer_pruner is not None:
-                pruners[type(module)] = rule.layer_pruner
-        self.handle = DependencyGraphHandle(
-            model,
-            example_inputs,
-            forward_fn=options.forward_fn,
-            output_transform=options.output_transform,
-            unwrapped_parameters=options.unwrapped_parameters,
-            ignored_layers=options.ignored_layers,
-            root_module_types=roots,
-            layer_pruners=pruners,
-            ignored_params=options.ignored_params,
-        )
+        self.handle = self._trace()
         trusted, untrusted = self._split_unwrapped()
-        self.modules, uncovered = module_table(model, rules, trusted)
-        self.module_index = {m.name: m for m in self.modules}
-        builder = GroupBuilder(
-            self.handle,
-            rules,
-            num_heads=options.num_heads,
-            prune_num_heads=options.prune_num_heads,
-            prune_head_dims=options.prune_head_dims,
-            untrusted_params=untrusted,
-            attention_layouts=options.attention_layouts,
-            layout_rules=registries.attention_layouts,
-            prune_model_outputs=options.prune_model_outputs,
-        )
+        self.modules, uncovered = module_table(model, registries.unit_rules, trusted)
+        builder = self._group_builder(untrusted)
         self.groups: tuple[CanonicalUnitGroup, ...] = builder.build()
         self.modules = self.modules + attention_entries(model, builder.layouts, len(self.modules))
         self.module_index = {m.name: m for m in self.modules}
@@ -196,6 +165,46 @@ class Structure:
             torch.arange(len(self.groups)), torch.tensor([g.n_units for g in self.groups], dtype=torch.long)
         ) if self.groups else torch.zeros(0, dtype=torch.long)
 
+    def _trace(self) -> DependencyGraphHandle:
+        """Torch-Pruning's graph of the model, with the unit rules' layer pruners."""
+        rules, options = self.registries.unit_rules, self.options
+        roots = options.root_module_types
+        if roots is None:
+            roots = (nn.modules.conv._ConvNd, nn.Linear) + tuple(
+                t for t in rules.covered_types()
+                if rules.rule_for(t).layer_pruner is not None  # type: ignore[union-attr]
+            )
+        pruners = {}
+        for module in self.model.modules():
+            rule = rules.rule_for(type(module))
+            if rule is not None and rule.layer_pruner is not None:
+                pruners[type(module)] = rule.layer_pruner
+        return DependencyGraphHandle(
+            self.model,
+            self.example_inputs,
+            forward_fn=options.forward_fn,
+            output_transform=options.output_transform,
+            unwrapped_parameters=options.unwrapped_parameters,
+            ignored_layers=options.ignored_layers,
+            root_module_types=roots,
+            layer_pruners=pruners,
+            ignored_params=options.ignored_params,
+        )
+
+    def _group_builder(self, untrusted: set[str]) -> GroupBuilder:
+        options = self.options
+        return GroupBuilder(
+            self.handle,
+            self.registries.unit_rules,
+            num_heads=options.num_heads,
+            prune_num_heads=options.prune_num_heads,
+            prune_head_dims=options.prune_head_dims,
+            untrusted_params=untrusted,
+            attention_layouts=options.attention_layouts,
+            layout_rules=self.registries.attention_layouts,
+            prune_model_outputs=options.prune_model_outputs,
+        )
+
     def _split_unwrapped(self) -> tuple[list[str], set[str]]:
         """Unwrapped parameters we accept, and those Torch-Pruning only guessed for a layer.
 
@@ -208,8 +217,7 @@ class Structure:
         named = dict(self.model.named_parameters())
         trusted, untrusted = [], set()
         for name, _dim in self.handle.unwrapped():
-            owner_name = name.rpartition(".")[0]
-            owner = self.module(owner_name)
+            owner = self.module(split_name(name)[0])
             leaf = owner is not self.model and not any(True for _ in owner.children())
             if leaf and id(named.get(name)) not in listed:
                 untrusted.add(name)
@@ -255,6 +263,20 @@ class Structure:
         """Whether no tracker has pruned the model physically since this was built."""
         return self.model_version == model_version(self.model)
 
+    def require_current(self) -> None:
+        """Raise if another tracker pruned the model physically since this was built.
+
+        Raises:
+            StaleConsumerError: The model's shapes are no longer those of this structure.
+        """
+        if not self.current:
+            raise StaleConsumerError(
+                "This WeightTracker was built before another WeightTracker on the same model "
+                "pruned it physically: its groups describe layers that no longer have those "
+                "shapes. Build a new WeightTracker(model, example_inputs, ...) for the pruned "
+                "model."
+            )
+
     def untraced_modules(self) -> list[str]:
         """Layers with parameters that the traced forward never ran (aux heads, say)."""
         traced = set(self.handle.traced_modules())
@@ -289,6 +311,31 @@ class Structure:
                 f"which has {group.n_units} units (ids 0..{group.n_units - 1})."
             )
         return unit_id
+
+    def unit_request(self, units: Mapping[int, Iterable[int]]) -> dict[int, set[int]]:
+        """``{group id: local unit ids}`` with every id checked, before anything changes.
+
+        Integer-like ids (``numpy.int64``, 0-d integer tensors) are accepted as ints.
+
+        Raises:
+            ArgumentTypeError: ``units`` is not a mapping of id lists.
+            UnitIndexError: A group or unit id is not an int or out of range.
+        """
+        if not isinstance(units, Mapping):
+            raise ArgumentTypeError(
+                f"units must be a mapping {{group id: [unit ids]}}, got {type(units).__name__}."
+            )
+        out: dict[int, set[int]] = {}
+        for group_id, local in units.items():
+            group = self.group(_as_int(group_id))  # type: ignore[arg-type]
+            if isinstance(local, (int, str, bytes)) or not isinstance(local, Iterable):
+                raise ArgumentTypeError(
+                    f"units[{group_id}] must be a list of unit ids, got {local!r}; write "
+                    f"{{{group_id}: [{local!r}]}} for one unit."
+                )
+            chosen = {self.check_unit(group, _as_int(u)) for u in local}  # type: ignore[arg-type]
+            out.setdefault(group.id, set()).update(chosen)
+        return out
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name) if name else self.model
@@ -367,3 +414,16 @@ def _label(item: Any) -> str:
     if isinstance(item, type):
         return item.__name__
     return type(item).__name__
+
+
+def _as_int(value: object) -> object:
+    """Integer-like ids (``numpy.int64``, 0-d integer tensors) as ``int``; others unchanged.
+
+    Floats, strings and bools stay as they are, so that the id check refuses them.
+    """
+    if isinstance(value, (bool, int, float, str)) or not hasattr(value, "__index__"):
+        return value
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return value

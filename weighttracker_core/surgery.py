@@ -1,4 +1,4 @@
-"""Physical pruning through Torch-Pruning and unit-rule head pruners, all or nothing (SPEC §7).
+"""Physical pruning through Torch-Pruning and unit-rule head pruners, all or nothing.
 
 Before anything changes, the request is checked: unit ids, never every unit of a group,
 no layer under ``torch.nn.utils.prune`` / ``parametrize``, the unit rules' own constraints
@@ -16,20 +16,21 @@ attention position, so heads and head dimensions removed together stay consisten
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 import attrs
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import ArgumentTypeError, PruningError, WeightTrackerError
+from .errors import PruningError, WeightTrackerError
 from .heads import AttentionChange, HeadLayout, plan_removal, removed_rows
+from .names import join_name, owner_of, split_name
 from .specs import HeadPruner
-from .structure import Structure
+from .structure import Selection, Structure
 from .units import CanonicalUnitGroup, PruneAxis
-from .views import short_list
+from .summaries import short_list
 
 HEAD_FNS = ("prune_num_heads", "prune_head_dims", "prune_kv_heads")
 
@@ -154,19 +155,21 @@ class ModelSnapshot:
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameter elements of ``model``, each shared parameter once."""
     return sum(p.numel() for p in model.parameters())
 
 
 def resolve_request(
     structure: Structure, units: Mapping[int, Iterable[int]]
 ) -> dict[int, set[int]]:
-    """Validated ``{group id: local unit ids}``; refuses removing every unit of a group."""
-    if not isinstance(units, Mapping):
-        raise ArgumentTypeError(f"units must be a mapping {{group id: [unit ids]}}, got {type(units).__name__}.")
+    """Checked ``{group id: local unit ids}`` without empty groups.
+
+    Raises:
+        PruningError: Every unit of a group would be removed.
+    """
     request: dict[int, set[int]] = {}
-    for group_id, local in units.items():
-        group = structure.group(group_id)
-        chosen = {structure.check_unit(group, u) for u in local}
+    for group_id, chosen in structure.unit_request(units).items():
+        group = structure.groups[group_id]
         if not chosen:
             continue
         if len(chosen) >= group.n_units:
@@ -246,8 +249,7 @@ def _operations(structure: Structure, request: Mapping[int, set[int]]) -> list[_
 
 def _reparametrized(module: nn.Module, param: str) -> str | None:
     """How ``module.<param>`` is re-parametrised, if it is (pruning cannot resize it)."""
-    owner_name, _, attr = param.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
+    owner, attr = owner_of(module, param)
     if f"{attr}_orig" in owner._parameters:
         return (f"torch.nn.utils.prune re-parametrises it; call torch.nn.utils.prune.remove("
                 f"layer, {attr!r}) first")
@@ -270,9 +272,8 @@ def _cut_places(structure: Structure, group: CanonicalUnitGroup) -> set[tuple[st
         rule = rules.rule_for(type(module))
         pieces = rule.slices_for(module, member.axis) if rule is not None else ()
         for piece in (*pieces, *member.slices):
-            owner, _, attr = piece.param.rpartition(".")
-            full = ".".join(p for p in (member.module_name, owner) if p)
-            out.add((full, attr))
+            owner, attr = split_name(piece.param)
+            out.add((join_name(member.module_name, owner), attr))
     return out
 
 
@@ -347,14 +348,44 @@ def _check(structure: Structure, request: Mapping[int, set[int]], ops: list[_Ope
             raise PruningError(f"Cannot remove heads of {op.root} ({names}): {reason}.")
 
 
-def attention_changes(
-    structure: Structure, units: Mapping[int, Iterable[int]]
-) -> dict[str, AttentionChange]:
-    """What a valid request removes from each separate-projection attention (by name)."""
-    request = {g: set(u) for g, u in units.items() if u}
+@attrs.frozen(kw_only=True)
+class PrunePlan:
+    """A physical-prune request, checked once: what goes and the calls that remove it.
+
+    Attributes:
+        units: ``{group id: local unit ids}``, only groups that lose units.
+        by_name: ``{group name: sorted local unit ids}`` (what hooks and reports show).
+        tp_indices: ``{group name: Torch-Pruning indices on the root module}``.
+        changes: ``{attention name: AttentionChange}`` for separate-projection attention.
+    """
+
+    units: dict[int, set[int]]
+    by_name: dict[str, list[int]]
+    tp_indices: dict[str, list[int]]
+    changes: dict[str, AttentionChange]
+    operations: tuple[_Operation, ...]
+
+
+def plan_prune(structure: Structure, units: Mapping[int, Iterable[int]]) -> PrunePlan:
+    """Check ``units`` (``{group id: local unit ids}``) and plan their removal.
+
+    Raises:
+        PruningError: The request is refused (nothing has changed).
+        UnitIndexError: An id is out of range.
+        ArgumentTypeError: ``units`` is not a mapping of id lists.
+    """
+    request = resolve_request(structure, units)
     ops = _operations(structure, request)
     _check(structure, request, ops)
-    return {op.layout.name: op.change for op in ops if op.layout is not None and op.change is not None}
+    groups = structure.groups
+    return PrunePlan(
+        units=request,
+        by_name={groups[g].name: sorted(u) for g, u in request.items()},
+        tp_indices={groups[g].name: groups[g].root_member.indices_of(u) for g, u in request.items()},
+        changes={op.layout.name: op.change for op in ops
+                 if op.layout is not None and op.change is not None},
+        operations=tuple(ops),
+    )
 
 
 def _prune_heads(structure: Structure, op: _Operation) -> None:
@@ -403,85 +434,91 @@ def retie_(ties: list[list[tuple[nn.Module, str]]]) -> None:
             module._parameters[attr] = param
 
 
-def prune_units(
-    structure: Structure,
-    units: Mapping[int, Iterable[int]],
-    *,
-    dry_run: bool = False,
-    after_prune: Callable[[], None] = lambda: None,
-    rebuild: Callable[[], None] = lambda: None,
-    on_failure: Callable[[], None] = lambda: None,
-) -> PruneReport:
-    """Remove ``units`` physically; atomic.
+def keep_output_widths(
+    structure: Structure, zero: Mapping[int, list[int]], blocked: Selection
+) -> tuple[dict[int, list[int]], dict[str, str]]:
+    """``zero`` without groups that cut an output width ``blocked`` keeps, and why.
 
-    Args:
-        structure: The current structure (its Torch-Pruning graph does the pruning).
-        units: ``{group id: local unit ids}``.
-        dry_run: Only check and report.
-        after_prune: Integration and user hooks, run after the shapes changed.
-        rebuild: Rebuilds the structure for the pruned model.
-        on_failure: Called after the model was restored, when a step after the snapshot
-            failed (the caller puts back its own state); the error is then re-raised.
+    Groups that only cut the inputs of blocked layers stay in the request.
+    """
+    kept, left = dict(zero), {}
+    for group_id in list(kept):
+        group = structure.groups[group_id]
+        cut = [m.module_name for m in group.members
+               if m.axis is not PruneAxis.IN_CHANNEL and blocked.selects(m.module_name)]
+        if cut:
+            left[group.name] = (
+                f"{len(kept.pop(group_id))} zero units left in place: ignore_prune keeps the "
+                f"output width of {cut[0]}"
+            )
+    return kept, left
+
+
+class PruneSteps(Protocol):
+    """What the caller does around the cut, inside the all-or-nothing snapshot."""
+
+    def after_prune(self) -> None:
+        """Integration and user hooks, run after the shapes changed."""
+
+    def rebuild(self) -> None:
+        """Rebuild the structure for the pruned model."""
+
+    def roll_back(self) -> None:
+        """Put back the caller's own state; the model is already restored."""
+
+
+def prune_units(structure: Structure, plan: PrunePlan, steps: PruneSteps, *, dry_run: bool = False) -> PruneReport:
+    """Remove what ``plan`` (from :func:`plan_prune` on ``structure``) removes; atomic.
+
+    If the cut, ``steps.after_prune()`` or ``steps.rebuild()`` fails, the model is restored
+    exactly, ``steps.roll_back()`` runs and the error is re-raised.
 
     Raises:
-        PruningError: The request is refused; nothing changed.
-        UnitIndexError: An id is out of range; nothing changed.
+        PruningError: The pruned model could not be traced again (nothing changed).
     """
-    request = resolve_request(structure, units)
-    ops = _operations(structure, request)
-    _check(structure, request, ops)
-    report_units = {structure.groups[g].name: sorted(u) for g, u in request.items()}
-    report_idxs = {
-        structure.groups[g].name: structure.groups[g].root_member.indices_of(u)
-        for g, u in request.items()
-    }
     before = count_params(structure.model)
-    if dry_run or not request:
-        return PruneReport(units=report_units, tp_indices=report_idxs, params_before=before,
+    if dry_run or not plan.units:
+        return PruneReport(units=plan.by_name, tp_indices=plan.tp_indices, params_before=before,
                            params_after=before, dry_run=dry_run)
     # under torch.inference_mode() the pruned parameters (and the snapshot) would be
     # inference tensors, which autograd cannot use: the next trace would fail
     with torch.inference_mode(False):
-        return _prune(structure, ops, report_units, report_idxs, before, after_prune, rebuild, on_failure)
-
-
-def _prune(
-    structure: Structure,
-    ops: list[_Operation],
-    report_units: dict[str, list[int]],
-    report_idxs: dict[str, list[int]],
-    before: int,
-    after_prune: Callable[[], None],
-    rebuild: Callable[[], None],
-    on_failure: Callable[[], None],
-) -> PruneReport:
-    snapshot = ModelSnapshot(structure.model)
-    ties = tied_parameters(structure.model)
-    try:
-        # Torch-Pruning first: it maps indices through the traced graph, whose shapes the
-        # head pruners would otherwise have changed under it.
-        for op in sorted(ops, key=lambda o: o.late):
-            module = structure.module(op.root)
-            if op.layout is not None:
-                _prune_heads(structure, op)
-            elif op.head_pruner is not None:
-                op.head_pruner.prune_heads(module, sorted(op.idxs))
-            else:
-                structure.handle.prune(module, op.fn, sorted(op.idxs))
-        retie_(ties)
-        after_prune()
+        snapshot = ModelSnapshot(structure.model)
         try:
-            rebuild()
-        except (WeightTrackerError, RuntimeError, ValueError, TypeError) as err:
-            raise PruningError(
-                "The pruned model could not be traced again with the example inputs, so the "
-                f"prune was undone and the model restored unchanged. Cause: {err} (a forward "
-                "that hard-codes a channel count, or an attention layer whose metadata a "
-                "post_prune_hook must update, does this)."
-            ) from err
-    except BaseException:
-        snapshot.restore()
-        on_failure()
-        raise
-    return PruneReport(units=report_units, tp_indices=report_idxs, params_before=before,
+            _cut(structure, plan.operations)
+            steps.after_prune()
+            _rebuild(steps)
+        except BaseException:
+            snapshot.restore()
+            steps.roll_back()
+            raise
+    return PruneReport(units=plan.by_name, tp_indices=plan.tp_indices, params_before=before,
                        params_after=count_params(structure.model), dry_run=False)
+
+
+def _cut(structure: Structure, ops: Iterable[_Operation]) -> None:
+    """Make every pruning call, then tie tied parameters again."""
+    ties = tied_parameters(structure.model)
+    # Torch-Pruning first: it maps indices through the traced graph, whose shapes the
+    # head pruners would otherwise have changed under it.
+    for op in sorted(ops, key=lambda o: o.late):
+        module = structure.module(op.root)
+        if op.layout is not None:
+            _prune_heads(structure, op)
+        elif op.head_pruner is not None:
+            op.head_pruner.prune_heads(module, sorted(op.idxs))
+        else:
+            structure.handle.prune(module, op.fn, sorted(op.idxs))
+    retie_(ties)
+
+
+def _rebuild(steps: PruneSteps) -> None:
+    try:
+        steps.rebuild()
+    except (WeightTrackerError, RuntimeError, ValueError, TypeError) as err:
+        raise PruningError(
+            "The pruned model could not be traced again with the example inputs, so the "
+            f"prune was undone and the model restored unchanged. Cause: {err} (a forward "
+            "that hard-codes a channel count, or an attention layer whose metadata a "
+            "post_prune_hook must update, does this)."
+        ) from err

@@ -1,4 +1,4 @@
-"""The canonical-unit data model (SPEC §3.2).
+"""The canonical-unit data model.
 
 A *canonical unit* is one prunable structure: a channel coupled across several layers, an
 attention head spread over a fused projection, one dimension of every head. Units of one
@@ -19,8 +19,20 @@ from typing import Any
 
 import attrs
 
+from .names import join_name
 
-class PruneAxis(str, enum.Enum):
+
+class NameEnum(str, enum.Enum):
+    """A string enum whose ``str()`` is its value: ``str(UnitKind.HEAD) == "head"``.
+
+    Members compare equal to their strings, so plain strings work wherever one is expected.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class PruneAxis(NameEnum):
     """Which side of a module a group cuts.
 
     ``FEATURE`` is used for layers whose input and output channel are the same axis
@@ -31,11 +43,8 @@ class PruneAxis(str, enum.Enum):
     IN_CHANNEL = "in_channel"
     FEATURE = "feature"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class UnitKind(str, enum.Enum):
+class UnitKind(NameEnum):
     """What one unit of a group is."""
 
     CHANNEL = "channel"
@@ -43,18 +52,12 @@ class UnitKind(str, enum.Enum):
     HEAD = "head"
     HEAD_DIM = "head_dim"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ParamRole(str, enum.Enum):
+class ParamRole(NameEnum):
     """How a parameter slice is accounted: weights, biases (and norm betas), or neither."""
 
     WEIGHT = "weight"
     BIAS = "bias"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _dims(value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -149,8 +152,7 @@ class CanonicalMember:
 
     def param_names(self) -> tuple[str, ...]:
         """Full (model-level) names of the parameters this member owns slices of."""
-        prefix = f"{self.module_name}." if self.module_name else ""
-        return tuple(dict.fromkeys(prefix + s.param for s in self.slices))
+        return tuple(dict.fromkeys(join_name(self.module_name, s.param) for s in self.slices))
 
     def indices_of(self, units: set[int] | frozenset[int]) -> list[int]:
         """Torch-Pruning indices on this module that removing ``units`` deletes."""
@@ -159,7 +161,7 @@ class CanonicalMember:
 
 @attrs.frozen(kw_only=True)
 class CanonicalUnitGroup:
-    """A dependency group turned into canonical units (SPEC §3.2).
+    """A dependency group turned into canonical units.
 
     Args:
         id: Position in ``tracker.groups`` (0..G-1), deterministic for a model and options.

@@ -1,6 +1,8 @@
-"""Canonical groups couple exactly the modules and axes of Torch-Pruning's own groups."""
+"""Canonical groups couple exactly the modules and axes that Torch-Pruning's own pruning cuts."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -15,25 +17,57 @@ from weighttracker_core import PruneAxis, WeightTracker
 ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
+def _shapes(model):
+    """``{module name: {own parameter name: shape}}``."""
+    return {
+        name: {p: tuple(t.shape) for p, t in module.named_parameters(recurse=False)}
+        for name, module in model.named_modules()
+    }
+
+
+def _axis(module, before, after):
+    """The axis a prune cut ``module`` on, read off its parameter shapes alone.
+
+    Convolutions and linear layers: ``out_channel`` when only dim 0 of the weight shrank,
+    ``in_channel`` when only dim 1 did; every other layer (norms, depthwise convolutions,
+    attention, containers with their own parameters) changed as a whole: ``feature``.
+    """
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and "weight" in before:
+        changed = [d for d, (b, a) in enumerate(zip(before["weight"], after["weight"])) if b != a]
+        depthwise = isinstance(module, nn.modules.conv._ConvNd) and before["weight"][1] == 1 and module.groups > 1
+        if changed == [0] and not depthwise:
+            return "out_channel"
+        if changed == [1]:
+            return "in_channel"
+    return "feature"
+
+
 def tp_groups(model, example_inputs):
-    """``{root name: (n_units, {(module or param name, axis)})}`` straight from the graph."""
+    """``{group name: (n_units, {(module, axis)})}`` from Torch-Pruning's own pruning.
+
+    For every group Torch-Pruning finds, channel 0 is pruned physically (on a copy, one group
+    after the other) and the coupled layers are the ones whose parameter shapes changed; the
+    axis comes from which dimensions shrank. A layer inside a pruned ``nn.MultiheadAttention``
+    (its ``out_proj``) is pruned by the attention itself and not listed separately.
+    """
+    model = copy.deepcopy(model)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
     names = {m: n for n, m in model.named_modules()}
-    params = {p: n for n, p in model.named_parameters()}
+    roots = [(group[0].dep.target.module, group[0].dep.handler)
+             for group in graph.get_all_groups(root_module_types=ROOTS)]
     out = {}
-    for group in graph.get_all_groups(root_module_types=ROOTS):
-        root = group[0].dep.target.module
-        coupled = set()
-        for item in group.items:
-            target = item.dep.target.module
-            is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
-            is_in = graph.is_in_channel_pruning_fn(item.dep.handler)
-            axis = "feature" if is_out and is_in else ("out_channel" if is_out else "in_channel")
-            if isinstance(target, nn.Parameter):
-                coupled.add((params[target].rpartition(".")[0], "feature"))
-            elif isinstance(target, nn.Module) and target in names:
-                coupled.add((names[target], axis))
-        out[f"{names[root]}:{group[0].dep.handler.__name__}"] = (len(group[0].idxs), coupled)
+    for root, handler in roots:
+        before = _shapes(model)
+        size = handler.__self__.get_out_channels(root)
+        graph.get_pruning_group(root, handler, idxs=[0]).prune()
+        after = _shapes(model)
+        changed = {n for n in before if before[n] != after[n]}
+        attention = {n for n in changed if isinstance(model.get_submodule(n), nn.MultiheadAttention)}
+        coupled = {
+            (n, _axis(model.get_submodule(n), before[n], after[n])) for n in changed
+            if not any(n.startswith(a + ".") for a in attention)
+        }
+        out[f"{names[root]}:{handler.__name__}"] = (size, coupled)
     return out
 
 

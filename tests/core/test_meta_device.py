@@ -48,6 +48,7 @@ def test_meta_structure_equals_the_cpu_structure():
     assert all(p.is_meta for p in meta.parameters())
 
 
+@pytest.mark.slow  # about 60 s; the 2-layer meta test above checks the same structure code
 def test_70b_shaped_structure_on_meta_allocates_no_weights():
     """80 layers, hidden 8192, 64 query / 8 kv heads of 128, SwiGLU 28672: counts by hand."""
     model = _on_meta(vocab=32000, hidden=8192, heads=64, kv_heads=8, inner=28672, layers=80).to(torch.bfloat16)

@@ -230,7 +230,7 @@ def test_given_tensors_of_the_wrong_shape_are_refused():
 def test_index_tensors_use_int32():
     tracker = WeightTracker(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), plugin_manager=PM())
     plan = tracker.structure.plan()
-    assert plan._gather.dtype == torch.int32 and plan._lengths.dtype == torch.int32
+    assert plan._gather.dtype == torch.int32 and plan.run_lengths.dtype == torch.int32
 
 
 def test_non_finite_given_tensors_are_named_as_given_values():

@@ -206,8 +206,6 @@ def test_scalar_on_the_models_device_and_dtype():
 
 @pytest.mark.gpu
 def test_on_cuda_same_value_twice():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     model, x, kwargs = _resnet18()
     tracker = WeightTracker(model, x, **kwargs)
     expected = brute_penalty(model, tracker.groups)

@@ -295,7 +295,6 @@ def test_composes_with_the_ranked_pruners_unit_masks(net_and_tracker):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_masks_on_cuda():
     model = TwoFourNet().cuda()
     pruner = WeightTracker(model, torch.randn(1, 3, 8, 8, device="cuda")).create_pruner(

@@ -62,10 +62,6 @@ def collect_metrics(
     return metrics, unavailable
 
 
-def count_parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def total_macs(tracker: Any) -> dict[str, float] | None:
     """Dense and active MACs of the weighted layers, from the installed cost calculations.
 

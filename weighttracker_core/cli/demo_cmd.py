@@ -25,7 +25,8 @@ from .. import report
 from ..errors import ConfigError
 from ..specs import LayerCategory
 from ..tracker import WeightTracker
-from .common import collect_metrics, count_parameters, emit, total_macs
+from ..surgery import count_params
+from .common import collect_metrics, emit, total_macs
 from .demo_model import DemoNet, accuracy, latency_ms, load_digits, recalibrate_batch_norm_
 
 DEFAULT_OUTPUT = "weighttracker-demo.html"
@@ -120,7 +121,7 @@ class _Meter:
         self.snapshots.append(copy.deepcopy(self.model))
         return {
             "name": name,
-            "params": count_parameters(self.model),
+            "params": count_params(self.model),
             "macs": None if macs is None else macs["active"],
             "bops": bops.get("bops"),
             "compression": bops.get("compression"),
@@ -170,15 +171,8 @@ def _train(
 
 
 def run_demo(
-    *,
-    train_steps: int = 300,
-    steps: int = 400,
-    seed: int = 0,
-    lr: float = 0.05,
-    strength: float = 0.03,
-    batch_size: int = 64,
-    width: int = 16,
-    warmup: float = 0.3,
+    *, train_steps: int = 300, steps: int = 400, seed: int = 0, lr: float = 0.05,
+    strength: float = 0.03, batch_size: int = 64, width: int = 16, warmup: float = 0.3,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train, sparsify, prune and measure; returns the report's data (plain Python values).
@@ -202,57 +196,116 @@ def run_demo(
     channels_before = _out_channels(model)
 
     lasso = tracker.create_regularizer("group_lasso")
-    bops = tracker.create_tracker("structured_bops") if "structured_bops" in tracker.registries.trackers else None
-    history: dict[str, list[Any]] = {k: [] for k in ("step", "phase", "loss", "accuracy", "test_accuracy",
-                                                      "penalty", "zero_units", "compression")}
-
-    def logger(phase: str, offset: int) -> Callable[[int, torch.Tensor, torch.Tensor, dict[str, Any]], None]:
-        def log(step: int, loss: torch.Tensor, batch_accuracy: torch.Tensor, extra: dict[str, Any]) -> None:
-            history["step"].append(offset + step)
-            history["phase"].append(phase)
-            history["loss"].append(loss.item())
-            history["accuracy"].append(batch_accuracy.item())
-            history["test_accuracy"].append(accuracy(model, data.test_x, data.test_y))
-            with torch.no_grad():
-                history["penalty"].append(lasso().item())
-            history["zero_units"].append(sum(len(u) for u in tracker.zero_units().values()))
-            history["compression"].append(bops.track()["structured_bops"]["compression"] if bops else None)
-        return log
-
+    history = _History(tracker, model, data, lasso)
     _train(model, data, train_steps, lr=lr, batch_size=batch_size, generator=generator,
-           desc="training", progress=progress, log=logger("training", 0))
+           desc="training", progress=progress, log=history.logger("training", 0))
     model.eval()
     stages.append(meter(tracker, "trained"))
 
-    def proximal(step: int, current_lr: float) -> dict[str, Any]:
-        ramp = min(1.0, step / max(1.0, warmup * steps))
-        factors = lasso.proximal_step_(lr=current_lr, strength=strength * ramp)
-        return {"zero_units": int((factors == 0).sum())}
-
     _train(model, data, steps, lr=lr, batch_size=batch_size, generator=generator,
-           desc="group lasso", progress=progress, after_step=proximal,
-           log=logger("group lasso", train_steps))
+           desc="group lasso", progress=progress,
+           after_step=_ramped_proximal_step(lasso, strength, warmup * steps),
+           log=history.logger("group lasso", train_steps))
     recalibrate_batch_norm_(model, data.train_x)
     model.eval()
     stages.append(meter(tracker, "group lasso (zero units in place)"))
+    pruned, collapsed = _prune_zero_units(tracker)
+    stages.append(meter(tracker, "pruned"))
+    meter.time_stages(stages)
+    config = {"model": f"DemoNet(width={width})", "data": "sklearn.datasets.load_digits",
+              "input": f"1x1x{data.train_x.shape[-2]}x{data.train_x.shape[-1]}",
+              "train_steps": train_steps, "group_lasso_steps": steps,
+              "batch_size": batch_size, "optimizer": "SGD(momentum=0.9, weight_decay=1e-4)",
+              "lr": lr, "group_lasso_strength": strength, "seed": seed,
+              "train_images": len(data.train_x), "test_images": len(data.test_x)}
+    return _report(config, stages, history.values, (channels_before, _out_channels(model)), pruned,
+                   _notes(stages, len(data.test_x), meter, collapsed, started))
 
-    # a group whose units are all zero cannot be removed (its layers would vanish): the
-    # strength was too high for this run; keep such groups and say so
+
+def _report(config: dict[str, Any], stages: list[dict[str, Any]], history: dict[str, list[Any]],
+            channels: tuple[dict[str, int], dict[str, int]], pruned: Any, notes: list[str]) -> dict[str, Any]:
+    before, after = channels
+    return {
+        "title": "weighttracker demo",
+        "description": DESCRIPTION,
+        "config": config,
+        "stages": stages,
+        "history": history,
+        "layers": {"names": list(before), "before": list(before.values()),
+                   "after": [after[n] for n in before]},
+        "pruned": {"num_units": pruned.num_units,
+                   "groups": {name: len(units) for name, units in pruned.units.items()}},
+        "notes": notes,
+    }
+
+
+def _ramped_proximal_step(lasso: Any, strength: float, ramp_steps: float) -> Callable[[int, float], dict[str, Any]]:
+    """The group lasso's proximal step, its strength ramping up over ``ramp_steps`` steps."""
+    def proximal(step: int, current_lr: float) -> dict[str, Any]:
+        ramp = min(1.0, step / max(1.0, ramp_steps))
+        factors = lasso.proximal_step_(lr=current_lr, strength=strength * ramp)
+        return {"zero_units": int((factors == 0).sum())}
+    return proximal
+
+
+def _prune_zero_units(tracker: WeightTracker) -> tuple[Any, list[Any]]:
+    """Remove the zero units, keeping groups whose every unit became zero (and naming them).
+
+    Such a group cannot be removed (its layers would vanish): the strength was too high.
+    """
     collapsed = [tracker.groups[gid] for gid, units in tracker.zero_units().items()
                  if len(units) == tracker.groups[gid].n_units]
     pruned = tracker.prune_zero_units(
         ignore_prune=[tracker.structure.module(g.root_module) for g in collapsed])
-    stages.append(meter(tracker, "pruned"))
-    meter.time_stages(stages)
-    channels_after = _out_channels(model)
+    return pruned, collapsed
+
+
+DESCRIPTION = (
+    "A small residual CNN with random initial weights learns scikit-learn's handwritten "
+    "digits (8x8 grey-scale images, 10 classes; 75% for training, 25% held out for "
+    "testing). After plain training, each SGD step is followed by the group-lasso "
+    "proximal step, which shrinks every canonical unit (a channel with all its coupled "
+    "weights) and sets weak ones exactly to zero; the zero units are then removed "
+    "physically."
+)
+
+
+class _History:
+    """The curves of the report: loss, accuracies, penalty, zero units, compression."""
+
+    def __init__(self, tracker: WeightTracker, model: nn.Module, data: Any, lasso: Any) -> None:
+        self.tracker, self.model, self.data, self.lasso = tracker, model, data, lasso
+        has_bops = "structured_bops" in tracker.registries.trackers
+        self.bops = tracker.create_tracker("structured_bops") if has_bops else None
+        self.values: dict[str, list[Any]] = {k: [] for k in (
+            "step", "phase", "loss", "accuracy", "test_accuracy", "penalty", "zero_units", "compression")}
+
+    def logger(self, phase: str, offset: int) -> Callable[[int, torch.Tensor, torch.Tensor, dict[str, Any]], None]:
+        def log(step: int, loss: torch.Tensor, batch_accuracy: torch.Tensor, extra: dict[str, Any]) -> None:
+            values, data = self.values, self.data
+            values["step"].append(offset + step)
+            values["phase"].append(phase)
+            values["loss"].append(loss.item())
+            values["accuracy"].append(batch_accuracy.item())
+            values["test_accuracy"].append(accuracy(self.model, data.test_x, data.test_y))
+            with torch.no_grad():
+                values["penalty"].append(self.lasso().item())
+            values["zero_units"].append(sum(len(u) for u in self.tracker.zero_units().values()))
+            bops = self.bops
+            values["compression"].append(bops.track()["structured_bops"]["compression"] if bops else None)
+        return log
+
+
+def _notes(stages: list[dict[str, Any]], num_test: int, meter: Any, collapsed: list[Any],
+           started: float) -> list[str]:
     trained, final = stages[1], stages[-1]
     notes = [
         f"Test accuracy: {100 * trained['accuracy']:.1f}% trained, {100 * final['accuracy']:.1f}% "
         f"pruned ({100 * (final['accuracy'] - trained['accuracy']):+.1f} points) on "
-        f"{len(data.test_x)} held-out digits.",
+        f"{num_test} held-out digits.",
         "Compression is 1 - BOPs / BOPs of the dense model at 32-bit weights and activations; "
         "the pruned model is compared with the model before pruning.",
-        f"CPU latency: median of 40 eval-mode forward passes over the {len(data.test_x)} test "
+        f"CPU latency: median of 40 eval-mode forward passes over the {num_test} test "
         "images, every stage's model timed in turn in one run; pruned vs trained: "
         f"{trained['latency_ms'] / final['latency_ms']:.2f}x faster ({torch.get_num_threads()} "
         f"torch thread(s), torch {torch.__version__}, {platform.machine()}).",
@@ -261,28 +314,4 @@ def run_demo(
     notes += [f"{name}: unavailable ({why})" for name, why in meter.unavailable.items()]
     notes += [f"Every unit of group {g.name} became zero, so it was not pruned; the network "
               "has collapsed. Use a lower --strength." for g in collapsed]
-    return {
-        "title": "weighttracker demo",
-        "description": (
-            "A small residual CNN with random initial weights learns scikit-learn's handwritten "
-            "digits (8x8 grey-scale images, 10 classes; 75% for training, 25% held out for "
-            "testing). After plain training, each SGD step is followed by the group-lasso "
-            "proximal step, which shrinks every canonical unit (a channel with all its coupled "
-            "weights) and sets weak ones exactly to zero; the zero units are then removed "
-            "physically."
-        ),
-        "config": {"model": f"DemoNet(width={width})", "data": "sklearn.datasets.load_digits",
-                   "input": f"1x1x{data.train_x.shape[-2]}x{data.train_x.shape[-1]}",
-                   "train_steps": train_steps, "group_lasso_steps": steps,
-                   "batch_size": batch_size, "optimizer": "SGD(momentum=0.9, weight_decay=1e-4)",
-                   "lr": lr, "group_lasso_strength": strength, "seed": seed,
-                   "train_images": len(data.train_x), "test_images": len(data.test_x)},
-        "stages": stages,
-        "history": history,
-        "layers": {"names": list(channels_before),
-                   "before": list(channels_before.values()),
-                   "after": [channels_after[n] for n in channels_before]},
-        "pruned": {"num_units": pruned.num_units,
-                   "groups": {name: len(units) for name, units in pruned.units.items()}},
-        "notes": notes,
-    }
+    return notes

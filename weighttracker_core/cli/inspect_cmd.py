@@ -10,7 +10,8 @@ from typing import Any
 from .. import report
 from ..errors import ConfigError
 from ..tracker import WeightTracker
-from .common import collect_metrics, count_parameters, emit, registries, total_macs
+from ..surgery import count_params
+from .common import collect_metrics, emit, registries, total_macs
 from .models import (
     example_input,
     load_model,
@@ -99,7 +100,7 @@ def inspect_model(
         "model": spec,
         "model_type": f"{type(model).__module__}.{type(model).__qualname__}",
         "input_shape": list(shape),
-        "num_parameters": count_parameters(model),
+        "num_parameters": count_params(model),
         "macs": macs,
         "structures": tracker.view_structures().to_dict(),
         "metrics": metrics,

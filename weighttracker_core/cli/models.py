@@ -144,17 +144,33 @@ def load_model(
             )
     if prefix in sources:
         source = sources.get(prefix)
-        try:
-            model = source.load(name, config=dict(config)) if config else source.load(name)
-        except WeightTrackerError:
-            raise
-        except (Exception, SystemExit) as err:
-            raise UnknownNameError(
-                f"Model source {prefix!r} could not build {name!r}: {_first_line(err)}"
-            ) from err
-        return _check_module(model, spec), tuple(source.default_input_shape)
+        return _check_module(_from_source(source, prefix, name, config), spec), tuple(source.default_input_shape)
+    factory = _factory(spec, _import_module(spec, prefix, listed), listed)
     try:
-        module = importlib.import_module(prefix)
+        model = factory()
+    except (Exception, SystemExit) as err:
+        raise ConfigError(
+            f"MODEL {spec!r}: calling {name}() failed with {_first_line(err)}{_where(err)}. The "
+            "factory must build the model without arguments."
+        ) from None
+    return _check_module(model, spec), DEFAULT_INPUT_SHAPE
+
+
+def _from_source(source: Any, prefix: str, name: str, config: dict[str, str] | None) -> Any:
+    try:
+        return source.load(name, config=dict(config)) if config else source.load(name)
+    except WeightTrackerError:
+        raise
+    except (Exception, SystemExit) as err:
+        raise UnknownNameError(
+            f"Model source {prefix!r} could not build {name!r}: {_first_line(err)}"
+        ) from err
+
+
+def _import_module(spec: str, prefix: str, listed: str) -> Any:
+    """The module of a ``package.module:factory`` spec, with errors that say what to fix."""
+    try:
+        return importlib.import_module(prefix)
     except ImportError as err:
         if not _is_missing(err, prefix):
             raise ConfigError(
@@ -178,6 +194,11 @@ def load_model(
             f"MODEL {spec!r}: importing {prefix!r} failed with {_first_line(err)}{_where(err)}. "
             f"{advice}"
         ) from None
+
+
+def _factory(spec: str, module: Any, listed: str) -> Any:
+    """The callable ``name`` (dotted) of ``module``."""
+    prefix, _, name = spec.partition(":")
     factory: Any = module
     for part in name.split("."):
         try:
@@ -195,14 +216,7 @@ def load_model(
             ) from None
     if not callable(factory):
         raise ConfigError(f"MODEL {spec!r}: {name!r} is a {type(factory).__name__}, not callable.")
-    try:
-        model = factory()
-    except (Exception, SystemExit) as err:
-        raise ConfigError(
-            f"MODEL {spec!r}: calling {name}() failed with {_first_line(err)}{_where(err)}. The "
-            "factory must build the model without arguments."
-        ) from None
-    return _check_module(model, spec), DEFAULT_INPUT_SHAPE
+    return factory
 
 
 def _check_module(model: Any, spec: str) -> nn.Module:

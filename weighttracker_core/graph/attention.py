@@ -24,6 +24,8 @@ from typing import Any
 import attrs
 from torch import nn
 
+from .nodes import grad_name, output_shape
+
 ROTARY_HALF = "half"
 ROTARY_INTERLEAVED = "interleaved"
 ROTARY_UNKNOWN = "unknown"
@@ -52,21 +54,6 @@ class FoundAttention:
     rotary: str | None
     kv_repeat: str
     op: str
-
-
-def _grad_name(node: Any) -> str:
-    fn = node.grad_fn
-    return fn.name() if fn is not None and hasattr(fn, "name") else ""
-
-
-def _out_shape(grad_fn: Any) -> tuple[int, ...] | None:
-    meta = getattr(grad_fn, "_input_metadata", None)
-    if not meta:
-        return None
-    try:
-        return tuple(int(s) for s in meta[0].shape)
-    except (AttributeError, TypeError, IndexError):
-        return None
 
 
 class AttentionFinder:
@@ -114,10 +101,10 @@ class AttentionFinder:
         for n in node.outputs:
             if self._is_layer(n):
                 return None
-            name = _grad_name(n).lower()
+            name = grad_name(n).lower()
             if "view" in name or "reshape" in name or "unflatten" in name:
                 before = getattr(n.grad_fn, "_saved_self_sym_sizes", None)
-                after = _out_shape(n.grad_fn)
+                after = output_shape(n.grad_fn)
                 if before is None or after is None:
                     return None
                 before = tuple(int(s) for s in before)
@@ -158,7 +145,7 @@ class AttentionFinder:
             if hk != hv or hq % hk:
                 continue
             shared = q_ops & k_ops
-            op = next((_grad_name(n) for n in shared if _is_attention_op(n)), "matmul")
+            op = next((grad_name(n) for n in shared if _is_attention_op(n)), "matmul")
             # the query path only: key paths also hold repeat_kv's index ops under GQA
             rotary = _rotary(q_ops - shared - v_ops, dim)
             repeat = _kv_repeat((k_ops | v_ops) - shared, hq, hk)
@@ -188,7 +175,7 @@ class AttentionFinder:
                         position.setdefault(id(entry), i)
             if len(set(position.values())) == 3:
                 return sorted(projections, key=lambda e: position[id(e)])
-        softmaxed = [e for e in projections if any("softmax" in _grad_name(n).lower() for n in e[1])]
+        softmaxed = [e for e in projections if any("softmax" in grad_name(n).lower() for n in e[1])]
         values = [e for e in projections if e not in softmaxed]
         if len(values) != 1:
             return None
@@ -199,13 +186,13 @@ class AttentionFinder:
 
 
 def _is_attention_op(node: Any) -> bool:
-    name = _grad_name(node).lower()
+    name = grad_name(node).lower()
     return any(word in name for word in _ATTENTION_OPS)
 
 
 def _rotary(private: set[Any], head_dim: int) -> str | None:
     """How the operations on a query / key path before attention rotate dimensions."""
-    names = {n: _grad_name(n).lower() for n in private}
+    names = {n: grad_name(n).lower() for n in private}
     suspicious = [n for n, name in names.items() if any(w in name for w in _ROTATION_OPS)]
     if not suspicious:
         return None
@@ -233,11 +220,11 @@ def _kv_repeat(private: set[Any], heads: int, kv_heads: int) -> str:
     rep = heads // kv_heads
     modes = set()
     for node in private:
-        name = _grad_name(node).lower()
+        name = grad_name(node).lower()
         fn = node.grad_fn
         if "expandbackward" in name:
             before = getattr(fn, "_saved_self_sym_sizes", None)
-            after = _out_shape(fn)
+            after = output_shape(fn)
             if before is None or after is None or len(before) != len(after):
                 continue
             before = tuple(int(s) for s in before)

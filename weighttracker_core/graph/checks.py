@@ -25,17 +25,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch_pruning as tp
 from torch import nn
 
 from ..errors import CouplingError
+from ..names import join_name
 from ..units import PruneAxis
 from . import reshapes
-
-if TYPE_CHECKING:
-    from .records import RawGroup
+from .nodes import op_name, output_shape
+from .records import RawGroup
 
 _OPTYPE = tp.ops.OPTYPE
 _DATA_MOVEMENT = ("permute", "transpose")
@@ -78,7 +78,7 @@ class GraphChecks:
                     continue  # Torch-Pruning does not map indices through it
                 self._refused[node] = (
                     f"Cannot verify how the chunks of {node.grad_fn.name()} feed "
-                    f"{self._first_consumer(node)}: {chunks} chunks but consumers read outputs "
+                    f"{self.first_consumer(node)}: {chunks} chunks but consumers read outputs "
                     f"{numbers}. Unused or repeated chunks break Torch-Pruning's index mapping."
                 )
                 continue
@@ -92,7 +92,7 @@ class GraphChecks:
         """
         for run in reshapes.chains(self.dg.module2node.values(), self._is_layer):
             start = run[0].inputs[0]
-            shape = _input_shape(run[0]) or (_output_shape(start.grad_fn) if start.grad_fn is not None else None)
+            shape = _input_shape(run[0]) or (output_shape(start.grad_fn) if start.grad_fn is not None else None)
             if shape is None or len(shape) < 2:
                 continue
             axis = self._start_axis(run[0], shape)
@@ -122,14 +122,14 @@ class GraphChecks:
     def _consumer_inputs(self, node: Any) -> int | None:
         """The input channels of the layers ``node`` feeds, if they all take as many and
         only operations that keep the shape lie between."""
-        shape = _output_shape(node.grad_fn)
+        shape = output_shape(node.grad_fn)
         counts = set()
         for n in self._walk(node.outputs, upward=False):
             if self._is_layer(n):
                 counts.add(self.dg.get_in_channels(n.module))
             elif _reads_parameters(n):
                 continue  # a layer's own product (a Linear on a 3-D or 4-D input)
-            elif _output_shape(n.grad_fn) != shape:
+            elif output_shape(n.grad_fn) != shape:
                 return None
         return counts.pop() if len(counts) == 1 else None
 
@@ -151,7 +151,7 @@ class GraphChecks:
             if self._is_layer(n):
                 producers.append(n)
                 continue
-            name = _grad_name(n)
+            name = op_name(n)
             if isinstance(n.module, nn.Parameter) or n.grad_fn is None or any(
                 word in name for word in ("mm", "attention", "conv", "einsum")
             ) or _reads_parameters(n):
@@ -163,7 +163,7 @@ class GraphChecks:
         fitting = [a for a in range(1, len(shape)) if shape[a] == channels]
         if len(fitting) == 1:
             return fitting[0]
-        if not fitting or any(_output_shape(p.grad_fn) != shape for p in producers):
+        if not fitting or any(output_shape(p.grad_fn) != shape for p in producers):
             return None
         first = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                  nn.modules.instancenorm._InstanceNorm)
@@ -209,7 +209,7 @@ class GraphChecks:
                 if reason is None and node in self._unmappable:
                     reason = (
                         f"Torch-Pruning cannot map channels through the reshape "
-                        f"({node.grad_fn.name()}) that feeds {self._first_consumer(node)}: it "
+                        f"({node.grad_fn.name()}) that feeds {self.first_consumer(node)}: it "
                         "infers no channel count on one side of it."
                     )
                 if reason:
@@ -223,7 +223,7 @@ class GraphChecks:
                 elif node in self._unmappable:
                     self._refused[node] = (
                         f"Torch-Pruning cannot map channels through the torch.cat "
-                        f"({node.grad_fn.name()}) that feeds {self._first_consumer(node)}: it "
+                        f"({node.grad_fn.name()}) that feeds {self.first_consumer(node)}: it "
                         "infers no channel count for one of its inputs (the graph above it is "
                         "too deep for its inference)."
                     )
@@ -245,7 +245,7 @@ class GraphChecks:
                 if isinstance(m, mapping) and (int(m.repeat) < 1 or int(m.head_dim) < 1):
                     return (
                         f"Torch-Pruning maps the expand ({node.grad_fn.name()}) that feeds "
-                        f"{self._first_consumer(node)} as a repeat of key/value heads, but the "
+                        f"{self.first_consumer(node)} as a repeat of key/value heads, but the "
                         "tensor it expands is not narrower than what it feeds by a whole factor."
                     )
         return None
@@ -426,7 +426,7 @@ class GraphChecks:
                 source = layers[0] if layers else sorted(self._label(n) for n in common)[0]
                 return (
                     f"The inputs of a torch.cat ({node.grad_fn.name()}) feeding "
-                    f"{self._first_consumer(node)} come from one tensor along two paths (both "
+                    f"{self.first_consumer(node)} come from one tensor along two paths (both "
                     f"from {source}); Torch-Pruning cannot map its channels."
                 )
         return None
@@ -436,7 +436,7 @@ class GraphChecks:
         if shuffle is None:
             return None
         return (
-            f"A channel shuffle (view, {shuffle}, reshape) feeds {self._first_consumer(node)}: "
+            f"A channel shuffle (view, {shuffle}, reshape) feeds {self.first_consumer(node)}: "
             "Torch-Pruning treats it as identity and would couple the wrong channels."
         )
 
@@ -466,7 +466,7 @@ class GraphChecks:
         if flattening:
             permute = self._upstream_permute(node)
             if permute is not None:
-                consumer = self._first_consumer(node)
+                consumer = self.first_consumer(node)
                 return (
                     f"A {permute} before the flatten ({node.grad_fn.name()}) that feeds "
                     f"{consumer} reorders channels; Torch-Pruning would map them as "
@@ -509,7 +509,7 @@ class GraphChecks:
         """Names of the nearest layers downstream of ``node``."""
         return (self._names[n.module] for n in self._walk(node.outputs, upward=False) if self._is_layer(n))
 
-    def _first_consumer(self, node: Any) -> str:
+    def first_consumer(self, node: Any) -> str:
         """The nearest layer fed by ``node``, for error messages."""
         return next(iter(self.consumer_modules(node)), "the model output")
 
@@ -539,7 +539,7 @@ class GraphChecks:
             return isinstance(n.module, nn.Module) and n.type not in _PASS_THROUGH
 
         for n in self._walk(node.inputs, upward=True, stop=stop):
-            if not stop(n) and any(word in _grad_name(n) for word in _DATA_MOVEMENT):
+            if not stop(n) and any(word in op_name(n) for word in _DATA_MOVEMENT):
                 return n.grad_fn.name()
         return None
 
@@ -559,68 +559,12 @@ class GraphChecks:
         """
         for item in raw.items:
             if item.param_name is not None:
-                full = f"{item.module_name}.{item.param_name}" if item.module_name else item.param_name
+                full = join_name(item.module_name, item.param_name)
                 if full in untrusted:
                     return
-        covered: set[int] = set()
-        has_consumer = False
-        # [shared] (scale): items mostly share one index tuple; each tuple is read once
-        spans: dict[int, tuple[int, int, bool]] = {}
-        added: set[int] = set()
-        for item in raw.items:
-            size = (
-                _param_dim_size(item.module, item.param_name, item.pruning_dim)
-                if item.param_name is not None
-                else channels(item.module, item.axis)
-            )
-            span = spans.get(id(item.idxs))
-            if span is None and item.idxs:
-                span = spans[id(item.idxs)] = (
-                    min(item.idxs), max(item.idxs), len(set(item.idxs)) == len(item.idxs)
-                )
-            if size is not None and span is not None and (span[0] < 0 or span[1] >= size):
-                raise CouplingError(
-                    f"Group {raw.root_name}:{raw.pruning_fn} maps indices outside "
-                    f"{item.module_name or item.param_name} ({item.axis}, size {size}): "
-                    "Torch-Pruning followed the channels through an operation it maps wrongly "
-                    "(a split, reshape or matrix product along another axis)."
-                )
-            if span is not None and not span[2]:
-                raise CouplingError(
-                    f"Group {raw.root_name}:{raw.pruning_fn} maps two units onto one index "
-                    f"of {item.module_name} ({item.axis}): Torch-Pruning followed the channels "
-                    "through an operation it maps wrongly."
-                )
-            if item.axis is PruneAxis.IN_CHANNEL:
-                has_consumer = True
-                if id(item.root_idxs) not in added:
-                    added.add(id(item.root_idxs))
-                    covered.update(item.root_idxs)
-        if not coverage:
-            return
-        advice = (
-            f"If {raw.root_name} is an attention projection pass num_heads="
-            f"{{model.get_submodule({raw.root_name!r}): heads}} (separate q/k/v projections: "
-            "one entry each, or attention_layouts=[AttentionLayout(...)]); otherwise add "
-            f"model.{raw.root_name} to ignored_layers."
-        )
-        if has_consumer and len(covered) != raw.n_root:
-            missing = sorted(set(range(raw.n_root)) - covered)
-            span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
-            raise CouplingError(
-                f"Only {len(covered)} of the {raw.n_root} output channels of "
-                f"{raw.root_name} reach a consumer (channels {span} do not): Torch-Pruning "
-                "lost them in an operation it cannot follow (for a fused attention "
-                "projection: unbind into q, k, v). " + advice
-            )
-        if not has_consumer and not raw.feeds_output:
-            raise CouplingError(
-                f"The output channels of {raw.root_name} reach {raw.consumer} but Torch-Pruning "
-                "coupled them to no layer that consumes them (it lost them in an operation it "
-                "cannot follow, such as an attention's repeat of key/value heads); removing "
-                "them would leave that layer's input too wide. " + advice
-            )
-
+        covered, has_consumer = _checked_indices(raw, channels)
+        if coverage:
+            _check_coverage(raw, covered, has_consumer)
 
     def check_inputs_owned(self, raws: Iterable[RawGroup]) -> None:
         """Refuse when some input channels of a layer belong to no unit of the groups feeding it.
@@ -632,16 +576,7 @@ class GraphChecks:
         layers that are members of the groups built here (no model input, no parameter,
         nothing Torch-Pruning does not see on the way).
         """
-        owned: dict[nn.Module, set[int]] = {}
-        root_of: dict[nn.Module, str] = {}
-        for raw in raws:
-            for item in raw.items:
-                if item.param_name is not None:
-                    continue
-                if item.axis is PruneAxis.IN_CHANNEL:
-                    owned.setdefault(item.module, set()).update(item.idxs)
-                else:
-                    root_of.setdefault(item.module, raw.root_name)
+        owned, root_of = _owned_inputs(raws)
         first = None
         roots: list[str] = []
         for module, positions in owned.items():
@@ -657,16 +592,7 @@ class GraphChecks:
             roots.extend(r for r in sorted({root_of[p] for p in producers}) if r not in roots)
             if first is None:
                 names = sorted(self._names[p] for p in producers)
-                through = ", ".join(ops) if ops else "no operation"
-                missing = sorted(set(range(width)) - positions)
-                span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
-                first = (
-                    f"Only {len(positions)} of the {width} input channels of {self._names[module]} "
-                    f"belong to a unit of the groups that feed it (from {', '.join(names)}; inputs "
-                    f"{span} belong to none): Torch-Pruning mapped channels one to one through an "
-                    f"operation that changes their number ({through}), so removing a unit would "
-                    "leave its copies behind."
-                )
+                first = _unowned_message(self._names[module], width, positions, names, ops)
         if first is not None:
             shown = ", ".join(f"model.{n}" for n in roots)
             error = CouplingError(
@@ -730,8 +656,8 @@ def _partitioning_slices(node: Any) -> bool:
     sources = set()
     for start in node.inputs:
         n = start
-        while n is not None and "slice" not in _grad_name(n):
-            if "neg" in _grad_name(n) and len(n.inputs) == 1:
+        while n is not None and "slice" not in op_name(n):
+            if "neg" in op_name(n) and len(n.inputs) == 1:
                 n = n.inputs[0]
                 continue
             n = None
@@ -758,21 +684,6 @@ def _param_dim_size(owner: nn.Module, attr: str | None, dim: int | None) -> int 
     if attr is None or dim is None:
         return None
     return int(getattr(owner, attr).shape[dim])
-
-
-def _grad_name(node: Any) -> str:
-    fn = node.grad_fn
-    return fn.name().lower() if fn is not None and hasattr(fn, "name") else ""
-
-
-def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:
-    meta = getattr(grad_fn, "_input_metadata", None)
-    if not meta:
-        return None
-    try:
-        return tuple(int(s) for s in meta[0].shape)
-    except (AttributeError, TypeError):
-        return None
 
 
 def _input_shape(node: Any) -> tuple[int, ...] | None:
@@ -826,7 +737,7 @@ def _shuffle_transpose(node: Any, channels: int | None = None) -> str | None:
     """
     fn = node.grad_fn
     before = getattr(fn, "_saved_self_sym_sizes", None)
-    after = _output_shape(fn)
+    after = output_shape(fn)
     if before is None or after is None:
         return None
     before = tuple(int(s) for s in before)
@@ -835,7 +746,7 @@ def _shuffle_transpose(node: Any, channels: int | None = None) -> str | None:
         return None
     start, stop = split
     for out in node.outputs:
-        name = _grad_name(out)
+        name = op_name(out)
         # moving a singleton axis reorders nothing
         split = {d for d in range(start, stop) if after[d] > 1}
         if "transpose" in name:
@@ -848,3 +759,99 @@ def _shuffle_transpose(node: Any, channels: int | None = None) -> str | None:
             if kept != sorted(kept):
                 return out.grad_fn.name()
     return None
+
+
+def _checked_indices(
+    raw: RawGroup, channels: Callable[[nn.Module, PruneAxis], int | None]
+) -> tuple[set[int], bool]:
+    """Refuse indices out of range or repeated; the root channels consumers read, and
+    whether any member consumes them."""
+    covered: set[int] = set()
+    has_consumer = False
+    # [shared] (scale): items mostly share one index tuple; each tuple is read once
+    spans: dict[int, tuple[int, int, bool]] = {}
+    added: set[int] = set()
+    for item in raw.items:
+        size = (
+            _param_dim_size(item.module, item.param_name, item.pruning_dim)
+            if item.param_name is not None
+            else channels(item.module, item.axis)
+        )
+        span = spans.get(id(item.idxs))
+        if span is None and item.idxs:
+            span = spans[id(item.idxs)] = (
+                min(item.idxs), max(item.idxs), len(set(item.idxs)) == len(item.idxs)
+            )
+        if size is not None and span is not None and (span[0] < 0 or span[1] >= size):
+            raise CouplingError(
+                f"Group {raw.root_name}:{raw.pruning_fn} maps indices outside "
+                f"{item.module_name or item.param_name} ({item.axis}, size {size}): "
+                "Torch-Pruning followed the channels through an operation it maps wrongly "
+                "(a split, reshape or matrix product along another axis)."
+            )
+        if span is not None and not span[2]:
+            raise CouplingError(
+                f"Group {raw.root_name}:{raw.pruning_fn} maps two units onto one index "
+                f"of {item.module_name} ({item.axis}): Torch-Pruning followed the channels "
+                "through an operation it maps wrongly."
+            )
+        if item.axis is PruneAxis.IN_CHANNEL:
+            has_consumer = True
+            if id(item.root_idxs) not in added:
+                added.add(id(item.root_idxs))
+                covered.update(item.root_idxs)
+    return covered, has_consumer
+
+
+def _check_coverage(raw: RawGroup, covered: set[int], has_consumer: bool) -> None:
+    """Refuse a group some of whose root channels reach no consumer."""
+    advice = (
+        f"If {raw.root_name} is an attention projection pass num_heads="
+        f"{{model.get_submodule({raw.root_name!r}): heads}} (separate q/k/v projections: "
+        "one entry each, or attention_layouts=[AttentionLayout(...)]); otherwise add "
+        f"model.{raw.root_name} to ignored_layers."
+    )
+    if has_consumer and len(covered) != raw.n_root:
+        missing = sorted(set(range(raw.n_root)) - covered)
+        span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
+        raise CouplingError(
+            f"Only {len(covered)} of the {raw.n_root} output channels of "
+            f"{raw.root_name} reach a consumer (channels {span} do not): Torch-Pruning "
+            "lost them in an operation it cannot follow (for a fused attention "
+            "projection: unbind into q, k, v). " + advice
+        )
+    if not has_consumer and not raw.feeds_output:
+        raise CouplingError(
+            f"The output channels of {raw.root_name} reach {raw.consumer} but Torch-Pruning "
+            "coupled them to no layer that consumes them (it lost them in an operation it "
+            "cannot follow, such as an attention's repeat of key/value heads); removing "
+            "them would leave that layer's input too wide. " + advice
+        )
+
+
+def _owned_inputs(raws: Iterable[RawGroup]) -> tuple[dict[nn.Module, set[int]], dict[nn.Module, str]]:
+    """Per layer, the input channels some group's unit owns; per root layer, its group."""
+    owned: dict[nn.Module, set[int]] = {}
+    root_of: dict[nn.Module, str] = {}
+    for raw in raws:
+        for item in raw.items:
+            if item.param_name is not None:
+                continue
+            if item.axis is PruneAxis.IN_CHANNEL:
+                owned.setdefault(item.module, set()).update(item.idxs)
+            else:
+                root_of.setdefault(item.module, raw.root_name)
+    return owned, root_of
+
+
+def _unowned_message(name: str, width: int, positions: set[int], producers: list[str], ops: list[str]) -> str:
+    through = ", ".join(ops) if ops else "no operation"
+    missing = sorted(set(range(width)) - positions)
+    span = f"{missing[0]}..{missing[-1]}" if len(missing) > 1 else str(missing[0])
+    return (
+        f"Only {len(positions)} of the {width} input channels of {name} "
+        f"belong to a unit of the groups that feed it (from {', '.join(producers)}; inputs "
+        f"{span} belong to none): Torch-Pruning mapped channels one to one through an "
+        f"operation that changes their number ({through}), so removing a unit would "
+        "leave its copies behind."
+    )

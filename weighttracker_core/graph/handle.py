@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError, CouplingError, PruningError
 from ..specs import LayerPruner
+from ..names import split_name
 from ..units import PruneAxis
 from .attention import AttentionFinder, FoundAttention
 from .checks import GraphChecks
@@ -157,12 +158,7 @@ class DependencyGraphHandle:
         """
         untrusted = frozenset(untrusted_params)
         exempt = set(coverage_exempt)
-        ignored = {sub for layer in self.ignored_layers for sub in layer.modules()}
-        blocked = ignored | set(skip_roots) | set(self.dg.IGNORED_LAYERS_IN_TRACING)
-        roots = [
-            m for m in self.dg.module2node
-            if isinstance(m, self.root_module_types) and m not in blocked and self._prunable(m)
-        ]
+        blocked, roots = self._roots(skip_roots)
         visited: set[nn.Module] = set()
         out = []
         refused: list[tuple[nn.Module, CouplingError]] = []
@@ -179,18 +175,9 @@ class DependencyGraphHandle:
             if root in visited:
                 continue
             try:  # every refused group is collected: the advice names them all
-                group = self._search(search, root, remaining)
-                group = self._coarsest(search, group, remaining)
-                prunable = True
-                for item in group.items:
-                    if self.dg.is_out_channel_pruning_fn(item.dep.handler):
-                        visited.add(item.dep.target.module)
-                        if item.dep.target.module in blocked:
-                            prunable = False
-                if not prunable:
+                raw = self._checked_group(search, root, remaining, visited, blocked)
+                if raw is None:
                     continue
-                self.checks.check_operations(group, remaining)
-                raw = self._to_raw(group)
                 self.checks.check_group(
                     raw, self.channels, coverage=raw.root_module not in exempt, untrusted=untrusted
                 )
@@ -202,6 +189,37 @@ class DependencyGraphHandle:
             raise self.checks.refusal(refused)
         self.checks.check_inputs_owned(out)
         return out
+
+    def _roots(self, skip_roots: Sequence[nn.Module]) -> tuple[set[nn.Module], list[nn.Module]]:
+        """Layers no group may cut the outputs of, and the layers that start groups."""
+        ignored = {sub for layer in self.ignored_layers for sub in layer.modules()}
+        blocked = ignored | set(skip_roots) | set(self.dg.IGNORED_LAYERS_IN_TRACING)
+        roots = [
+            m for m in self.dg.module2node
+            if isinstance(m, self.root_module_types) and m not in blocked and self._prunable(m)
+        ]
+        return blocked, roots
+
+    def _checked_group(
+        self, search: GroupSearch, root: nn.Module, remaining: Callable[[], list[nn.Module]],
+        visited: set[nn.Module], blocked: set[nn.Module],
+    ) -> RawGroup | None:
+        """The group of ``root`` with its operations checked; ``None`` if it cuts a blocked layer.
+
+        Every layer whose output channels the group cuts counts as visited.
+        """
+        group = self._search(search, root, remaining)
+        group = self._coarsest(search, group, remaining)
+        prunable = True
+        for item in group.items:
+            if self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                visited.add(item.dep.target.module)
+                if item.dep.target.module in blocked:
+                    prunable = False
+        if not prunable:
+            return None
+        self.checks.check_operations(group, remaining)
+        return self._to_raw(group)
 
     def _prunable(self, module: nn.Module) -> bool:
         pruner = self.dg.get_pruner_of_module(module)
@@ -319,56 +337,18 @@ class DependencyGraphHandle:
     # ------------------------------------------------------------------------- conversion
 
     def _to_raw(self, group: SearchedGroup) -> RawGroup:
-        items = []
+        """A searched group as a plain record: its layers' and parameters' items."""
         root = group[0]
         root_dep = root.dep
-        producers = []
+        items, producers = [], []
         as_tuple = _TupleCache()
         for item in group.items:
-            dep = item.dep
-            target = dep.target.module
-            if len(item.root_idxs) and int(item.root_idxs.min()) == NO_ROOT:
-                raise CouplingError(
-                    f"Torch-Pruning lost the channel mapping between {self._names.get(root_dep.target.module, '?')} "
-                    f"and {self._names.get(target, dep.target.name)} (its index mapping through an "
-                    "operation it cannot follow, such as an expand/reshape that repeats channels, "
-                    "gave no root channel). If this is attention with separate projections pass "
-                    "num_heads= or attention_layouts=; otherwise add "
-                    f"model.{self._names.get(root_dep.target.module, '?')} to ignored_layers."
-                )
-            if self.dg.is_out_channel_pruning_fn(dep.handler):
-                producers.append(dep.target)
-            if isinstance(target, nn.Parameter):
-                full = self._param_names.get(target, "")
-                owner_name, _, attr = full.rpartition(".")
-                owner = self.model.get_submodule(owner_name) if owner_name else self.model
-                items.append(
-                    RawItem(
-                        module_name=owner_name,
-                        module=owner,
-                        param_name=attr,
-                        pruning_dim=int(dep.target.pruning_dim),
-                        axis=PruneAxis.FEATURE,
-                        pruning_fn=dep.handler.__name__,
-                        idxs=as_tuple(item.idxs),
-                        root_idxs=as_tuple(item.root_idxs),
-                    )
-                )
-                continue
-            if not isinstance(target, nn.Module) or target not in self._names:
-                continue  # operations (add, cat, reshape, ...) own no weights
-            items.append(
-                RawItem(
-                    module_name=self._names[target],
-                    module=target,
-                    param_name=None,
-                    pruning_dim=None,
-                    axis=self.axis_of(dep.handler),
-                    pruning_fn=dep.handler.__name__,
-                    idxs=as_tuple(item.idxs),
-                    root_idxs=as_tuple(item.root_idxs),
-                )
-            )
+            self._check_mapped(root_dep, item)
+            if self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                producers.append(item.dep.target)
+            raw_item = self._raw_item(item, as_tuple)
+            if raw_item is not None:
+                items.append(raw_item)
         root_module = root_dep.target.module
         return RawGroup(
             root_name=self._names[root_module],
@@ -377,7 +357,50 @@ class DependencyGraphHandle:
             n_root=len(root.idxs),
             items=tuple(items),
             feeds_output=self.checks.feeds_output(*producers) if producers else False,
-            consumer=self.checks._first_consumer(root_dep.target),
+            consumer=self.checks.first_consumer(root_dep.target),
+        )
+
+    def _check_mapped(self, root_dep: Any, item: Any) -> None:
+        """Refuse an item whose channels Torch-Pruning mapped to no root channel."""
+        if not (len(item.root_idxs) and int(item.root_idxs.min()) == NO_ROOT):
+            return
+        root_name = self._names.get(root_dep.target.module, "?")
+        raise CouplingError(
+            f"Torch-Pruning lost the channel mapping between {root_name} "
+            f"and {self._names.get(item.dep.target.module, item.dep.target.name)} (its index "
+            "mapping through an operation it cannot follow, such as an expand/reshape that "
+            "repeats channels, gave no root channel). If this is attention with separate "
+            "projections pass num_heads= or attention_layouts=; otherwise add "
+            f"model.{root_name} to ignored_layers."
+        )
+
+    def _raw_item(self, item: Any, as_tuple: _TupleCache) -> RawItem | None:
+        """One member of a group: a layer on an axis, or an unwrapped parameter on a dim."""
+        dep = item.dep
+        target = dep.target.module
+        if isinstance(target, nn.Parameter):
+            owner_name, attr = split_name(self._param_names.get(target, ""))
+            return RawItem(
+                module_name=owner_name,
+                module=self.model.get_submodule(owner_name) if owner_name else self.model,
+                param_name=attr,
+                pruning_dim=int(dep.target.pruning_dim),
+                axis=PruneAxis.FEATURE,
+                pruning_fn=dep.handler.__name__,
+                idxs=as_tuple(item.idxs),
+                root_idxs=as_tuple(item.root_idxs),
+            )
+        if not isinstance(target, nn.Module) or target not in self._names:
+            return None  # operations (add, cat, reshape, ...) own no weights
+        return RawItem(
+            module_name=self._names[target],
+            module=target,
+            param_name=None,
+            pruning_dim=None,
+            axis=self.axis_of(dep.handler),
+            pruning_fn=dep.handler.__name__,
+            idxs=as_tuple(item.idxs),
+            root_idxs=as_tuple(item.root_idxs),
         )
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from .search import apply_mapping
+from .nodes import op_name, output_shape
 
 _OPTYPE = tp.ops.OPTYPE
 _HybridIndex = tp._helpers._HybridIndex
@@ -77,21 +78,6 @@ class Composed:
         return idxs
 
 
-def _name(node: Any) -> str:
-    fn = node.grad_fn
-    return fn.name().lower() if fn is not None and hasattr(fn, "name") else ""
-
-
-def _shape(grad_fn: Any) -> tuple[int, ...] | None:
-    meta = getattr(grad_fn, "_input_metadata", None)
-    if not meta:
-        return None
-    try:
-        return tuple(int(s) for s in meta[0].shape)
-    except (AttributeError, TypeError, IndexError):
-        return None
-
-
 def _signed(value: Any) -> int:
     value = int(value)
     return value - 2**64 if value >= 2**63 else value
@@ -107,11 +93,11 @@ def is_shape_op(node: Any) -> bool:
         return False
     if len(node.inputs) != 1:
         return False
-    name = _name(node)
+    name = op_name(node)
     if any(word in name for word in _RESHAPES + _MOVES):
         return True
-    before = _shape(node.inputs[0].grad_fn) if node.inputs[0].grad_fn is not None else None
-    return before is not None and before == _shape(node.grad_fn)
+    before = output_shape(node.inputs[0].grad_fn) if node.inputs[0].grad_fn is not None else None
+    return before is not None and before == output_shape(node.grad_fn)
 
 
 def chains(nodes: Iterable[Any], is_layer: Any) -> list[list[Any]]:
@@ -132,7 +118,7 @@ def chains(nodes: Iterable[Any], is_layer: Any) -> list[list[Any]]:
             if is_layer(nxt) or not is_shape_op(nxt):
                 break
             run.append(nxt)
-        if any(any(w in _name(n) for w in _RESHAPES + _MOVES) for n in run):
+        if any(any(w in op_name(n) for w in _RESHAPES + _MOVES) for n in run):
             found.append(run)
     return found
 
@@ -148,8 +134,8 @@ def replay(run: Sequence[Any], shape: tuple[int, ...], axis: int) -> torch.Tenso
     t = torch.arange(channels, dtype=torch.int32).view(view).expand(shape)
     for node in run:
         fn = node.grad_fn
-        name = _name(node)
-        after = _shape(fn)
+        name = op_name(node)
+        after = output_shape(fn)
         if after is None:
             return None
         try:

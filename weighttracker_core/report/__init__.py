@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .html import demo_html, inspect_html
 from .svg import bar_chart, line_chart
-from .text import demo_text, inspect_text, plugins_text, structures_text, to_json
+from ..summaries import structures_text
+from .text import demo_text, inspect_text, plugins_text, to_json
 
 __all__ = [
     "bar_chart",

@@ -7,6 +7,8 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ..metric_format import iter_flat
+from ..summaries import structures_text
 from .svg import fmt
 
 #: Metric subtrees left out of text output (per-layer detail; use --format json).
@@ -30,12 +32,8 @@ def _finite(value: Any) -> Any:
 
 def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     """``("tracker/key", value)`` for every number or string, skipping per-layer detail."""
-    for key, value in metrics.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            if str(key) not in DETAIL_KEYS:
-                yield from scalar_metrics(value, path)
-        elif isinstance(value, (int, float, str, bool)) or value is None:
+    for path, value in iter_flat(metrics, prefix, skip=DETAIL_KEYS):
+        if isinstance(value, (int, float, str, bool)) or value is None:
             yield path, value
 
 
@@ -67,21 +65,6 @@ def plugins_text(rows: Sequence[Mapping[str, Any]]) -> str:
             for name in names:
                 summary = summaries.get(kind, {}).get(name, "")
                 lines.append(f"    {kind}: {name}" + (f" - {summary}" if summary else ""))
-    return "\n".join(lines)
-
-
-def structures_text(structures: Mapping[str, Any]) -> str:
-    """Groups and members from ``view_structures().to_dict()``."""
-    lines = [f"{structures['num_groups']} groups, {structures['num_units']} units"]
-    for group in structures["groups"]:
-        lines.append(f"[{group['id']}] {group['name']}  kind={group['kind']}  "
-                     f"units={group['n_units']}")
-        for member in group["members"]:
-            params = ", ".join(
-                f"{s['param']}[dim {','.join(map(str, s['dims']))}]" for s in member["slices"]
-            )
-            lines.append(f"    {member['module'] or '<model>'} ({member['type']}) "
-                         f"{member['axis']}: {params}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Turn dependency groups into canonical unit groups (SPEC §3.2, §3.3).
+"""Turn dependency groups into canonical unit groups.
 
 Unit rules (plugins) say which parameter slices a module loses with an input or output
 channel; this module applies them to Torch-Pruning's groups, replaces the groups of fused
@@ -9,7 +9,7 @@ that metrics count.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -18,6 +18,7 @@ from torch import nn
 from .errors import ConfigError, CouplingError, UnsupportedModuleError
 from .graph import RawItem
 from .heads import HEAD_FN, AttentionLayout, HeadLayout, unit_rows
+from .names import join_name
 from .layouts import LayoutResolver
 from .registry import TypedRegistry, UnitRuleRegistry
 from .specs import LayerCategory, UnitRule, UnwrappedParameter
@@ -202,6 +203,7 @@ class GroupBuilder:
     # ------------------------------------------------------------------------------ build
 
     def build(self) -> tuple[CanonicalUnitGroup, ...]:
+        """Every canonical group, numbered in order, with global unit offsets."""
         separate = {self._names[m] for m in self._layout_used}
         projections = [
             self.model.get_submodule(name)
@@ -209,8 +211,32 @@ class GroupBuilder:
         ]
         fused = [m for m in self.num_heads if not isinstance(m, nn.MultiheadAttention)
                  and self._names[m] not in separate and m not in projections]
-        drafts: list[tuple[str, str, str, str, int, list[CanonicalMember]]] = []
         used: set[nn.Module] = set(self._layout_used)
+        drafts = self._graph_drafts(fused, projections, used)
+        for layout in self.layouts:
+            drafts.extend(self._layout_drafts(layout))
+        for module, heads in self.num_heads.items():
+            if isinstance(module, nn.MultiheadAttention):
+                used.add(module)
+                drafts.extend(self._mha_head_drafts(module, heads))
+        self._check_num_heads_used(used, projections)
+        groups = []
+        offset = 0
+        for gid, (name, kind, root, fn, n_units, members) in enumerate(drafts):
+            groups.append(
+                CanonicalUnitGroup(
+                    id=gid, name=name, kind=kind, n_units=n_units, offset=offset,
+                    root_module=root, pruning_fn=fn, members=tuple(self._deduplicated(members)),
+                )
+            )
+            offset += n_units
+        return tuple(groups)
+
+    def _graph_drafts(
+        self, fused: list[nn.Module], projections: list[nn.Module], used: set[nn.Module]
+    ) -> list[Any]:
+        """Drafts of the traced groups: channels, and heads of fused qkv projections."""
+        drafts: list[Any] = []
         for raw in self.handle.groups(
             coverage_exempt=fused, skip_roots=projections,
             untrusted_params=sorted(self.untrusted_params),
@@ -231,12 +257,9 @@ class GroupBuilder:
                 (f"{raw.root_name}:{raw.pruning_fn}", kind, raw.root_name, raw.pruning_fn,
                  raw.n_root, members)
             )
-        for layout in self.layouts:
-            drafts.extend(self._layout_drafts(layout))
-        for module, heads in self.num_heads.items():
-            if isinstance(module, nn.MultiheadAttention):
-                used.add(module)
-                drafts.extend(self._mha_head_drafts(module, heads))
+        return drafts
+
+    def _check_num_heads_used(self, used: set[nn.Module], projections: list[nn.Module]) -> None:
         for module in self.num_heads:
             if module not in used and module not in projections:
                 raise ConfigError(
@@ -245,17 +268,6 @@ class GroupBuilder:
                     "nn.Linear whose output channels start a group, an nn.MultiheadAttention, or "
                     "the q_proj / k_proj / v_proj of an attention with separate projections."
                 )
-        groups = []
-        offset = 0
-        for gid, (name, kind, root, fn, n_units, members) in enumerate(drafts):
-            groups.append(
-                CanonicalUnitGroup(
-                    id=gid, name=name, kind=kind, n_units=n_units, offset=offset,
-                    root_module=root, pruning_fn=fn, members=tuple(self._deduplicated(members)),
-                )
-            )
-            offset += n_units
-        return tuple(groups)
 
     def _deduplicated(self, members: list[CanonicalMember]) -> list[CanonicalMember]:
         """Members without slices of a tied parameter that an earlier member already owns.
@@ -268,7 +280,7 @@ class GroupBuilder:
         for member in members:
             kept = []
             for piece in member.slices:
-                full = f"{member.module_name}.{piece.param}" if member.module_name else piece.param
+                full = join_name(member.module_name, piece.param)
                 key = (self._canonical.get(full, full), piece.dims, piece.view, piece.positions)
                 if key in claimed:
                     continue
@@ -289,7 +301,7 @@ class GroupBuilder:
         for item in raw.items:
             rule = self._rule(item)
             if item.param_name is not None:
-                full = f"{item.module_name}.{item.param_name}" if item.module_name else item.param_name
+                full = join_name(item.module_name, item.param_name)
                 if full in self.untrusted_params:
                     rule = None
             if rule is None:
@@ -354,8 +366,32 @@ class GroupBuilder:
 
     def _head_drafts(self, raw: RawGroup) -> list[Any]:
         """Replace a fused qkv projection's group by head and head-dim groups."""
-        qkv = raw.root_module
-        name = raw.root_name
+        heads, dim, consumers = self._fused_geometry(raw)
+        if self.rules.rule_for(type(raw.root_module)) is None:
+            return []
+        drafts = []
+        width = heads * dim
+        for enabled, kind, fn_label, view_dim, unit_of in (
+            (self.prune_num_heads, UnitKind.HEAD, "prune_num_heads", 1, lambda r: (r % width) // dim),
+            (self.prune_head_dims, UnitKind.HEAD_DIM, "prune_head_dims", 2, lambda r: r % dim),
+        ):
+            if not enabled:
+                continue
+            n_units = heads if kind is UnitKind.HEAD else dim
+            members = [self._fused_member(raw, heads, dim, view_dim, n_units, unit_of)]
+            for item in consumers:
+                units = tuple(unit_of(r % width) for r in item.root_idxs)
+                consumer_rule = self._rule(item)
+                if consumer_rule is None:
+                    return []
+                members.append(self._member(attrs.evolve(item, root_idxs=units), consumer_rule))
+            drafts.append((f"{raw.root_name}:{fn_label}", str(kind), raw.root_name, raw.pruning_fn,
+                           n_units, members))
+        return drafts
+
+    def _fused_geometry(self, raw: RawGroup) -> tuple[int, int, list[Any]]:
+        """Heads, head width and output projections of a fused qkv group, checked."""
+        qkv, name = raw.root_module, raw.root_name
         heads = self.num_heads[qkv]
         if not isinstance(qkv, nn.Linear):
             raise ConfigError(
@@ -370,57 +406,42 @@ class GroupBuilder:
                 "nn.MultiheadAttention modules, or separate q/k/v projections of an attention."
             )
         dim = qkv.out_features // (3 * heads)
-        width = heads * dim
         consumers = []
         for item in raw.items:
             if item.module is qkv:
                 continue
-            if item.axis is not PruneAxis.IN_CHANNEL or not _reads_one_chunk(item, width):
+            if item.axis is not PruneAxis.IN_CHANNEL or not _reads_one_chunk(item, heads * dim):
                 raise CouplingError(
                     f"The fused qkv projection {name} is coupled to {item.module_name} "
                     f"({item.axis}) in a way head units cannot describe; only output "
                     "projections reading the concatenated heads are supported."
                 )
             consumers.append(item)
-        rule = self.rules.rule_for(type(qkv))
-        if rule is None:
-            return []
-        drafts = []
-        rows = tuple(range(3 * width))
-        for enabled, kind, fn_label, view_dim, unit_of in (
-            (self.prune_num_heads, UnitKind.HEAD, "prune_num_heads", 1, lambda r: (r % width) // dim),
-            (self.prune_head_dims, UnitKind.HEAD_DIM, "prune_head_dims", 2, lambda r: r % dim),
-        ):
-            if not enabled:
-                continue
-            n_units = heads if kind is UnitKind.HEAD else dim
-            qkv_slices = [
-                MemberSlice(param="weight", dims=(view_dim,), view=(3, heads, dim, -1),
-                            role=ParamRole.WEIGHT, positions=tuple(range(n_units)),
-                            units=tuple(range(n_units))),
-            ]
-            if qkv.bias is not None:
-                qkv_slices.append(
-                    MemberSlice(param="bias", dims=(view_dim,), view=(3, heads, dim),
-                                role=ParamRole.BIAS, positions=tuple(range(n_units)),
-                                units=tuple(range(n_units)))
-                )
-            members = [
-                CanonicalMember(
-                    module_name=name, module_type=type(qkv), axis=PruneAxis.OUT_CHANNEL,
-                    pruning_fn=raw.pruning_fn, slices=tuple(qkv_slices),
-                    tp_indices=rows, tp_units=tuple(unit_of(r) for r in rows),
-                )
-            ]
-            for item in consumers:
-                units = tuple(unit_of(r % width) for r in item.root_idxs)
-                consumer_rule = self._rule(item)
-                if consumer_rule is None:
-                    return []
-                remapped = attrs.evolve(item, root_idxs=units)
-                members.append(self._member(remapped, consumer_rule))
-            drafts.append((f"{name}:{fn_label}", str(kind), name, raw.pruning_fn, n_units, members))
-        return drafts
+        return heads, dim, consumers
+
+    @staticmethod
+    def _fused_member(
+        raw: RawGroup, heads: int, dim: int, view_dim: int, n_units: int, unit_of: Callable[[int], int]
+    ) -> CanonicalMember:
+        """The qkv projection's member: its weight (and bias) viewed as ``(3, heads, dim)``."""
+        qkv = raw.root_module
+        qkv_slices = [
+            MemberSlice(param="weight", dims=(view_dim,), view=(3, heads, dim, -1),
+                        role=ParamRole.WEIGHT, positions=tuple(range(n_units)),
+                        units=tuple(range(n_units))),
+        ]
+        if qkv.bias is not None:
+            qkv_slices.append(
+                MemberSlice(param="bias", dims=(view_dim,), view=(3, heads, dim),
+                            role=ParamRole.BIAS, positions=tuple(range(n_units)),
+                            units=tuple(range(n_units)))
+            )
+        rows = tuple(range(3 * heads * dim))
+        return CanonicalMember(
+            module_name=raw.root_name, module_type=type(qkv), axis=PruneAxis.OUT_CHANNEL,
+            pruning_fn=raw.pruning_fn, slices=tuple(qkv_slices),
+            tp_indices=rows, tp_units=tuple(unit_of(r) for r in rows),
+        )
 
     def _layout_drafts(self, layout: HeadLayout) -> list[Any]:
         """Head, kv-head and head-dim groups of one separate-projection attention."""

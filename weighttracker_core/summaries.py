@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -32,19 +32,28 @@ class StructureView:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
-        total = sum(g.n_units for g in self.groups)
-        lines = [f"{len(self.groups)} groups, {total} units"]
-        for g in self.groups:
-            lines.append(f"[{g.id}] {g.name}  kind={g.kind}  units={g.n_units}")
-            for m in g.members:
-                params = ", ".join(
-                    f"{s.param}[dim {','.join(map(str, s.dims))}"
-                    + (f" of view {tuple(s.view)}" if s.view else "") + "]"
-                    for s in m.slices
-                )
-                lines.append(f"    {m.module_name or '<model>'} ({m.module_type.__name__}) "
-                             f"{m.axis}: {params}")
-        return "\n".join(lines)
+        return structures_text(self.to_dict())
+
+
+def structures_text(structures: Mapping[str, Any]) -> str:
+    """Groups and members from ``view_structures().to_dict()``, one line each.
+
+    A member line reads ``fc1 (Linear) out_channel: weight[dim 0], bias[dim 0]``; a viewed
+    slice adds its view: ``weight[dim 1 of view (3, 4, 2, -1)]``.
+    """
+    lines = [f"{structures['num_groups']} groups, {structures['num_units']} units"]
+    for group in structures["groups"]:
+        lines.append(f"[{group['id']}] {group['name']}  kind={group['kind']}  "
+                     f"units={group['n_units']}")
+        for member in group["members"]:
+            params = ", ".join(
+                f"{s['param']}[dim {','.join(map(str, s['dims']))}"
+                + (f" of view {tuple(s['view'])}" if s.get("view") else "") + "]"
+                for s in member["slices"]
+            )
+            lines.append(f"    {member['module'] or '<model>'} ({member['type']}) "
+                         f"{member['axis']}: {params}")
+    return "\n".join(lines)
 
 
 def short_list(values: Sequence[int], limit: int = 12) -> str:
