@@ -14,13 +14,6 @@ CORE = Path(weighttracker_core.__file__).parent
 MAX_FUNCTION_LINES = 50
 MAX_TRACKER_LINES = 200
 
-#: Functions still over the limit, each waiting to be split (``path:name``); shrinks only.
-#: manager.py is being rewritten on the plugin-contract branch, which splits it.
-NOT_YET_SPLIT = {
-    "weighttracker_core/manager.py:create_plugin_manager",
-}
-
-
 def long_functions(root: Path, limit: int) -> dict[str, str]:
     """``{"path:name": "path:line name (n lines)"}`` for functions in ``root`` over ``limit``."""
     found = {}
@@ -36,8 +29,7 @@ def long_functions(root: Path, limit: int) -> dict[str, str]:
 
 
 def test_no_core_function_is_longer_than_50_lines():
-    found = [text for key, text in long_functions(CORE, MAX_FUNCTION_LINES).items()
-             if key not in NOT_YET_SPLIT]
+    found = list(long_functions(CORE, MAX_FUNCTION_LINES).values())
     assert not found, (
         f"Functions over {MAX_FUNCTION_LINES} lines in weighttracker_core (split them into "
         "named steps): " + "; ".join(found)
@@ -50,11 +42,6 @@ def test_tracker_facade_stays_thin():
         f"weighttracker_core/tracker.py has {lines} lines (limit {MAX_TRACKER_LINES}): move the "
         "work into the module that owns it and keep WeightTracker to orchestration."
     )
-
-
-def test_functions_waiting_to_be_split_are_still_long():
-    done = sorted(NOT_YET_SPLIT - set(long_functions(CORE, MAX_FUNCTION_LINES)))
-    assert not done, f"Split already; remove from NOT_YET_SPLIT: {done}"
 
 
 def test_the_length_check_can_fail(tmp_path):

@@ -216,35 +216,37 @@ def create_plugin_manager(
     """
     pm = PluginManager()
     from_env = blocked_from_env() if use_env else set()
-    block = set(blocked) | from_env
-    for name in sorted(block):
+    for name in sorted(set(blocked) | from_env):
         pm.set_blocked(name)
     if entry_points:
-        found = discover_entry_points()
-        warn_unknown_blocked(from_env, [ep.name for ep in found])
-        for ep in found:
-            dist_name, version = _distribution(ep)
-            if builtins_only and dist_name != "weighttracker":
-                continue
-            if pm.is_blocked(ep.name):
-                continue
-            try:
-                plugin = ep.load()
-            except Exception as err:
-                raise PluginError(
-                    f"Plugin entry point {ep.name!r} = {ep.value!r} of distribution "
-                    f"{dist_name} {version} failed to import: {type(err).__name__}: {err}. "
-                    f"Fix or reinstall that distribution, or set {DISABLE_ENV_VAR}={ep.name} "
-                    "to skip it."
-                ) from err
-            pm.register(plugin, name=ep.name)
-            pm._wt_info[ep.name] = PluginInfo(
-                name=ep.name, distribution=dist_name, version=version, source=ep.value
-            )
+        _load_entry_points(pm, from_env, builtins_only)
     for plugin in plugins:
         add_plugin(pm, plugin)
     check(pm)
     return pm
+
+
+def _load_entry_points(pm: PluginManager, from_env: set[str], builtins_only: bool) -> None:
+    """Register every entry point of group ``weighttracker`` that is not blocked."""
+    found = discover_entry_points()
+    warn_unknown_blocked(from_env, [ep.name for ep in found])
+    for ep in found:
+        dist_name, version = _distribution(ep)
+        if (builtins_only and dist_name != "weighttracker") or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as err:
+            raise PluginError(
+                f"Plugin entry point {ep.name!r} = {ep.value!r} of distribution "
+                f"{dist_name} {version} failed to import: {type(err).__name__}: {err}. "
+                f"Fix or reinstall that distribution, or set {DISABLE_ENV_VAR}={ep.name} "
+                "to skip it."
+            ) from err
+        pm.register(plugin, name=ep.name)
+        pm._wt_info[ep.name] = PluginInfo(
+            name=ep.name, distribution=dist_name, version=version, source=ep.value
+        )
 
 
 def add_plugin(pm: PluginManager, plugin: Any, name: str | None = None) -> str:
