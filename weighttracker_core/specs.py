@@ -6,7 +6,6 @@ Every spec is an attrs frozen, keyword-only class built from this library's own 
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -23,13 +22,13 @@ from .context import (
     SliceFunction,
     TrackerFactory,
 )
-from .units import ParamSlice, PruneAxis
+from .units import NameEnum, ParamSlice, PruneAxis
 
 if TYPE_CHECKING:
     from torch import nn
 
 
-class TrackerType(str, enum.Enum):
+class TrackerType(NameEnum):
     """Names of the first-party trackers; plain strings work everywhere too."""
 
     STRUCTURED_BOPS = "structured_bops"
@@ -39,21 +38,15 @@ class TrackerType(str, enum.Enum):
     GROUP_PRUNING_SUMMARY = "group_pruning_summary"
     L2_NORM_DISTRIBUTION = "l2_norm_distribution"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class RegularizerType(str, enum.Enum):
+class RegularizerType(NameEnum):
     """Names of the first-party regularizers; plain strings work everywhere too."""
 
     GROUP_LASSO = "group_lasso"
     BOPS_GROUP_LASSO = "bops_group_lasso"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Lifetime(str, enum.Enum):
+class Lifetime(NameEnum):
     """How long a calculation's value is kept.
 
     * ``static``: until the structure changes (a physical prune).
@@ -65,11 +58,8 @@ class Lifetime(str, enum.Enum):
     PER_EVALUATION = "per_evaluation"
     DIFFERENTIABLE = "differentiable"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class LayerCategory(str, enum.Enum):
+class LayerCategory(NameEnum):
     """What a layer is, for trackers that count only some kinds (BOPs skip norms).
 
     ``attention`` entries are the attention products (``q k^T`` and ``softmax(.) v``) of an
@@ -81,9 +71,6 @@ class LayerCategory(str, enum.Enum):
     NORMALIZATION = "normalization"
     ATTENTION = "attention"
     OTHER = "other"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @runtime_checkable

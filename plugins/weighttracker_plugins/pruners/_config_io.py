@@ -41,6 +41,11 @@ _REPR.maxlong = 40
 _REPR.maxother = 80
 
 
+def is_ratio(value: Any) -> bool:
+    """Whether ``value`` is an int or float (not a bool) in ``[0, 1]``."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+
 def quote(value: Any, limit: int = MAX_QUOTE) -> str:
     """``repr(value)`` for an error message, at most ``limit`` characters long.
 

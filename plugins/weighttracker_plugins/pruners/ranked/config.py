@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 from torch import nn
 
-from .._config_io import config_from_dict, load_yaml, quote, shorten
+from .._config_io import config_from_dict, is_ratio, load_yaml, quote, shorten
 
 SCOPES = ("local", "global", "isomorphic")
 APPLY_MODES = ("physical", "mask")
@@ -67,7 +67,7 @@ def check_schedule(scheduler: Callable[[float, int], Sequence[float]], ratio: fl
 
 
 def _ratio(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_ratio(value):
         raise ValueError(f"{attribute.name} must be a number in [0, 1], got {quote(value)}.")
 
 
@@ -82,7 +82,7 @@ def _ratio_dict(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
             raise ValueError(
                 f"{attribute.name} keys must be modules of the model or tuples of them; got {quote(key)}."
             )
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        if not is_ratio(ratio):
             raise ValueError(
                 f"{attribute.name}[{type(modules[0]).__name__}...] must be a number in [0, 1], "
                 f"got {quote(ratio)}."
