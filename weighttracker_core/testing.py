@@ -1,4 +1,4 @@
-"""Pytest fixtures for plugin authors (SPEC §8), loaded through the ``pytest11`` entry point.
+"""Pytest fixtures for plugin authors, loaded through the ``pytest11`` entry point.
 
 Inert unless used: fixtures only (no autouse fixtures, no pytest hooks), every name starts
 with ``wt_``, and torch and the core are imported inside the fixtures.

@@ -1,4 +1,4 @@
-"""weighttracker-timm: attention heads of timm models as weighttracker units (SPEC §9).
+"""weighttracker-timm: attention heads of timm models as weighttracker units.
 
 Installed next to ``weighttracker``, its ``timm_vit`` integration applies itself to timm
 ViT / DeiT / Swin models; the helpers below are for explicit use.
