@@ -87,7 +87,11 @@ class WeightTracker(PruningMethods):
         self.weight_bitwidth_fn = opt.check_bitwidth_fn(weight_bitwidth_fn, "weight_bitwidth_fn")
         self.activation_bitwidth_fn = opt.check_bitwidth_fn(activation_bitwidth_fn, "activation_bitwidth_fn")
         self.integrations = select_integrations(self.registries, model, integrations)
-        self._settings = StructureSettings.create(model, self.integrations, locals())  # its keywords
+        self._settings = StructureSettings.create(model, self.integrations, dict(
+            num_heads=num_heads, prune_num_heads=prune_num_heads, prune_head_dims=prune_head_dims,
+            attention_layouts=attention_layouts, prune_model_outputs=prune_model_outputs,
+            ignored_layers=ignored_layers, unwrapped_parameters=unwrapped_parameters,
+            root_module_types=root_module_types, forward_fn=forward_fn, output_transform=output_transform))
         self._trackers: dict[str, TrackerHandle] = {}
         self._build(version=0)
         self._pruning_history = PruningHistory(self.structure)
