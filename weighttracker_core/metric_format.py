@@ -7,15 +7,20 @@ from typing import Any
 
 import torch
 
+_PLAIN = frozenset({int, float, bool, str, type(None)})
+
 
 def to_python(value: Any) -> Any:
     """Tensors become Python numbers or lists, recursively.
 
     ``{"a": tensor(2.)}`` gives ``{"a": 2.0}``; ``tensor([1, 2])`` gives ``[1, 2]``.
     """
+    kind = type(value)
+    if kind in _PLAIN:  # most leaves: no abstract-class check per number
+        return value
     if isinstance(value, torch.Tensor):
         return value.item() if value.dim() == 0 else value.tolist()
-    if isinstance(value, Mapping):
+    if kind is dict or isinstance(value, Mapping):
         return {k: to_python(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(to_python(v) for v in value)

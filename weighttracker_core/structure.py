@@ -27,7 +27,7 @@ from .group_builder import (
 from .errors import ArgumentTypeError, ConfigError, StaleConsumerError, UnitIndexError
 from .graph import DependencyGraphHandle
 from .heads import HeadLayout
-from .names import split_name
+from .names import join_name, split_name
 from .plans import ParamResolver, ReductionPlan
 from .registry import Registries
 from .specs import LayerCategory
@@ -142,6 +142,9 @@ class Structure:
         self.model_version = model_version(model)
         #: Whether some parameter was on the meta device (shapes only) when this was built.
         self.built_on_meta = any(p.is_meta for p in model.parameters())
+        #: ``(name, owner's parameter dict, key)`` of every parameter: reading a slot sees a
+        #: parameter replaced later (``to_empty``) without walking the module tree again
+        self._parameter_slots = _parameter_slots(model)
         self.handle = self._trace()
         trusted, untrusted = self._split_unwrapped()
         self.modules, uncovered = module_table(model, registries.unit_rules, trusted)
@@ -227,7 +230,8 @@ class Structure:
 
     def meta_parameters(self) -> list[str]:
         """Names of the model's parameters on the meta device (shapes without values)."""
-        return [n for n, p in self.model.named_parameters() if p.is_meta]
+        return [name for name, params, key in self._parameter_slots
+                if (param := params.get(key)) is not None and param.is_meta]
 
     def require_values(self, action: str) -> None:
         """Refuse ``action`` (something that reads or changes weight values) on meta tensors.
@@ -427,3 +431,14 @@ def _as_int(value: object) -> object:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         return value
+
+
+def _parameter_slots(model: nn.Module) -> list[tuple[str, dict[str, Any], str]]:
+    """Where each parameter of ``model`` lives (a shared parameter once, at its first name)."""
+    slots, seen = [], set()
+    for prefix, module in model.named_modules():
+        for key, param in module._parameters.items():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                slots.append((join_name(prefix, key), module._parameters, key))
+    return slots
