@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Container, Iterator, Mapping
 from typing import Any
 
@@ -43,3 +44,19 @@ def iter_flat(
                 yield from iter_flat(value, path, skip)
         else:
             yield path, value
+
+
+def finite_scalars(metrics: Mapping[str, Any], prefix: str = "weighttracker") -> dict[str, float]:
+    """Every finite number of (nested) ``metrics`` as a float, under flat ``prefix/a/b`` keys.
+
+    What training loggers take: per-layer lists and strings are left out, one-element
+    tensors become numbers, booleans 0/1. ``{"structured_bops": {"compression": 0.25,
+    "modules": {...}}}`` gives ``{"weighttracker/structured_bops/compression": 0.25, ...}``.
+    """
+    out: dict[str, float] = {}
+    for key, value in iter_flat(metrics):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
+            out[f"{prefix}/{key}" if prefix else key] = float(value)
+    return out

@@ -67,7 +67,7 @@ from .heads import AttentionChange, AttentionLayout
 from .hookspecs import HOOK_NAMES, HOOKS, Hook, hookimpl, hookspec
 from .masking import stored_parameter
 from .plans import ReductionPlan, effective_parameter, safe_sqrt
-from .metric_format import flatten_metrics, to_python
+from .metric_format import finite_scalars, flatten_metrics, to_python
 from .specs import (
     AttentionLayoutRule,
     CalculationSpec,
@@ -167,6 +167,7 @@ __all__ = [
     "WeightTrackerError",
     "check_bitwidth",
     "effective_parameter",
+    "finite_scalars",
     "flatten_metrics",
     "hookimpl",
     "hookspec",

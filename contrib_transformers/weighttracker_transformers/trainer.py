@@ -30,48 +30,19 @@ Importing this module imports ``transformers.Trainer``'s callback classes; train
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from weighttracker_core import ConfigError, WeightTracker, flatten_metrics
+from weighttracker_core import ConfigError, WeightTracker
+from weighttracker_core.training import MODES, TrainingCallback
 
 __all__ = ["MODES", "WeightTrackerCallback"]
 
-#: What the callback does with the group lasso.
-MODES = ("proximal", "loss")
 
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
-
-
-def scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
-    """The finite numbers of nested ``metrics`` under flat ``prefix/a/b`` keys.
-
-    Example: ``{"structured_bops": {"compression": 0.25, "modules": {...}}}`` with prefix
-    ``"weighttracker"`` gives ``{"weighttracker/structured_bops/compression": 0.25, ...}``
-    (per-layer lists are left out).
-    """
-    out = {}
-    for key, value in flatten_metrics(metrics).items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
-            out[f"{prefix}/{key}" if prefix else key] = float(value)
-    return out
-
-
-class WeightTrackerCallback(TrainerCallback):
+class WeightTrackerCallback(TrainingCallback, TrainerCallback):
     """Group lasso and compression metrics inside ``Trainer.train()``.
 
     Args:
@@ -109,30 +80,12 @@ class WeightTrackerCallback(TrainerCallback):
         track_every_n_steps: int = 50,
         prefix: str = "weighttracker",
     ) -> None:
-        if tracker is not None and not isinstance(tracker, WeightTracker):
-            raise ConfigError(f"tracker must be a WeightTracker, got {type(tracker).__name__}.")
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
-        if not callable(strength) and (isinstance(strength, bool) or not isinstance(strength, (int, float))
-                                       or not 0 <= strength < math.inf):
-            raise ConfigError(f"strength must be a finite number >= 0 or a callable, got {strength!r}.")
-        if isinstance(track_every_n_steps, bool) or not isinstance(track_every_n_steps, int) \
-                or track_every_n_steps < 0:
-            raise ConfigError(f"track_every_n_steps must be an int >= 0, got {track_every_n_steps!r}.")
-        self.example_inputs = example_inputs
-        self.tracker = tracker
-        self.tracker_options = dict(tracker_options or {})
-        self.regularizer_name = regularizer
-        self.regularizer_options = dict(regularizer_options or {})
-        self.strength = strength
-        self.mode = mode
-        self.tracker_names = (trackers,) if isinstance(trackers, str) else tuple(trackers)
-        self.tracker_kwargs = dict(tracker_kwargs or {})
-        self.track_every_n_steps = track_every_n_steps
-        self.prefix = prefix
-        self.regularizer: Any = None
-        self._metrics: Any = None
-        self._lr: float | None = None
+        self._configure(
+            example_inputs=example_inputs, tracker=tracker, tracker_options=tracker_options,
+            regularizer=regularizer, regularizer_options=regularizer_options, strength=strength,
+            mode=mode, trackers=trackers, tracker_kwargs=tracker_kwargs,
+            track_every_n_steps=track_every_n_steps, prefix=prefix,
+        )
         self._pending: dict[str, float] | None = None
 
     # ------------------------------------------------------------------------ set-up
@@ -159,53 +112,26 @@ class WeightTrackerCallback(TrainerCallback):
             )
         return batch[name][:1]
 
-    def _consumers(self) -> None:
-        """(Re)create the regularizer and trackers when missing or stale after a prune."""
-        assert self.tracker is not None
-        if self.regularizer_name is not None and (self.regularizer is None or self.regularizer.stale):
-            self.regularizer = self.tracker.create_regularizer(self.regularizer_name,
-                                                               **self.regularizer_options)
-        if self.tracker_names and (self._metrics is None or self._metrics.stale):
-            self._metrics = self.tracker.create_tracker(list(self.tracker_names), **self.tracker_kwargs)
-
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         if self.tracker is None:
             if model is None:
                 raise ConfigError("The Trainer gave the callback no model; pass tracker= instead.")
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            inputs = _to_device(self._example_inputs(model, train_dataloader), device)
-            was_training = model.training
-            try:
-                self.tracker = WeightTracker(model, inputs, **self.tracker_options)
-            finally:
-                model.train(was_training)
-        self._consumers()
+            self._build_tracker(model, self._example_inputs(model, train_dataloader))
+        else:
+            self._consumers()
 
     # ---------------------------------------------------------------------- training
-
-    def _strength(self, step: int) -> float:
-        return float(self.strength(step) if callable(self.strength) else self.strength)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
                               **kwargs: Any) -> None:
         # gradients are accumulated (and clipped) here; the step has not happened yet
         if optimizer is not None:
             self._lr = float(optimizer.param_groups[0]["lr"])
-        if self.mode != "loss" or self.regularizer_name is None:
-            return
-        self._consumers()
-        strength = self._strength(state.global_step)
-        if strength:
-            (strength * self.regularizer()).backward()
+        self._add_penalty_gradient(state.global_step)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.mode != "proximal" or self.regularizer_name is None or self._lr is None:
-            return
-        self._consumers()
-        strength = self._strength(state.global_step)
-        if strength:
-            self.regularizer.proximal_step_(lr=self._lr, strength=strength)
+        self._proximal_step(state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.track_every_n_steps and state.global_step % self.track_every_n_steps == 0:
@@ -222,17 +148,3 @@ class WeightTrackerCallback(TrainerCallback):
         if history and history[-1].get("step") == state.global_step:
             history[-1].update(self._pending)
         self._pending = None
-
-    # ----------------------------------------------------------------------- logging
-
-    def metrics(self) -> dict[str, float]:
-        """The numbers logged now: tracker metrics, penalty and exactly-zero units."""
-        if self.tracker is None:
-            raise ConfigError("The callback has no tracker yet: it is built when training starts.")
-        self._consumers()
-        values: dict[str, Any] = dict(self._metrics.track()) if self._metrics is not None else {}
-        if self.regularizer is not None:
-            with torch.no_grad():
-                values[self.regularizer_name] = float(self.regularizer())
-        values["zero_units"] = sum(len(u) for u in self.tracker.zero_units().values())
-        return scalars(values, self.prefix)

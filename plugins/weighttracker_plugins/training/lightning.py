@@ -30,8 +30,7 @@ import torch
 
 from weighttracker_core import WeightTracker
 from weighttracker_core.errors import ConfigError, MissingDependencyError
-
-from .tensorboard import scalar_metrics
+from weighttracker_core.training import MODES, TrainingCallback
 
 try:
     import lightning.pytorch as _pl
@@ -46,21 +45,8 @@ except ImportError:  # the older distribution
 
 __all__ = ["MODES", "WeightTrackerCallback"]
 
-#: What the callback does with the group lasso.
-MODES = ("proximal", "loss")
 
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
-
-
-class WeightTrackerCallback(_pl.Callback):
+class WeightTrackerCallback(TrainingCallback, _pl.Callback):
     """Group lasso and compression metrics inside ``Trainer.fit``.
 
     Args:
@@ -84,6 +70,8 @@ class WeightTrackerCallback(_pl.Callback):
         prefix: First part of every metric name.
     """
 
+    _starts = "fit starts"
+
     def __init__(
         self,
         example_inputs: Any = None,
@@ -104,33 +92,13 @@ class WeightTrackerCallback(_pl.Callback):
         if tracker is None and example_inputs is None:
             raise ConfigError("WeightTrackerCallback needs example_inputs (to build the tracker) "
                               "or tracker= an existing WeightTracker.")
-        if tracker is not None and not isinstance(tracker, WeightTracker):
-            raise ConfigError(f"tracker must be a WeightTracker, got {type(tracker).__name__}.")
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
-        if not callable(strength) and (isinstance(strength, bool) or not isinstance(strength, (int, float))
-                                       or not strength >= 0 or strength == float("inf")):
-            raise ConfigError(f"strength must be a finite number >= 0 or a callable, got {strength!r}.")
-        if isinstance(track_every_n_steps, bool) or not isinstance(track_every_n_steps, int) \
-                or track_every_n_steps < 0:
-            raise ConfigError(f"track_every_n_steps must be an int >= 0, got {track_every_n_steps!r}.")
-        if isinstance(trackers, str):
-            trackers = (trackers,)
-        self.example_inputs = example_inputs
-        self.tracker = tracker
+        self._configure(
+            example_inputs=example_inputs, tracker=tracker, tracker_options=tracker_options,
+            regularizer=regularizer, regularizer_options=regularizer_options, strength=strength,
+            mode=mode, trackers=trackers, tracker_kwargs=tracker_kwargs,
+            track_every_n_steps=track_every_n_steps, prefix=prefix,
+        )
         self.module = module
-        self.tracker_options = dict(tracker_options or {})
-        self.regularizer_name = regularizer
-        self.regularizer_options = dict(regularizer_options or {})
-        self.strength = strength
-        self.mode = mode
-        self.tracker_names = tuple(trackers)
-        self.tracker_kwargs = dict(tracker_kwargs or {})
-        self.track_every_n_steps = track_every_n_steps
-        self.prefix = prefix
-        self.regularizer: Any = None
-        self._metrics: Any = None
-        self._lr: float | None = None
         self._last_step = -1
         self._last_logged = -1
 
@@ -147,43 +115,19 @@ class WeightTrackerCallback(_pl.Callback):
             )
         return target
 
-    def _consumers(self) -> None:
-        """(Re)create the regularizer and trackers when missing or stale after a prune."""
-        assert self.tracker is not None
-        if self.regularizer_name is not None and (self.regularizer is None or self.regularizer.stale):
-            self.regularizer = self.tracker.create_regularizer(self.regularizer_name,
-                                                               **self.regularizer_options)
-        if self.tracker_names and (self._metrics is None or self._metrics.stale):
-            self._metrics = self.tracker.create_tracker(list(self.tracker_names), **self.tracker_kwargs)
-
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.tracker is None:
-            target = self._target(pl_module)
-            device = next((p.device for p in target.parameters()), torch.device("cpu"))
-            was_training = target.training
-            try:
-                self.tracker = WeightTracker(target, _to_device(self.example_inputs, device),
-                                             **self.tracker_options)
-            finally:
-                target.train(was_training)
-        self._consumers()
+            self._build_tracker(self._target(pl_module), self.example_inputs)
+        else:
+            self._consumers()
         self._last_step = trainer.global_step
 
     # ---------------------------------------------------------------------- training
 
-    def _strength(self, step: int) -> float:
-        value = self.strength(step) if callable(self.strength) else self.strength
-        return float(value)
-
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         # gradients are unscaled (AMP) and accumulated here; the step has not happened yet
         self._lr = float(optimizer.param_groups[0]["lr"])
-        if self.mode != "loss" or self.regularizer is None:
-            return
-        self._consumers()
-        strength = self._strength(trainer.global_step)
-        if strength:
-            (strength * self.regularizer()).backward()
+        self._add_penalty_gradient(trainer.global_step)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -191,11 +135,7 @@ class WeightTrackerCallback(_pl.Callback):
         if step == self._last_step:  # gradient accumulation: no optimizer step this batch
             return
         self._last_step = step
-        if self.mode == "proximal" and self.regularizer is not None and self._lr is not None:
-            self._consumers()
-            strength = self._strength(step - 1)
-            if strength:
-                self.regularizer.proximal_step_(lr=self._lr, strength=strength)
+        self._proximal_step(step - 1)  # the step just taken
         if self.track_every_n_steps and step % self.track_every_n_steps == 0:
             self.log_metrics(trainer)
 
@@ -204,18 +144,6 @@ class WeightTrackerCallback(_pl.Callback):
             self.log_metrics(trainer)
 
     # ----------------------------------------------------------------------- logging
-
-    def metrics(self) -> dict[str, float]:
-        """The numbers logged now: tracker metrics, penalty and exactly-zero units."""
-        if self.tracker is None:
-            raise ConfigError("The callback has no tracker yet: it is built when fit starts.")
-        self._consumers()
-        values: dict[str, Any] = dict(self._metrics.track()) if self._metrics is not None else {}
-        if self.regularizer is not None:
-            with torch.no_grad():
-                values[self.regularizer_name] = float(self.regularizer())
-        values["zero_units"] = sum(len(u) for u in self.tracker.zero_units().values())
-        return scalar_metrics(values, self.prefix)
 
     def log_metrics(self, trainer: Any) -> dict[str, float]:
         """Send :meth:`metrics` to every logger of ``trainer`` at its global step."""

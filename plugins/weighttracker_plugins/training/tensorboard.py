@@ -13,32 +13,19 @@ when the logger has to create a ``SummaryWriter``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from weighttracker_core import flatten_metrics
+from weighttracker_core.plugin import finite_scalars
 from weighttracker_core.errors import ConfigError, MissingDependencyError
 
 __all__ = ["TensorBoardLogger", "scalar_metrics", "unit_norms_by_group"]
 
 
-def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "weighttracker") -> dict[str, float]:
-    """Every finite number of a (nested) metrics dict, under flat ``prefix/a/b`` tags.
-
-    Per-layer lists and strings are left out; booleans count as 0/1. Example:
-    ``{"structured_bops": {"compression": 0.25, "modules": {...}}}`` gives
-    ``{"weighttracker/structured_bops/compression": 0.25, ...}``.
-    """
-    out: dict[str, float] = {}
-    for key, value in flatten_metrics(metrics).items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
-            out[f"{prefix}/{key}" if prefix else key] = float(value)
-    return out
+#: Every finite number of a nested metrics dict under flat ``weighttracker/a/b`` tags.
+scalar_metrics = finite_scalars
 
 
 def unit_norms_by_group(tracker: Any) -> dict[str, torch.Tensor]:
