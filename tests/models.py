@@ -116,3 +116,19 @@ def globally_pruned_convnet() -> nn.Module:
     targets = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=0.4)
     return model
+
+
+def mha_case() -> tuple[nn.Module, torch.Tensor, dict]:
+    """``(model, inputs, WeightTracker options)``: nn.MultiheadAttention with head units."""
+    model = MHANet()
+    return model, sequence_input(), {"num_heads": {model.attn: 4}, "prune_num_heads": True}
+
+
+def vit_case() -> tuple[nn.Module, torch.Tensor, dict]:
+    """``(model, inputs, options)``: timm's ViT-Ti at 32x32; heads and head dims overlap on qkv."""
+    import pytest
+
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10)
+    heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
+    return model, torch.randn(1, 3, 32, 32), {"num_heads": heads, "prune_num_heads": True}

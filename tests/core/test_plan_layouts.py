@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 from _oracles import param_of, unit_rows
-from models import MHANet, sequence_input
+from models import mha_case, vit_case
 from plugin_managers import core_plugin_manager as PM
 from torch import nn
 
@@ -32,17 +32,7 @@ def _models():
     def resnet():
         return torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), {}
 
-    def mha():
-        model = MHANet()
-        return model, sequence_input(), {"num_heads": {model.attn: 4}, "prune_num_heads": True}
-
-    def vit():
-        timm = pytest.importorskip("timm")
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10)
-        heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}  # heads and head dims overlap
-        return model, torch.randn(1, 3, 32, 32), {"num_heads": heads, "prune_num_heads": True}
-
-    return [("resnet18", resnet), ("mha", mha), ("vit", vit)]
+    return [("resnet18", resnet), ("mha", mha_case), ("vit", vit_case)]
 
 
 MODELS = _models()

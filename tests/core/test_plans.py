@@ -8,7 +8,7 @@ import torch.nn.utils.prune as prune
 import torchvision
 
 from _oracles import unit_rows
-from models import MHANet, sequence_input
+from models import mha_case, vit_case
 from plugin_managers import core_plugin_manager as PM
 from weighttracker_core import PlanError, WeightTracker
 
@@ -29,17 +29,7 @@ def _cases():
         ("mobilenet_v2", lambda: (torchvision.models.mobilenet_v2(), torch.randn(1, 3, 32, 32), {})),
     ]
 
-    def mha():
-        model = MHANet()
-        return model, sequence_input(), {"num_heads": {model.attn: 4}, "prune_num_heads": True}
-
-    def vit():
-        timm = pytest.importorskip("timm")
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10)
-        heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
-        return model, torch.randn(1, 3, 32, 32), {"num_heads": heads, "prune_num_heads": True}
-
-    cases += [("mha", mha), ("vit", vit)]
+    cases += [("mha", mha_case), ("vit", vit_case)]
     return cases
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from models import MHANet, sequence_input
+from models import mha_case, vit_case
 from torch import nn
 
 from weighttracker_core import WeightTracker
@@ -20,21 +20,10 @@ def _cases():
     def resnet():
         return torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), {}
 
-    def mha():
-        model = MHANet()
-        return model, sequence_input(), {"num_heads": {model.attn: 4}, "prune_num_heads": True}
-
-    def vit():
-        timm = pytest.importorskip("timm")
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10)
-        heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
-        return model, torch.randn(1, 3, 32, 32), {"num_heads": heads, "prune_num_heads": True,
-                                                 "prune_head_dims": True}
-
     def mlp():
         return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)), torch.randn(1, 6), {}
 
-    return [("resnet18", resnet), ("mha", mha), ("vit", vit), ("mlp", mlp)]
+    return [("resnet18", resnet), ("mha", mha_case), ("vit", vit_case), ("mlp", mlp)]
 
 
 @pytest.mark.parametrize("name,factory", _cases(), ids=[c[0] for c in _cases()])
