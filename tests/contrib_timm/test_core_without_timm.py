@@ -7,30 +7,8 @@ blocked by ``WEIGHTTRACKER_DISABLE_PLUGINS``, as for a user who never installed 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-BLOCKER = '''
-import sys
-
-
-class _NoTimm:
-    """Pretend timm and weighttracker_timm are not installed."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("timm", "weighttracker_timm"):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _NoTimm())
-'''
+from without_package import run_without
 
 CHECK = '''
 from weighttracker_core import default_plugin_manager
@@ -56,12 +34,7 @@ TESTS = [
 
 
 def _run(args, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["WEIGHTTRACKER_DISABLE_PLUGINS"] = "timm_vit,timm_source"
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_without(("timm", "weighttracker_timm"), ("timm_vit", "timm_source"), args, tmp_path)
 
 
 @pytest.mark.slow

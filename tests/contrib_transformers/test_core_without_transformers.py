@@ -9,32 +9,11 @@ installed them.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from without_package import run_without
 
-ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = ("transformers", "weighttracker_transformers", "accelerate")
-PLUGINS = "transformers_models,transformers_rms_norm,transformers_source"
-
-BLOCKER = f'''
-import sys
-
-
-class _NoTransformers:
-    """Pretend transformers and weighttracker_transformers are not installed."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _NoTransformers())
-'''
+PLUGINS = ("transformers_models", "transformers_rms_norm", "transformers_source")
 
 CHECK = '''
 from weighttracker_core import WeightTracker, default_plugin_manager
@@ -64,13 +43,7 @@ TESTS = [
 
 
 def _run(args, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["WEIGHTTRACKER_DISABLE_PLUGINS"] = ",".join(
-        p for p in (env.get("WEIGHTTRACKER_DISABLE_PLUGINS", ""), PLUGINS) if p)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_without(BLOCKED, PLUGINS, args, tmp_path)
 
 
 @pytest.mark.slow
