@@ -89,27 +89,13 @@ class Key:
         return [self.keep.index(d) for d in self.dims]
 
     def steps(self, n: int) -> tuple[tuple[tuple[tuple[int, ...], Any], ...], Any]:
-        """The reshapes and reductions :meth:`positions` runs for ``n`` members (cached).
-
-        Stages on views: the dims before the first kept dim as columns, the dims after the
-        last one as rows, then the (by then small) remainder; finally a permutation when the
-        dims are not listed in order.
-        """
+        """The reshapes and reductions :meth:`positions` runs for ``n`` members (cached):
+        :func:`reduction_stages`, then a permutation when the dims are not listed in order."""
         cached = self._steps.get(n)
         if cached is None:
-            shape, keep = self.shape, self.keep
-            first, last = keep[0], keep[-1]
-            stages: list[tuple[tuple[int, ...], Any]] = []
-            if first > 0:
-                stages.append(((n, math.prod(shape[:first]), math.prod(shape[first:])), 1))
-            if last < len(shape) - 1:
-                stages.append(((n * math.prod(shape[first : last + 1]), math.prod(shape[last + 1 :])), 1))
-            middle = [d - first + 1 for d in range(first, last + 1) if d not in keep]
-            if middle:
-                stages.append(((n, *shape[first : last + 1]), tuple(middle)))
             order = self.order_back()
             final = None if order is None else ((n, *self.sorted_sizes()), (0, *[1 + o for o in order]))
-            cached = (tuple(stages), final)
+            cached = (reduction_stages(n, self.shape, self.keep), final)
             self._steps[n] = cached
         return cached
 
@@ -159,22 +145,46 @@ def _reduce(t: torch.Tensor, dim: Any, how: str) -> torch.Tensor:
     return t.sum(dim)
 
 
-def reduce_keep(t: torch.Tensor, shape: Sequence[int], keep: Sequence[int], how: str) -> torch.Tensor:
-    """Reduce ``t`` (``[n, *shape]``) over every dim of ``shape`` not in ``keep`` (sorted).
+#: The dims after the last kept one are reduced first (as rows) when they hold at least this
+#: many elements: a reduction along the outermost dims is a slow kernel on CPU, so it should
+#: see the small per-row sums, not the whole tensor (a fused qkv weight's heads); shorter
+#: rows (a 3x3 kernel) reduce faster the other way round.
+ROWS_FIRST = 64
 
-    Stages on views: the dims before the first kept dim as columns, the dims after the last
-    one as rows, then the (by then small) remainder. ``how``: ``"sum"``, ``"max"`` or
-    ``"isum"`` (an int32 sum). Returns ``[n, prod(kept sizes)]``, row-major over ``keep``.
+
+def reduction_stages(n: int, shape: Sequence[int], keep: Sequence[int]) -> tuple[tuple[tuple[int, ...], Any], ...]:
+    """``(view, dims)`` steps reducing ``[n, *shape]`` over every dim not in ``keep`` (sorted).
+
+    Contiguous stages on views: the dims before the first kept dim (as columns), the dims
+    after the last one (as rows), in the cheaper order (:data:`ROWS_FIRST`), then the (by
+    then small) remainder between kept dims. The result is ``[n, prod(kept sizes)]``,
+    row-major over ``keep``.
+    """
+    first, last = keep[0], keep[-1]
+    before, after = math.prod(shape[:first]), math.prod(shape[last + 1 :])
+    kept = math.prod(shape[first : last + 1])
+    stages: list[tuple[tuple[int, ...], Any]] = []
+    if before > 1 and after >= ROWS_FIRST:
+        stages += [((n * before * kept, after), 1), ((n, before, kept), 1)]
+    else:  # (a stage over a dim of size 1 still converts the dtype of an "isum")
+        if first > 0:
+            stages.append(((n, before, kept * after), 1))
+        if last < len(shape) - 1:
+            stages.append(((n * kept, after), 1))
+    middle = tuple(d - first + 1 for d in range(first, last + 1) if d not in keep)
+    if middle:
+        stages.append(((n, *shape[first : last + 1]), middle))
+    return tuple(stages)
+
+
+def reduce_keep(t: torch.Tensor, shape: Sequence[int], keep: Sequence[int], how: str) -> torch.Tensor:
+    """Reduce ``t`` (``[n, *shape]``) over every dim of ``shape`` not in ``keep`` (sorted),
+    in the stages of :func:`reduction_stages`. ``how``: ``"sum"``, ``"max"`` or ``"isum"``
+    (an int32 sum). Returns ``[n, prod(kept sizes)]``, row-major over ``keep``.
     """
     n = t.shape[0]
-    first, last = keep[0], keep[-1]
-    if first > 0:
-        t = _reduce(t.reshape(n, math.prod(shape[:first]), -1), 1, how)
-    if last < len(shape) - 1:
-        t = _reduce(t.reshape(n * math.prod(shape[first : last + 1]), -1), 1, how)
-    middle = [d - first + 1 for d in range(first, last + 1) if d not in keep]
-    if middle:
-        t = _reduce(t.reshape(n, *shape[first : last + 1]), middle, how)
+    for view, dims in reduction_stages(n, shape, keep):
+        t = _reduce(t.reshape(view), dims, how)
     return t.reshape(n, -1)
 
 

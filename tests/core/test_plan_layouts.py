@@ -232,3 +232,31 @@ def test_non_finite_given_tensors_are_named_as_given_values():
     with pytest.raises(PlanError, match=rf"values given for parameter '{plan.param_names[1]}' hold 1 NaN"):
         plan.unit_reduce("sum", tensors=tensors)
     assert torch.isfinite(plan.unit_reduce("zeros", tensors=tensors)).all()  # counts: NaN is not a zero
+
+
+@pytest.mark.parametrize("rows_first", [1, 10**9], ids=["rows-first", "columns-first"])
+@pytest.mark.parametrize("shape,keep", [
+    ((3, 4, 5, 6), (1,)), ((3, 4, 5, 6), (2,)), ((3, 4, 5, 6), (0,)), ((3, 4, 5, 6), (3,)),
+    ((3, 4, 5, 6), (1, 2)), ((3, 4, 5, 6), (0, 2)), ((1, 4, 1, 6), (1,)), ((2, 3, 1), (1,)),
+])
+@pytest.mark.parametrize("how", ["sum", "max", "isum"])
+def test_reduce_keep_stages_equal_a_direct_reduction(monkeypatch, rows_first, shape, keep, how):
+    """Both stage orders reduce exactly the dims not kept, like one multi-dim reduction."""
+    import weighttracker_core.plan_layout as plan_layout
+
+    monkeypatch.setattr(plan_layout, "ROWS_FIRST", rows_first)
+    gen = torch.Generator().manual_seed(0)
+    n = 2
+    if how == "sum":
+        t = torch.randint(-8, 8, (n, *shape), generator=gen).double()  # exact in any order
+    else:
+        t = torch.randint(0, 2, (n, *shape), generator=gen, dtype=torch.uint8)
+    other = tuple(1 + d for d in range(len(shape)) if d not in keep)
+    if how == "max":
+        expected = t.amax(other) if other else t
+    else:
+        expected = t.sum(other, dtype=torch.int32 if how == "isum" else None) if other else t
+    got = plan_layout.reduce_keep(t, shape, keep, how)
+    assert torch.equal(got, expected.reshape(n, -1).to(got.dtype))
+    if how == "isum":
+        assert got.dtype == torch.int32
