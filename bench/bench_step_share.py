@@ -17,7 +17,14 @@ For each model (random weights, CPU, one torch thread) this script times, in one
   all weights, one value per tensor);
 * **fresh gradients**: allocating one new gradient-sized tensor per parameter and zeroing
   it (the write any backward producing new ``.grad`` tensors has to do; on Linux it
-  includes faulting in fresh pages).
+  includes faulting in fresh pages);
+* the **autograd floor**: forward + backward of an autograd function over the group
+  lasso's parameters that does no arithmetic (a zero scalar forward; backward hands
+  autograd views of one fresh zeroed buffer): what any penalty over those parameters pays
+  for autograd's per-parameter work and the gradients' memory;
+* **fvcore count**: fvcore's MAC count of the model alone, once, after the first
+  ``track()`` (so without fvcore's import, which the script times separately, in a fresh
+  process with torch already imported).
 
 After a warm-up, the measurements are interleaved round by round (step, track, lasso,
 bops lasso, floor, then again), so drifting load on a shared machine hits them alike. In
@@ -43,14 +50,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from torch._utils import _unflatten_dense_tensors
+
 from _common import machine, write_section
 from weighttracker_core import WeightTracker
+from weighttracker_plugins.calculations.cost import fvcore_macs_by_operator
 
 TRACKERS = (
     ("structured_bops", {"log_total_bops": True}),
@@ -139,6 +151,28 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+class Plumbing(torch.autograd.Function):
+    """No arithmetic: a zero scalar forward, and fresh zeroed gradients in backward."""
+
+    @staticmethod
+    def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.tensors = tensors
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        buffer = grad.new_zeros(sum(t.numel() for t in ctx.tensors))
+        return tuple(_unflatten_dense_tensors(buffer, ctx.tensors))
+
+
+def fvcore_import_ms() -> float:
+    """``import fvcore.nn`` in a fresh process with torch already imported (ms)."""
+    code = ("import time, torch; t = time.perf_counter(); import fvcore.nn; "
+            "print((time.perf_counter() - t) * 1e3)")
+    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                text=True).stdout.split()[-1])
+
+
 def sparsify_(model: nn.Module, tracker: WeightTracker, fraction: float) -> None:
     """Zero ``fraction`` of every weight with 2+ dims (at random) and unit 0 of every group."""
     gen = torch.Generator().manual_seed(0)
@@ -164,7 +198,9 @@ def measure(name: str, rounds: int, batch: int, warmup: int, sparsity: float = 0
         tracker.create_tracker(kind, **options)
     t_create = time.perf_counter() - t0
     t_first = _time(tracker.track)
+    t_fvcore = _time(lambda: fvcore_macs_by_operator(model, example))
     lasso = tracker.create_regularizer("group_lasso")
+    penalised = [model.get_parameter(name) for name in lasso.plan.param_names]
     bops_lasso = tracker.create_regularizer("bops_group_lasso")
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # full work, weights unchanged
@@ -201,8 +237,14 @@ def measure(name: str, rounds: int, batch: int, warmup: int, sparsity: float = 0
         with torch.no_grad():
             lasso()
 
+    def plumbing() -> None:
+        for p in params:
+            p.grad = None
+        Plumbing.apply(*penalised).backward()
+
     jobs = {"step": step, "track": tracker.track, "lasso": penalty(lasso), "lasso_fwd": lasso_forward,
-            "bops_lasso": penalty(bops_lasso), "floor": floor, "fresh_grads": fresh_grads}
+            "bops_lasso": penalty(bops_lasso), "floor": floor, "fresh_grads": fresh_grads,
+            "plumbing": plumbing}
     for _ in range(warmup):
         for fn in jobs.values():
             fn()
@@ -216,7 +258,7 @@ def measure(name: str, rounds: int, batch: int, warmup: int, sparsity: float = 0
             fn()
             times[key].extend(_time(fn) for _ in range(4))
     out = {k: statistics.median(v) for k, v in times.items()}
-    out.update(build=t_build, create=t_create, first=t_first,
+    out.update(build=t_build, create=t_create, first=t_first, fvcore=t_fvcore,
                params=sum(p.numel() for p in params), units=tracker.num_units,
                groups=len(tracker.groups))
     return out
@@ -225,7 +267,8 @@ def measure(name: str, rounds: int, batch: int, warmup: int, sparsity: float = 0
 # ----------------------------------------------------------------------------- report
 
 
-def report(rows: list[tuple[str, dict[str, float]]], rounds: int, batch: int, sparsity: float) -> str:
+def report(rows: list[tuple[str, dict[str, float]]], rounds: int, batch: int, sparsity: float,
+           import_ms: float) -> str:
     weights = (f"{sparsity:.0%} of every weight with 2+ dims zeroed at random and unit 0 of "
                "every group zeroed" if sparsity else "random dense weights (as initialised)")
     lines = [
@@ -240,8 +283,9 @@ def report(rows: list[tuple[str, dict[str, float]]], rounds: int, batch: int, sp
         "",
         "| model | training step | `track()` (5 trackers) | share | `group_lasso` fwd+bwd | share "
         "| `bops_group_lasso` fwd+bwd | share | floor (`_foreach_norm`) | track / floor | lasso / floor "
-        "| lasso fwd only | fresh gradients | first `track()` | first / step | create 5 + first |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| lasso fwd only | fresh gradients | autograd floor | first `track()` | first / step "
+        "| fvcore count | create 5 + first |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, t in rows:
         step = t["step"]
@@ -250,10 +294,13 @@ def report(rows: list[tuple[str, dict[str, float]]], rounds: int, batch: int, sp
             f"| {t['lasso'] * 1e3:.1f} ms | **{t['lasso'] / step:.1%}** | {t['bops_lasso'] * 1e3:.1f} ms "
             f"| **{t['bops_lasso'] / step:.1%}** | {t['floor'] * 1e3:.2f} ms | {t['track'] / t['floor']:.1f}x "
             f"| {t['lasso'] / t['floor']:.1f}x | {t['lasso_fwd'] * 1e3:.1f} ms | {t['fresh_grads'] * 1e3:.1f} ms "
-            f"| {t['first'] * 1e3:.0f} ms "
-            f"| {t['first'] / step:.2f} | {(t['create'] + t['first']) * 1e3:.0f} ms |"
+            f"| {t['plumbing'] * 1e3:.2f} ms | {t['first'] * 1e3:.0f} ms "
+            f"| {t['first'] / step:.2f} | {t['fvcore'] * 1e3:.0f} ms | {(t['create'] + t['first']) * 1e3:.0f} ms |"
         )
     lines += [
+        "",
+        f"`import fvcore.nn` (a fresh process, torch already imported): {import_ms:.0f} ms; "
+        f"the first `track()` of the first model ({LABELS[rows[0][0]]}) includes it.",
         "",
         "Targets: `track()` at most 2 % and group lasso fwd+bwd at most 3 % of the training "
         "step on every model; on ResNet-50 and ViT-B/16 each within 4x of the floor; the "
@@ -280,10 +327,11 @@ def main() -> None:
               f"({t['lasso'] / t['step']:.2%}, forward {t['lasso_fwd'] * 1e3:.1f} ms), "
               f"bops lasso {t['bops_lasso'] * 1e3:.1f} ms, "
               f"floor {t['floor'] * 1e3:.2f} ms, fresh grads {t['fresh_grads'] * 1e3:.1f} ms, "
-              f"first track {t['first'] * 1e3:.0f} ms",
+              f"autograd floor {t['plumbing'] * 1e3:.2f} ms, "
+              f"first track {t['first'] * 1e3:.0f} ms, fvcore count {t['fvcore'] * 1e3:.0f} ms",
               flush=True)
         rows.append((name, t))
-    text = report(rows, args.rounds, args.batch, args.sparsity)
+    text = report(rows, args.rounds, args.batch, args.sparsity, statistics.median(fvcore_import_ms() for _ in range(3)))
     print(text)
     if not args.no_write:
         write_section("trackers-sparse" if args.sparsity else "trackers", text)
