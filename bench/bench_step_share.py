@@ -20,8 +20,8 @@ For each model (random weights, CPU, one torch thread) this script times, in one
   includes faulting in fresh pages);
 * the **autograd floor**: forward + backward of an autograd function over the group
   lasso's parameters that does no arithmetic (a zero scalar forward; backward hands
-  autograd views of one fresh zeroed buffer): what any penalty over those parameters pays
-  for autograd's per-parameter work and the gradients' memory;
+  autograd one fresh zeroed tensor per parameter): what any penalty over those parameters
+  pays for autograd's per-parameter work and the gradients' memory;
 * **fvcore count**: fvcore's MAC count of the model alone, once, after the first
   ``track()`` (so without fvcore's import, which the script times separately, in a fresh
   process with torch already imported).
@@ -57,8 +57,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
-from torch._utils import _unflatten_dense_tensors
 
 from _common import machine, write_section
 from weighttracker_core import WeightTracker
@@ -161,8 +159,9 @@ class Plumbing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        buffer = grad.new_zeros(sum(t.numel() for t in ctx.tensors))
-        return tuple(_unflatten_dense_tensors(buffer, ctx.tensors))
+        grads = [torch.empty_like(t) for t in ctx.tensors]
+        torch._foreach_zero_(grads)
+        return tuple(grads)
 
 
 def fvcore_import_ms() -> float:
