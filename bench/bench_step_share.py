@@ -330,7 +330,8 @@ def main() -> None:
               f"first track {t['first'] * 1e3:.0f} ms, fvcore count {t['fvcore'] * 1e3:.0f} ms",
               flush=True)
         rows.append((name, t))
-    text = report(rows, args.rounds, args.batch, args.sparsity, statistics.median(fvcore_import_ms() for _ in range(3)))
+    import_ms = statistics.median(fvcore_import_ms() for _ in range(3))
+    text = report(rows, args.rounds, args.batch, args.sparsity, import_ms)
     print(text)
     if not args.no_write:
         write_section("trackers-sparse" if args.sparsity else "trackers", text)

@@ -152,7 +152,9 @@ def _reduce(t: torch.Tensor, dim: Any, how: str) -> torch.Tensor:
 ROWS_FIRST = 64
 
 
-def reduction_stages(n: int, shape: Sequence[int], keep: Sequence[int]) -> tuple[tuple[tuple[int, ...], Any], ...]:
+def reduction_stages(
+    n: int, shape: Sequence[int], keep: Sequence[int]
+) -> tuple[tuple[tuple[int, ...], Any], ...]:
     """``(view, dims)`` steps reducing ``[n, *shape]`` over every dim not in ``keep`` (sorted).
 
     Contiguous stages on views: the dims before the first kept dim (as columns), the dims
