@@ -42,3 +42,18 @@ def run_without(packages: Sequence[str], plugins: Sequence[str], args: Sequence[
         p for p in (env.get("WEIGHTTRACKER_DISABLE_PLUGINS", ""), *plugins) if p)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+def suite_report(packages: Sequence[str], plugins: Sequence[str], check: str, tests: Sequence[str],
+                 tmp_path: Path) -> str:
+    """Run ``check`` (a ``python -c`` script that prints ``ok...``) and then pytest on
+    ``tests`` with ``packages`` unimportable; assert both pass with nothing failed, and
+    return pytest's report for the caller's own checks (which tests were skipped, and why).
+    """
+    first = run_without(packages, plugins, ["-c", check], tmp_path)
+    assert first.returncode == 0 and first.stdout.startswith("ok"), first.stdout + first.stderr
+    run = run_without(packages, plugins, ["-m", "pytest", "-q", "-rs", *tests], tmp_path)
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report
+    assert " passed" in report and "failed" not in report, report
+    return report

@@ -8,7 +8,7 @@ blocked by ``WEIGHTTRACKER_DISABLE_PLUGINS``, as for a user who never installed 
 from __future__ import annotations
 
 import pytest
-from without_package import run_without
+from without_package import suite_report
 
 CHECK = '''
 from weighttracker_core import default_plugin_manager
@@ -33,16 +33,7 @@ TESTS = [
 ]
 
 
-def _run(args, tmp_path):
-    return run_without(("timm", "weighttracker_timm"), ("timm_vit", "timm_source"), args, tmp_path)
-
-
 @pytest.mark.slow
 def test_core_suite_passes_with_timm_blocked(tmp_path):
-    check = _run(["-c", CHECK], tmp_path)
-    assert check.returncode == 0 and check.stdout.startswith("ok"), check.stdout + check.stderr
-    run = _run(["-m", "pytest", "-q", "-rs", *TESTS], tmp_path)
-    report = run.stdout + run.stderr
-    assert run.returncode == 0, report
-    assert " passed" in report and "failed" not in report, report
+    report = suite_report(("timm", "weighttracker_timm"), ("timm_vit", "timm_source"), CHECK, TESTS, tmp_path)
     assert "could not import 'timm'" in report, report  # the timm tests were skipped
