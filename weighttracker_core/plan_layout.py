@@ -190,10 +190,10 @@ def reduce_keep(t: torch.Tensor, shape: Sequence[int], keep: Sequence[int], how:
     return t.reshape(n, -1)
 
 
-def refine(shapes: Iterable[Sequence[int]]) -> tuple[int, ...] | None:
+def common_factorisation(shapes: Iterable[Sequence[int]]) -> tuple[int, ...] | None:
     """The coarsest shape every one of ``shapes`` (same numel) is a grouping of.
 
-    ``refine([(12, 4), (3, 2, 2, 4)]) == (3, 2, 2, 4)``; ``None`` when no common
+    ``common_factorisation([(12, 4), (3, 2, 2, 4)]) == (3, 2, 2, 4)``; ``None`` when no common
     factorisation exists (``(6, 2)`` and ``(4, 3)``).
     """
     cuts: set[int] = set()
@@ -390,7 +390,7 @@ def compile_chunks(member: Member, batch: Batch, limit: int) -> list[Chunk] | No
     if member.numel <= limit or len(shape) == 0 or shape[0] <= 1:
         return None
     views = [key.shape for key, _ in batch.keys]
-    fine = refine([shape, *views])
+    fine = common_factorisation([shape, *views])
     if fine is None:
         return None
     split, step = _split_dim(shape, fine, limit)

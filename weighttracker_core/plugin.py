@@ -66,6 +66,7 @@ from .errors import (
 from .heads import AttentionChange, AttentionLayout
 from .hookspecs import HOOK_NAMES, HOOKS, Hook, hookimpl, hookspec
 from .masking import stored_parameter
+from .plan_layout import common_factorisation
 from .plans import ReductionPlan, effective_parameter, safe_sqrt
 from .metric_format import finite_scalars, flatten_metrics, to_python
 from .specs import (
@@ -166,6 +167,7 @@ __all__ = [
     "UnwrappedParameter",
     "WeightTrackerError",
     "check_bitwidth",
+    "common_factorisation",
     "effective_parameter",
     "finite_scalars",
     "flatten_metrics",

@@ -207,10 +207,11 @@ def _brute_owner_counts(specs, masks, numel):
 
 
 def test_owner_counts_agree_with_an_element_level_brute_force():
-    from weighttracker_plugins.trackers._removal import _Slice, owner_counts, refine
+    from weighttracker_core.plugin import common_factorisation
+    from weighttracker_plugins.trackers._removal import _Slice, owner_counts
 
-    assert refine([(12, 4), (3, 2, 2, 4)]) == (3, 2, 2, 4)
-    assert refine([(6, 2), (4, 3)]) is None
+    assert common_factorisation([(12, 4), (3, 2, 2, 4)]) == (3, 2, 2, 4)
+    assert common_factorisation([(6, 2), (4, 3)]) is None
     gen = torch.Generator().manual_seed(0)
     # a [12, 4] weight, like a fused [3 * heads * dim, E] projection with heads=2, dim=2
     specs = [

@@ -30,11 +30,11 @@ group 2 gets ``3 * 2 * 9 = 54`` (its ``2 * 9`` elements in row 0 already went to
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from weighttracker_core.plugin import ParamRole, Selection, Structure
+from weighttracker_core.plugin import ParamRole, Selection, Structure, common_factorisation
 
 
 class _Slice:
@@ -69,21 +69,6 @@ def _boundaries(shape: Sequence[int]) -> set[int]:
         acc *= size
         out.add(acc)
     return out
-
-
-def refine(shapes: Iterable[Sequence[int]]) -> tuple[int, ...] | None:
-    """The coarsest shape every one of ``shapes`` (same numel) is a grouping of.
-
-    ``refine([(12, 4), (3, 2, 2, 4)]) == (3, 2, 2, 4)``; ``None`` when no common
-    factorisation exists (``(6, 2)`` and ``(4, 3)``).
-    """
-    cuts = sorted(set().union(*(_boundaries(s) for s in shapes)), reverse=True)
-    sizes = []
-    for big, small in zip(cuts, cuts[1:]):
-        if big % small:
-            return None
-        sizes.append(big // small)
-    return tuple(sizes)
 
 
 def _factor_mask(
@@ -131,7 +116,7 @@ def _axis_counts(per_piece: Sequence[tuple[torch.Tensor, tuple[int, ...]]], size
 def owner_counts(pieces: Sequence[_Slice], masks: Sequence[torch.Tensor], numel: int) -> list[int]:
     """Elements each piece deletes first (pieces in rank order; see the module docstring)."""
     views = [p.view for p in pieces]
-    grid_shape = refine(views)
+    grid_shape = common_factorisation(views)
     if grid_shape is None:  # no common factorisation: work on the flat elements
         flat = []
         for piece, mask in zip(pieces, masks):
@@ -275,7 +260,7 @@ class RemovalCounter:
 def _disjoint(pieces: Sequence[_Slice]) -> bool:
     """Whether the slices cut disjoint factor sets of one common refinement (static)."""
     views = [p.view for p in pieces]
-    grid = refine(views)
+    grid = common_factorisation(views)
     if grid is None:
         return False
     cuts = sorted(set().union(*(_boundaries(v) for v in views)), reverse=True)
