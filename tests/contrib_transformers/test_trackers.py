@@ -8,7 +8,6 @@ deep copy; parameter counts of that copy; gradients checked for finiteness.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch
 pytest.importorskip("transformers")
 
 from _hf_models import FAMILIES, groups, make, uniform_request  # noqa: E402
+from fvcore_oracle import fvcore_macs as module_macs  # noqa: E402
 
 from weighttracker_core import WeightTracker  # noqa: E402
 from weighttracker_transformers import hf_forward  # noqa: E402
@@ -35,30 +35,9 @@ class _Logits(torch.nn.Module):
         return hf_forward(self.model, x).logits
 
 
-def _sdpa(inputs, outputs):
-    """scaled_dot_product_attention as its two matrix products: q @ k^T and p @ v."""
-    from fvcore.nn.jit_handles import get_shape
-
-    q, k, v = (get_shape(t) for t in inputs[:3])
-    rows = 1
-    for size in q[:-1]:
-        rows *= size
-    return rows * k[-2] * q[-1] + rows * k[-2] * v[-1]
-
-
 def fvcore_macs(model, x):
     """MACs by module; an attention module's entry is what it runs itself (the products)."""
-    with warnings.catch_warnings():  # fvcore's import warns about torch.jit.script
-        warnings.simplefilter("ignore")
-        from fvcore.nn import FlopCountAnalysis
-
-    with torch.no_grad():
-        analysis = FlopCountAnalysis(_Logits(model.eval()), (x,))
-        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa)
-        analysis.unsupported_ops_warnings(False)
-        analysis.uncalled_modules_warnings(False)
-        analysis.tracer_warnings("none")
-        counts = analysis.by_module()
+    counts = module_macs(_Logits(model), (x,))
     totals = {name[len("model."):]: int(v) for name, v in counts.items() if name.startswith("model.")}
     own = {}
     for name, module in model.named_modules():
