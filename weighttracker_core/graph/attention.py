@@ -18,7 +18,7 @@ into head, kv-head and head-dim units.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -263,10 +263,3 @@ def _slice_of(node: Any, head_dim: int) -> tuple[int, int, int] | None:
     step = int(getattr(fn, "_saved_step", 1) or 1)
     stop = head_dim if end is None or int(end) > head_dim else int(end)
     return (start % head_dim if start < 0 else start, stop, step)
-
-
-def iter_layers(dg: Any, names: dict[Any, str]) -> Iterator[nn.Module]:
-    """Modules of the model that the trace reached, in graph order."""
-    for module in dg.module2node:
-        if isinstance(module, nn.Module) and module in names:
-            yield module

@@ -130,16 +130,6 @@ class DependencyGraphHandle:
         """Attention with separate q / k / v projections (see :mod:`.attention`)."""
         return AttentionFinder(self.dg, self._names, self.dg.get_out_channels).find(exclude)
 
-    def downstream_layer(self, module: nn.Module) -> nn.Module | None:
-        """The single nearest layer ``module`` feeds, or ``None`` (several, or the output)."""
-        node = self.dg.module2node.get(module)
-        if node is None:
-            return None
-        names = set(self.checks.consumer_modules(node))
-        if len(names) != 1:
-            return None
-        return self.model.get_submodule(names.pop())
-
     def groups(
         self,
         *,
