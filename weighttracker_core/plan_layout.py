@@ -41,6 +41,11 @@ def flat_copy(pack: Any, tensors: Sequence[torch.Tensor], resolver: Any) -> torc
     return buffer
 
 
+def spans_devices(pack: Any, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the members of ``pack`` sit on more than one device (no flat copy then)."""
+    return len({tensors[m].device for b in pack.batches for m in b.members}) > 1
+
+
 def index_dtype(upper: int) -> torch.dtype:
     """The smallest index dtype ``index_select`` takes that holds ``0..upper``."""
     return torch.int32 if upper < 2**31 else torch.long

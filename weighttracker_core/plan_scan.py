@@ -28,11 +28,7 @@ import attrs
 import torch
 
 from .errors import NonFiniteWeightError
-from .plan_layout import Batch, Layout, Member, flat_copy, index_dtype, reduce_keep
-
-
-def _several_devices(pack: Any, tensors: Sequence[torch.Tensor]) -> bool:
-    return len({tensors[m].device for b in pack.batches for m in b.members}) > 1
+from .plan_layout import Batch, Layout, Member, flat_copy, index_dtype, reduce_keep, spans_devices
 
 
 def nonfinite_error(name: str, tensor: torch.Tensor, given: bool = False) -> NonFiniteWeightError | None:
@@ -321,7 +317,7 @@ class Scanner:
         try:
             self._flat(pack, tensors, *out)
         except RuntimeError:
-            if not _several_devices(pack, tensors):
+            if not spans_devices(pack, tensors):
                 raise
             for o, mark in zip(out, marks):
                 del o[mark:]

@@ -41,7 +41,7 @@ from torch import nn
 from .errors import NonFiniteWeightError, PlanError
 from .names import join_name, owner_of
 from .plan_backward import ANALYTIC_GRADS, PositionReduction, WeightedNorms, backward_recipe
-from .plan_layout import Batch, Key, Layout, Member, Pack, flat_copy, index_dtype, reduce_keep
+from .plan_layout import Batch, Key, Layout, Member, Pack, flat_copy, index_dtype, reduce_keep, spans_devices
 from .plan_scan import Scanner, nonfinite_error
 from .units import CanonicalUnitGroup
 
@@ -325,7 +325,7 @@ class ReductionPlan:
                     self._run_flat(pack, kind, tensors, parts)
                     continue
                 except RuntimeError:  # parameters on several devices: one at a time below
-                    if not _several_devices(pack, tensors):
+                    if not spans_devices(pack, tensors):
                         raise
                     del parts[mark:]
             if pack.flat or not _runs_flat(first.dtype, kind):
@@ -551,10 +551,6 @@ class ReductionPlan:
 
 
 _HOW = {"sum": "sum", "sum_sq": "sum", "l1": "sum", "max": "max", "nz": "isum"}
-
-
-def _several_devices(pack: Pack, tensors: Sequence[torch.Tensor]) -> bool:
-    return len({tensors[m].device for b in pack.batches for m in b.members}) > 1
 
 
 def _runs_flat(dtype: torch.dtype, kind: str) -> bool:
