@@ -39,3 +39,24 @@ def unit_rows(model, groups):
                 units = torch.tensor([group.offset + u for u in piece.units], dtype=torch.long)
                 out.append((units, rows.index_select(0, index)))
     return out
+
+
+def unit_reference(rows, num_units: int, op: str) -> torch.Tensor:
+    """Per-unit reduction by looping over member slices and their positions."""
+    out = [0.0] * num_units
+    for units, block in rows:
+        block = block.detach().double()
+        per_row = {
+            "sum": block.sum(1),
+            "sum_sq": (block * block).sum(1),
+            "l1": block.abs().sum(1),
+            "l2": (block * block).sum(1),
+            "max_abs": block.abs().amax(1),
+            "zeros": (block == 0).sum(1).double(),
+            "nonzeros": (block != 0).sum(1).double(),
+            "numel": torch.full((block.shape[0],), float(block.shape[1]), dtype=torch.float64),
+        }[op].tolist()
+        for unit, value in zip(units.tolist(), per_row):
+            out[unit] = max(out[unit], value) if op == "max_abs" else out[unit] + value
+    result = torch.tensor(out, dtype=torch.float64)
+    return result.sqrt() if op == "l2" else result

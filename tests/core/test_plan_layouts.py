@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from _oracles import param_of, unit_rows
+from _oracles import param_of, unit_reference, unit_rows
 from models import mha_case, vit_case
 from plugin_managers import core_plugin_manager as PM
 from torch import nn
@@ -47,19 +47,6 @@ def _sparsify_(model: nn.Module, every: int = 1) -> None:
                 p.mul_((torch.rand(p.shape, generator=gen) > 0.4).to(p.dtype))
 
 
-def _brute(rows, num_units: int, op: str) -> torch.Tensor:
-    out = torch.zeros(num_units, dtype=torch.float64)
-    for units, block in rows:
-        b = block.detach().double()
-        value = {"sum": b.sum(1), "sum_sq": (b * b).sum(1), "l1": b.abs().sum(1),
-                 "max_abs": b.abs().amax(1), "zeros": (b == 0).sum(1).double()}[op]
-        if op == "max_abs":
-            out = out.scatter_reduce(0, units, value, "amax", include_self=True)
-        else:
-            out = out.index_add(0, units, value)
-    return out
-
-
 @pytest.mark.parametrize("name,factory", MODELS, ids=[m[0] for m in MODELS])
 def test_every_layout_reduces_like_brute_force(name, factory, layout):
     model, x, kwargs = factory()
@@ -69,11 +56,11 @@ def test_every_layout_reduces_like_brute_force(name, factory, layout):
     plan = tracker.structure.plan()
     rows = unit_rows(model, tracker.groups)
     for op in ("sum", "sum_sq", "l1", "max_abs", "zeros"):
-        got, want = plan.unit_reduce(op).double(), _brute(rows, tracker.num_units, op)
+        got, want = plan.unit_reduce(op).double(), unit_reference(rows, tracker.num_units, op)
         if op in ("max_abs", "zeros"):
             assert torch.equal(got, want), op  # exact: a max and counts
         else:
-            bound = 1e-5 * _brute(rows, tracker.num_units, "l1") + 1e-6
+            bound = 1e-5 * unit_reference(rows, tracker.num_units, "l1") + 1e-6
             assert ((got - want).abs() <= bound).all(), op
 
     weights = torch.rand(tracker.num_units, dtype=torch.float64)
@@ -183,8 +170,8 @@ def test_mixed_dtypes_fall_back_to_one_parameter_at_a_time():
     _sparsify_(model)
     plan = tracker.structure.plan()
     rows = unit_rows(model, tracker.groups)
-    assert torch.equal(plan.unit_reduce("max_abs").double(), _brute(rows, tracker.num_units, "max_abs"))
-    assert torch.equal(plan.unit_reduce("zeros"), _brute(rows, tracker.num_units, "zeros"))
+    assert torch.equal(plan.unit_reduce("max_abs").double(), unit_reference(rows, tracker.num_units, "max_abs"))
+    assert torch.equal(plan.unit_reduce("zeros"), unit_reference(rows, tracker.num_units, "zeros"))
     (plan.unit_reduce("sum_sq", grad=True)).sum().backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -202,7 +189,7 @@ def test_chunks_of_a_large_parameter_stay_under_the_scratch_bound(monkeypatch):
     plan = tracker.structure.plan()
     _sparsify_(model)
     rows = unit_rows(model, tracker.groups)
-    assert torch.equal(plan.unit_reduce("max_abs").double(), _brute(rows, tracker.num_units, "max_abs"))
+    assert torch.equal(plan.unit_reduce("max_abs").double(), unit_reference(rows, tracker.num_units, "max_abs"))
     # the bound is the larger of the limit and one row along dim 0 (576 elements here)
     assert 0 < tracker.structure.resolver.scratch_bytes <= 4 * max(256, 64 * 9)
 

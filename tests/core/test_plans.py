@@ -7,7 +7,7 @@ import torch
 import torch.nn.utils.prune as prune
 import torchvision
 
-from _oracles import unit_rows
+from _oracles import unit_reference, unit_rows
 from models import mha_case, vit_case
 from plugin_managers import core_plugin_manager as PM
 from weighttracker_core import PlanError, WeightTracker
@@ -37,27 +37,6 @@ CASES = _cases()
 CASE_IDS = [c.values[0] if hasattr(c, "values") else c[0] for c in CASES]
 
 
-def _reference(rows, num_units, op):
-    """Per-unit reduction by looping over member slices and their positions."""
-    out = [0.0] * num_units
-    for units, block in rows:
-        block = block.detach().double()
-        per_row = {
-            "sum": block.sum(1),
-            "sum_sq": (block * block).sum(1),
-            "l1": block.abs().sum(1),
-            "l2": (block * block).sum(1),
-            "max_abs": block.abs().amax(1),
-            "zeros": (block == 0).sum(1).double(),
-            "nonzeros": (block != 0).sum(1).double(),
-            "numel": torch.full((block.shape[0],), float(block.shape[1]), dtype=torch.float64),
-        }[op].tolist()
-        for unit, value in zip(units.tolist(), per_row):
-            out[unit] = max(out[unit], value) if op == "max_abs" else out[unit] + value
-    result = torch.tensor(out, dtype=torch.float64)
-    return result.sqrt() if op == "l2" else result
-
-
 @pytest.mark.parametrize("name,factory", CASES, ids=CASE_IDS)
 def test_unit_reductions_equal_brute_force(name, factory):
     model, x, kwargs = factory()
@@ -68,9 +47,9 @@ def test_unit_reductions_equal_brute_force(name, factory):
     slices = unit_rows(model, tracker.groups)
     for op in ("sum", "sum_sq", "l1", "l2", "max_abs", "zeros", "nonzeros", "numel"):
         got = plan.unit_reduce(op).double()
-        want = _reference(slices, tracker.num_units, op)
+        want = unit_reference(slices, tracker.num_units, op)
         if op == "sum":  # signed sums cancel: float32 error scales with the sum of |w|
-            bound = 1e-5 * _reference(slices, tracker.num_units, "l1") + 1e-6
+            bound = 1e-5 * unit_reference(slices, tracker.num_units, "l1") + 1e-6
             assert ((got - want).abs() <= bound).all(), f"{name} {op}"
         else:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} {op}")
